@@ -1,0 +1,156 @@
+"""Configuration: one frozen ``Config`` built once and passed explicitly.
+
+Precedence, highest first: command line (applied by the CLI with
+``dataclasses.replace``) > ``MESOBOX_*`` environment variables > user file
+(``$XDG_CONFIG_HOME/mesobox/mesobox.toml``) > site file
+(``/etc/mesobox/mesobox.toml``, or ``$MESOBOX_SITE_CONFIG``) > defaults.
+
+The site file may also set ``lock = [...]``: keys a user file or environment variable
+may not override (for example ``allowed_bind_sources``).  Keys are documented in
+docs/admin.md.  Stdlib only; TOML is parsed only when a file exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from mesobox.errors import ConfigError
+
+SITE_CONFIG = Path("/etc/mesobox/mesobox.toml")
+
+
+def _xdg(var: str, default: str) -> Path:
+    value = os.environ.get(var)
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path(os.path.expanduser(default))
+
+
+def default_store() -> Path:
+    return _xdg("XDG_DATA_HOME", "~/.local/share") / "mesobox"
+
+
+def default_runtime_dir() -> Path:
+    """Per-user runtime state (instances, shared mounts): never on a shared filesystem."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+        return Path(base) / "mesobox"
+    return Path(f"/tmp/mesobox-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class Config:
+    # Image store (the only writable one) and read-only site caches consulted first.
+    store: Path
+    ro_stores: tuple[Path, ...] = ()
+    # Registries that may be reached over plain HTTP (host or host:port).  Loopback
+    # addresses are always allowed to use HTTP.
+    insecure_registries: tuple[str, ...] = ()
+    # Binds added to every container unless --contain: "SRC[:DST[:ro|rw]]".
+    default_binds: tuple[str, ...] = ()
+    # If not empty, bind sources must lie under one of these directories.
+    allowed_bind_sources: tuple[str, ...] = ()
+    # Pull limits: uncompressed bytes per image; parallel layer downloads.
+    max_image_bytes: int = 64 * 1024**3
+    max_parallel_downloads: int = 4
+    # Keep setuid/setgid bits when root pulls (site policy); never for users.
+    keep_setuid_for_root: bool = False
+    # mksquashfs compressor; "zstd" falls back to "gzip" when unsupported.
+    squashfs_compression: str = "zstd"
+    # Default pull format for `mesobox pull` and for implicit pulls by `run`.
+    default_format: str = "squashfs"
+    # Per-user runtime state (instances, shared squashfs mounts).
+    runtime_dir: Path = Path("/tmp/mesobox")
+    # Where the user's home is bound inside the container ("" = same path).
+    debug: bool = False
+
+
+_PATH_KEYS = {"store", "runtime_dir"}
+_PATHS_KEYS = {"ro_stores"}
+_TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources"}
+_INT_KEYS = {"max_image_bytes", "max_parallel_downloads"}
+_BOOL_KEYS = {"keep_setuid_for_root", "debug"}
+_STR_KEYS = {"squashfs_compression", "default_format"}
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    """Turn a TOML or environment value into the field's type, or raise ConfigError."""
+    try:
+        if key in _PATH_KEYS:
+            return Path(os.path.expanduser(str(value)))
+        if key in _PATHS_KEYS or key in _TUPLE_KEYS:
+            items = value.split(":" if key in _PATHS_KEYS else ",") if isinstance(value, str) else value
+            if not isinstance(items, list | tuple):
+                raise TypeError
+            items = [str(i).strip() for i in items if str(i).strip()]
+            if key in _PATHS_KEYS:
+                return tuple(Path(os.path.expanduser(i)) for i in items)
+            return tuple(items)
+        if key in _INT_KEYS:
+            if isinstance(value, bool):
+                raise TypeError
+            return int(value)
+        if key in _BOOL_KEYS:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if key in _STR_KEYS:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{origin}: bad value for {key!r}: {value!r}", hint="see docs/admin.md for the expected types"
+        ) from None
+    raise ConfigError(f"{origin}: unknown setting {key!r}", hint="see docs/admin.md for the known keys")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        parsed: dict[str, Any] = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parsed
+
+
+def load_config(env: dict[str, str] | None = None) -> Config:
+    """Build the Config from site file, user file and environment."""
+    env = dict(os.environ) if env is None else env
+    known = {f.name for f in fields(Config)}
+    values: dict[str, Any] = {
+        "store": default_store(),
+        "runtime_dir": default_runtime_dir(),
+    }
+    site_path = Path(env.get("MESOBOX_SITE_CONFIG", str(SITE_CONFIG)))
+    site = _read_toml(site_path)
+    locked = set(site.pop("lock", []) or [])
+    for key, value in site.items():
+        values[key] = _coerce(key, value, str(site_path))
+    user_path = _xdg("XDG_CONFIG_HOME", "~/.config") / "mesobox" / "mesobox.toml"
+    if env.get("MESOBOX_CONFIG"):
+        user_path = Path(env["MESOBOX_CONFIG"])
+    for key, value in _read_toml(user_path).items():
+        if key in locked:
+            raise ConfigError(f"{user_path}: {key!r} is set by the site and cannot be changed")
+        values[key] = _coerce(key, value, str(user_path))
+    for key in known:
+        var = "MESOBOX_" + key.upper()
+        if var in env and key not in locked:
+            values[key] = _coerce(key, env[var], var)
+    return Config(**values)
