@@ -53,7 +53,7 @@ def free_port() -> int:
 
 
 def _make_world_readable(top: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(top):
+    for dirpath, _dirnames, filenames in os.walk(top):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)

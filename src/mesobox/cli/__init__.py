@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = load_config()
         if debug:
-            from dataclasses import replace
-
-            config = replace(config, debug=True)
+            config = config.replace(debug=True)
         module = __import__(entry[0], fromlist=[entry[1]])
         status: int = getattr(module, entry[1])(args, config)
         return status

@@ -1,0 +1,45 @@
+#!/bin/bash
+# Install what mesobox and its tests need on a fresh Debian 12 machine (run as root).
+#   - Debian packages: the system tools mesobox builds on, the peers the benches
+#     compare with, and the real services the tests talk to;
+#   - /opt/mesobox/venv: a venv on Debian's /usr/bin/python3, which every user can
+#     execute (the default python3 on these machines lives under mode-700 /root);
+#   - /dev/fuse and /dev/net/tun usable by ordinary users, as on a normal distribution.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+    python3 python3-venv python3-pip
+    squashfs-tools squashfuse fuse3 fuse-overlayfs slirp4netns uidmap
+    docker-registry skopeo umoci busybox-static debootstrap zstd
+    iproute2 util-linux e2fsprogs libseccomp2 procps psmisc
+    runc podman charliecloud-runtime hyperfine
+    slurm-wlm munge openmpi-bin libopenmpi-dev
+)
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "setup-host: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The packages' own services are not wanted: tests start their own instances.
+for svc in docker-registry slurmctld slurmd munge; do
+    (systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1) || true
+done
+
+[ -e /dev/fuse ] && chmod 666 /dev/fuse
+[ -e /dev/net/tun ] && chmod 666 /dev/net/tun
+
+VENV=/opt/mesobox/venv
+if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+fi
+"$VENV/bin/pip" install -q ".[test]"
+chmod -R a+rX /opt/mesobox
+ln -sf "$VENV/bin/mesobox" /usr/local/bin/mesobox
+echo "setup-host: ok ($("$VENV/bin/mesobox" --version))"

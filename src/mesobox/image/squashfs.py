@@ -1,0 +1,71 @@
+"""Squashfs images: build with ``mksquashfs`` (one file per image digest).
+
+One file per image instead of millions of small files is what parallel-filesystem
+metadata servers want (the Shifter/Enroot/Apptainer-SIF model).  zstd is used where
+this mksquashfs supports it, gzip otherwise.  Extended attributes are not stored: the
+image's security.capability bits must not reach anyone (see layers.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from mesobox.errors import StoreError
+
+SQUASHFS_MAGIC = b"hsqs"
+
+
+def is_squashfs(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == SQUASHFS_MAGIC
+    except OSError:
+        return False
+
+
+def _mksquashfs() -> str:
+    tool = shutil.which("mksquashfs") or ("/usr/sbin/mksquashfs" if os.path.exists("/usr/sbin/mksquashfs") else None)
+    if tool is None:
+        raise StoreError("mksquashfs not found", hint="install squashfs-tools (apt-get install squashfs-tools)")
+    return tool
+
+
+@functools.lru_cache(maxsize=1)
+def supported_compressors() -> frozenset[str]:
+    """Compressors this mksquashfs was built with (parsed from its help text)."""
+    res = subprocess.run([_mksquashfs(), "-help"], capture_output=True, text=True, check=False)
+    text = res.stdout + res.stderr
+    names = set()
+    in_section = False
+    for line in text.splitlines():
+        if "Compressors available" in line:
+            in_section = True
+            continue
+        if in_section:
+            word = line.strip().split(" ")[0]
+            if word in ("gzip", "lzo", "lz4", "xz", "zstd", "lzma"):
+                names.add(word)
+    return frozenset(names or {"gzip"})
+
+
+def build_squashfs(rootfs: Path, dest: Path, compression: str = "zstd") -> None:
+    """Write ``rootfs`` as a squashfs file at ``dest`` (which must not exist)."""
+    comp = compression if compression in supported_compressors() else "gzip"
+    argv = [
+        _mksquashfs(), str(rootfs), str(dest),
+        "-comp", comp, "-noappend", "-no-xattrs", "-quiet", "-no-progress",
+        "-processors", str(max(1, os.cpu_count() or 1)),
+    ]
+    if comp == "zstd":
+        argv += ["-Xcompression-level", "3"]
+    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        msg = (res.stderr.strip().splitlines() or ["unknown error"])[-1]
+        if "No space left" in res.stderr or "Failed to write" in res.stderr:
+            raise StoreError(f"mksquashfs ran out of space writing {dest}",
+                             hint="free space (`mesobox prune`) or use a larger MESOBOX_STORE")
+        raise StoreError(f"mksquashfs failed: {msg}")
