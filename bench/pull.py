@@ -55,12 +55,13 @@ def layered_image(cache: Path, rootfs: Path) -> Path:
     subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
     subprocess.run(["umoci", "new", "--image", f"{layout}:bookworm"], check=True)
     bundle = cache / "bundle"
-    shutil.rmtree(bundle, ignore_errors=True)
-    subprocess.run(["umoci", "unpack", "--image", f"{layout}:bookworm", str(bundle)], check=True,
-                   stdout=subprocess.DEVNULL)
     excluded = [f"--exclude=./{p}" for split in SPLITS for p in split]
     steps: list[list[str]] = [[*excluded, "."], *[[f"./{p}" for p in split] for split in SPLITS]]
     for members in steps:
+        # unpack afresh per layer: umoci bases each repack on the manifest it unpacked
+        subprocess.run(["rm", "-rf", str(bundle)], check=True)
+        subprocess.run(["umoci", "unpack", "--image", f"{layout}:bookworm", str(bundle)], check=True,
+                       stdout=subprocess.DEVNULL)
         members = [m for m in members if m.startswith("--") or m == "." or (rootfs / m[2:]).exists()]
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-cf", "-", *members], stdout=subprocess.PIPE)
         subprocess.run(["tar", "-C", str(bundle / "rootfs"), "-xf", "-"], stdin=tar.stdout, check=True)

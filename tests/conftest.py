@@ -294,28 +294,29 @@ LayerFn = Callable[[Path], None]
 
 
 def make_oci_image(layout: Path, tag: str, layers: Sequence[LayerFn], config: Sequence[str] = ()) -> Path:
-    """Build an OCI image with umoci: each callable edits the unpacked rootfs, then one layer is
-    committed.  ``config`` holds extra ``umoci config`` flags (e.g. ``--config.env=A=1``).
-    Returns the layout directory (usable as ``oci:LAYOUT:TAG`` or pushed with skopeo)."""
+    """Build an OCI image with umoci: each callable edits the rootfs and becomes one layer.
+    ``config`` holds extra ``umoci config`` flags (e.g. ``--config.env=A=1``).  Returns the
+    layout directory (usable as ``oci:LAYOUT:TAG`` or pushed with skopeo).
+
+    The bundle is unpacked afresh for every layer: umoci 0.4.7 bases each repack on the
+    manifest the bundle was unpacked from, so repacking one bundle repeatedly collapses
+    everything into a single cumulative layer."""
     need_tool("umoci")
     if not (layout / "index.json").exists():
         subprocess.run(["umoci", "init", "--layout", str(layout)], check=True, capture_output=True)
     subprocess.run(["umoci", "new", "--image", f"{layout}:{tag}"], check=True, capture_output=True)
-    bundle = Path(tempfile.mkdtemp(prefix="umoci-bundle-"))
-    shutil.rmtree(bundle)
-    try:
-        subprocess.run(
-            ["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True
-        )
-        for fn in layers:
+    for fn in layers:
+        bundle = Path(tempfile.mkdtemp(prefix="umoci-bundle-")) / "b"
+        try:
+            subprocess.run(
+                ["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True
+            )
             fn(bundle / "rootfs")
             subprocess.run(
                 ["umoci", "repack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True
             )
-        if config:
-            subprocess.run(
-                ["umoci", "config", "--image", f"{layout}:{tag}", *config], check=True, capture_output=True
-            )
-    finally:
-        shutil.rmtree(bundle, ignore_errors=True)
+        finally:
+            subprocess.run(["rm", "-rf", str(bundle.parent)], check=False)
+    if config:
+        subprocess.run(["umoci", "config", "--image", f"{layout}:{tag}", *config], check=True, capture_output=True)
     return layout

@@ -235,6 +235,10 @@ class Store:
                 with open(partial, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(partial, final)
+            except StoreError:
+                # a disk-level failure (full, quota): free the space, resuming is moot
+                partial.unlink(missing_ok=True)
+                raise
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
                     partial.unlink(missing_ok=True)
