@@ -41,5 +41,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q ".[test]"
 chmod -R a+rX /opt/mesobox
-ln -sf "$VENV/bin/mesobox" /usr/local/bin/mesobox
-echo "setup-host: ok ($("$VENV/bin/mesobox" --version))"
+# A start-up-lean entry point: `python -I -S` skips site processing (≈5 ms per rank);
+# the venv's site-packages is put on sys.path by hand.  `$VENV/bin/mesobox` (the pip
+# console script) stays as the ordinary entry point.
+PURELIB=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -f /usr/local/bin/mesobox
+cat > /usr/local/bin/mesobox <<PY
+#!$VENV/bin/python -I -S
+import sys
+sys.path.append("$PURELIB")
+from mesobox.cli import main
+sys.exit(main())
+PY
+chmod 755 /usr/local/bin/mesobox
+echo "setup-host: ok ($(/usr/local/bin/mesobox --version))"

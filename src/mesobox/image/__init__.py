@@ -1,0 +1,1 @@
+"""Images: references, sources (registries, archives), the content store and pulls."""

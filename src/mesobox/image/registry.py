@@ -1,0 +1,415 @@
+"""Registry client: OCI distribution spec over stdlib http.client.
+
+Room: image/registry.  Invariants:
+- Plain HTTP only for loopback hosts, ``config.insecure_registries`` or ``insecure=True``;
+  HTTPS with the default SSL context otherwise (also for redirects and token realms).
+- Authorization is sent only to the registry's own host: it is dropped when a redirect
+  (blob GETs are often 307s to object storage) changes host.  At most 5 redirects.
+- Transient failures (429, 5xx, refused/reset connections, timeouts) are retried with
+  exponential backoff (``RetryPolicy``), honouring Retry-After up to a cap; a blob cut
+  mid-body resumes with a Range request where the server answers 206.
+- Manifests are checked against the digest asked for (by digest) or the
+  Docker-Content-Digest header (by tag); blobs by ``Verifier`` while they stream.
+- Every failure is one line: ImageNotFound (404), AuthError (401/403 after auth),
+  RegistryError (anything else, with the status and the registry's errors[].message).
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from mesobox.config import Config
+from mesobox.errors import AuthError, DigestMismatch, ImageNotFound, RegistryError, StoreError
+from mesobox.image import manifest as mf
+from mesobox.image.auth import AUTH_HINT, Authenticator
+from mesobox.image.digest import Verifier, check_bytes, sha256_digest
+from mesobox.image.reference import DOCKER_HUB, Reference
+from mesobox.image.source import Descriptor, Progress, ResolvedImage
+
+MAX_REDIRECTS = 5
+CHUNK = 1024 * 1024
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# Errors that mean "try again": refused/reset connections, timeouts, truncated bodies.
+TRANSIENT = (OSError, http.client.HTTPException)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    tries: int = 5
+    base: float = 0.2  # seconds; attempt n waits base * 2**n
+    retry_after_cap: float = 10.0
+    timeout: float = 30.0  # socket timeout per operation
+
+    def delay(self, attempt: int, retry_after: str | None = None) -> float:
+        if retry_after is not None:
+            try:
+                return min(max(float(retry_after), 0.0), self.retry_after_cap)
+            except ValueError:
+                pass  # an HTTP-date: fall back to backoff
+        return float(self.base * (2**attempt))
+
+
+def is_loopback(host: str) -> bool:
+    name = urlsplit("//" + host).hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_listed(registry: str, hosts: tuple[str, ...]) -> bool:
+    """``registry`` (host[:port]) matches an entry given as host:port or as a bare host."""
+    hostname = urlsplit("//" + registry).hostname or registry
+    return any(entry in (registry, hostname) for entry in hosts)
+
+
+class Response:
+    """An open response: status, headers and the connection to read the body from."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, url: str) -> None:
+        self.conn, self.resp, self.url, self.status = conn, resp, url, resp.status
+
+    def header(self, name: str) -> str | None:
+        return self.resp.getheader(name)
+
+    def read(self, limit: int | None = None) -> bytes:
+        try:
+            data = self.resp.read() if limit is None else self.resp.read(limit + 1)
+        finally:
+            self.close()
+        if limit is not None and len(data) > limit:
+            raise RegistryError(f"{self.url}: answer larger than {limit} bytes")
+        return data
+
+    def read_error(self, limit: int = 64 * 1024) -> bytes:
+        """At most ``limit`` bytes of an error body (never raises for a long one)."""
+        try:
+            return self.resp.read(limit)
+        except TRANSIENT:
+            return b""
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.resp.close()
+        self.conn.close()
+
+
+class RegistrySource:
+    """An ``ImageSource`` for ``docker://`` references."""
+
+    def __init__(self, ref: Reference, config: Config, insecure: bool = False,
+                 retry: RetryPolicy | None = None, env: dict[str, str] | None = None) -> None:
+        self.ref = ref
+        self.retry = retry or RetryPolicy()
+        self.insecure = insecure or is_listed(ref.registry, config.insecure_registries)
+        # Docker Hub's API lives on registry-1.docker.io (docker.io only redirects there).
+        host = "registry-1.docker.io" if ref.registry == DOCKER_HUB else ref.registry
+        scheme = "http" if self._plain_ok(host) else "https"
+        self.base = f"{scheme}://{host}"
+        self.host = host
+        self.scope = f"repository:{ref.repository}:pull"
+        self.auth = Authenticator(ref.registry, ref.repository, self._fetch_token, env)
+        self._ssl: ssl.SSLContext | None = None
+        self._small: dict[str, bytes] = {}  # verified config blobs read by resolve()
+
+    def _plain_ok(self, host: str) -> bool:
+        return self.insecure or is_loopback(host)
+
+    # -- one HTTP exchange -------------------------------------------------------------
+    def _connect(self, url: str) -> tuple[http.client.HTTPConnection, str]:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                netloc, timeout=self.retry.timeout, context=self._ssl)
+        elif parts.scheme == "http" and self._plain_ok(netloc):
+            conn = http.client.HTTPConnection(netloc, timeout=self.retry.timeout)
+        else:
+            raise RegistryError(f"refusing {parts.scheme or 'schemeless'} URL {url}: only HTTPS outside loopback",
+                                hint="add the host to insecure_registries or pass --insecure if you trust it")
+        target = parts.path or "/"
+        return conn, target + (f"?{parts.query}" if parts.query else "")
+
+    def _send(self, method: str, url: str, headers: dict[str, str]) -> Response:
+        conn, target = self._connect(url)
+        try:
+            conn.request(method, target, headers={"User-Agent": "mesobox", **headers})
+            return Response(conn, conn.getresponse(), url)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _fetch_token(self, url: str, basic: str | None) -> tuple[int, bytes]:
+        resp = self._retrying(lambda: self._follow("GET", url, {"Authorization": basic} if basic else {}, None))
+        return resp.status, resp.read(1024 * 1024)
+
+    def _follow(self, method: str, url: str, headers: dict[str, str], scope: str | None) -> Response:
+        """One request, answering one auth challenge and following up to 5 redirects."""
+        own_host = urlsplit(url).netloc
+        challenged = False
+        for _hop in range(MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            same_host = urlsplit(url).netloc == own_host
+            if not same_host:
+                sent.pop("Authorization", None)  # never leak credentials to another host
+            elif scope is not None and (auth := self.auth.header(scope)):
+                sent["Authorization"] = auth
+            resp = self._send(method, url, sent)
+            if resp.status == 401 and scope is not None and same_host and not challenged:
+                challenge = resp.header("WWW-Authenticate")
+                resp.read_error()
+                self.auth.answer(challenge, scope)
+                challenged = True
+                continue
+            if resp.status in (301, 302, 303, 307, 308) and resp.header("Location"):
+                url = urljoin(url, resp.header("Location") or "")
+                resp.read_error()
+                method = "GET" if resp.status == 303 else method
+                continue
+            return resp
+        raise RegistryError(f"more than {MAX_REDIRECTS} redirects fetching {url}")
+
+    def _retrying(self, attempt_fn: Callable[[], Response]) -> Response:
+        last = ""
+        for attempt in range(self.retry.tries):
+            try:
+                resp = attempt_fn()
+            except (AuthError, RegistryError):
+                raise
+            except ssl.SSLCertVerificationError as err:  # not transient: retrying cannot help
+                raise RegistryError(f"{self.ref.registry}: TLS certificate verification failed: "
+                                    f"{err.verify_message or err.reason}",
+                                    hint="install the registry's CA certificate system-wide, or use --insecure "
+                                         "only for a registry you trust") from None
+            except TRANSIENT as err:
+                last = _describe(err)
+                retry_after = None
+            else:
+                if resp.status not in RETRY_STATUS:
+                    return resp
+                retry_after = resp.header("Retry-After")
+                last = f"HTTP {resp.status}{_error_message(resp.read_error())}"
+            if attempt + 1 < self.retry.tries:
+                time.sleep(self.retry.delay(attempt, retry_after))
+        raise RegistryError(f"{self.ref.registry}: {last} (gave up after {self.retry.tries} tries)",
+                            hint="the registry is down or overloaded; try again later")
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None) -> Response:
+        """``method`` on ``/v2/...`` with retries and auth; the caller checks the status."""
+        url = self.base + path
+        return self._retrying(lambda: self._follow(method, url, dict(headers or {}), self.scope))
+
+    def _check(self, resp: Response, what: str) -> None:
+        if resp.status in (200, 206):
+            return
+        message = _error_message(resp.read_error())
+        if resp.status == 404:
+            raise ImageNotFound(f"{what} unknown: {self.ref}{message}",
+                                hint="check the name and tag (and that you may see this repository)")
+        if resp.status in (401, 403):
+            raise AuthError(f"{self.ref.registry}: access to {self.ref.repository} denied "
+                            f"(HTTP {resp.status}){message}", hint=AUTH_HINT)
+        raise RegistryError(f"{self.ref.registry}: HTTP {resp.status} fetching {what}{message}")
+
+    # -- distribution API --------------------------------------------------------------
+    def ping(self) -> int:
+        """GET /v2/: 200 or 401 means a distribution API is there; returns the status."""
+        resp = self._retrying(lambda: self._send("GET", self.base + "/v2/", {}))
+        resp.read_error()
+        if resp.status not in (200, 401):
+            raise RegistryError(f"{self.ref.registry}: /v2/ answered HTTP {resp.status}: not a registry?")
+        return resp.status
+
+    def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
+        """(bytes, media type, digest) of a manifest by tag or digest, digest-checked."""
+        resp = self.request("GET", f"/v2/{self.ref.repository}/manifests/{reference}", {"Accept": mf.ACCEPT})
+        self._check(resp, "manifest")
+        header_digest = resp.header("Docker-Content-Digest")
+        data = resp.read(mf.MAX_MANIFEST_BYTES)
+        if reference.startswith(("sha256:", "sha512:")):
+            check_bytes(data, reference, f"manifest of {self.ref.name}")
+            digest = reference
+        else:
+            digest = sha256_digest(data)
+            if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
+                raise DigestMismatch(f"manifest of {self.ref} hashes to {digest} but the registry says "
+                                     f"{header_digest}", hint="a proxy or the registry altered the manifest")
+        return data, mf.media_type_of(data, resp.header("Content-Type")), digest
+
+    def get_blob_bytes(self, desc: Descriptor, limit: int = 16 * 1024 * 1024) -> bytes:
+        if desc.size > limit:
+            raise RegistryError(f"blob {desc.digest} is {desc.size} bytes, over the {limit} limit for JSON")
+        resp = self.request("GET", f"/v2/{self.ref.repository}/blobs/{desc.digest}")
+        self._check(resp, f"blob {desc.digest}")
+        data = resp.read(limit)
+        verifier = Verifier(desc.digest, desc.size, "blob")
+        verifier.update(data)
+        verifier.verify()
+        self._small[desc.digest] = data
+        return data
+
+    def resolve(self, platform: str | None) -> ResolvedImage:
+        wanted = self.ref.digest or self.ref.tag or "latest"
+        data, media_type, digest = self.get_manifest(wanted)
+        index_digest = None
+        chosen = None
+        if media_type in mf.INDEXES:
+            index_digest = digest
+            entry, chosen = mf.select_from_index(data, platform, str(self.ref))
+            data, media_type, digest = self.get_manifest(entry.digest)
+        resolved = mf.make_resolved(self.ref, data, media_type, digest, chosen or "", index_digest)
+        if chosen is None:
+            chosen = mf.config_platform(self.get_blob_bytes(resolved.config))
+            mf.check_platform(chosen, platform, str(self.ref))
+            resolved = mf.make_resolved(self.ref, data, media_type, digest, chosen, None)
+        return resolved
+
+    def fetch_blob(self, desc: Descriptor, dest: Path, progress: Progress | None = None) -> None:
+        verifier = Verifier(desc.digest, desc.size, "blob")
+        report = _Reporter(progress)
+        try:
+            cached = self._small.get(desc.digest)
+            if cached is not None:  # fetched (and verified) by resolve(): no second download
+                verifier.update(cached)
+                _write_local(dest, 0, cached)
+                report.advance_to(verifier.count)
+            else:
+                _hash_prefix(dest, verifier, desc.size)
+                self._download(desc, dest, verifier, report)
+            verifier.verify()
+        except DigestMismatch:
+            dest.unlink(missing_ok=True)
+            raise
+
+    def _download(self, desc: Descriptor, dest: Path, verifier: Verifier, report: _Reporter) -> None:
+        for attempt in range(self.retry.tries):
+            if self._stream_blob(desc, dest, verifier, report):
+                return
+            if attempt + 1 < self.retry.tries:
+                time.sleep(self.retry.delay(attempt))
+        raise RegistryError(f"blob {desc.digest}: download kept failing after {self.retry.tries} tries",
+                            hint="the connection to the registry is unstable; try again")
+
+    def _stream_blob(self, desc: Descriptor, dest: Path, verifier: Verifier, report: _Reporter) -> bool:
+        """One GET (ranged when resuming); False when the body was cut and may be resumed."""
+        offset = verifier.count
+        if offset == desc.size:
+            return True
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self.request("GET", f"/v2/{self.ref.repository}/blobs/{desc.digest}", headers)
+        try:
+            self._check(resp, f"blob {desc.digest}")
+            # RFC 9110 §14.2: a server may ignore Range and answer 200 with the whole body.
+            if offset and not (resp.status == 206 and _range_start(resp.header("Content-Range")) == offset):
+                verifier.reset()
+                offset = 0
+            report.advance_to(offset)
+            return _write_body(resp, dest, offset, verifier, report)
+        finally:
+            resp.close()
+
+    def close(self) -> None:
+        """Connections are per request; nothing stays open."""
+
+
+
+def _write_body(resp: Response, dest: Path, offset: int, verifier: Verifier, report: _Reporter) -> bool:
+    """Stream the body into ``dest`` from ``offset``; False when the network cut it short."""
+    try:
+        with open(dest, "r+b" if offset else "wb") as out:
+            out.seek(offset)
+            out.truncate()
+            while True:
+                try:
+                    chunk = resp.resp.read(CHUNK)
+                except TRANSIENT:
+                    return False  # cut mid-body: the caller resumes from verifier.count
+                if not chunk:
+                    return verifier.count == verifier.size
+                verifier.update(chunk)
+                out.write(chunk)
+                offset += len(chunk)
+                report.advance_to(offset)
+    except OSError as err:  # only local file errors reach here (network ones return above)
+        raise StoreError(f"cannot write {dest}: {err.strerror}", hint="check free space and permissions") from None
+
+
+class _Reporter:
+    """Reports each byte to ``progress`` once, even when a download starts over."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress, self.seen = progress, 0
+
+    def advance_to(self, count: int) -> None:
+        if self.progress and count > self.seen:
+            self.progress(count - self.seen)
+            self.seen = count
+
+
+def _write_local(dest: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of ``dest`` (truncating there); disk errors are StoreError."""
+    try:
+        with open(dest, "r+b" if offset else "wb") as out:
+            out.seek(offset)
+            out.truncate()
+            out.write(data)
+    except OSError as err:
+        raise StoreError(f"cannot write {dest}: {err.strerror}", hint="check free space and permissions") from None
+
+
+def _hash_prefix(dest: Path, verifier: Verifier, size: int) -> None:
+    """Feed an earlier partial download into ``verifier`` so the fetch can resume after it."""
+    try:
+        have = os.path.getsize(dest)
+    except FileNotFoundError:
+        return
+    if have > size:
+        os.truncate(dest, 0)
+        return
+    with open(dest, "rb") as f:
+        while chunk := f.read(CHUNK):
+            verifier.update(chunk)
+
+
+def _range_start(content_range: str | None) -> int | None:
+    # RFC 9110 §14.4: "bytes START-END/LENGTH"
+    if not content_range or not content_range.startswith("bytes "):
+        return None
+    start = content_range[6:].split("-", 1)[0]
+    return int(start) if start.isdigit() else None
+
+
+def _error_message(body: bytes) -> str:
+    """": message" from a distribution-spec error body ({"errors":[{"message":…}]}), or ""."""
+    try:
+        errors = json.loads(body).get("errors") or []
+        messages = [str(e.get("message") or e.get("code")) for e in errors if isinstance(e, dict)]
+    except (ValueError, AttributeError, TypeError):
+        return ""
+    return (": " + " ".join("; ".join(messages).split())) if messages else ""  # one line
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, socket.timeout | TimeoutError):
+        return "timed out"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS error: {err.reason or err}"
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return str(text)

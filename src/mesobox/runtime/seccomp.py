@@ -1,0 +1,338 @@
+"""System-call filter room: seccomp via libseccomp, loaded last before ``execve``.
+
+Invariants:
+- ``load_filter`` runs in the container's process after ``no_new_privs`` and right
+  before ``execve`` (bubblewrap/runc order: seccomp last, so the runtime's own setup
+  syscalls are never filtered).  Once loaded a filter cannot be removed (seccomp(2)).
+- The default filter allows everything except what Docker's default profile denies
+  to a container without extra capabilities (kernel keyring, module loading, kexec,
+  bpf, perf_event_open, clock setting, swap, reboot…), each answered with EPERM so
+  programs see an ordinary permission error rather than a kill.  Unlike Docker it
+  keeps ``unshare``/``clone(CLONE_NEWUSER)``, ``mount``, ``umount2``, ``pivot_root``
+  and ``setns``: an unprivileged process may only use them inside its own user
+  namespace, and nested mesobox/Apptainer/Podman need them (Podman lets them
+  through for rootless containers for the same reason).  See docs/isolation.md.
+- A Docker-format profile (``defaultAction``, ``syscalls[].names|name``, ``action``,
+  ``errnoRet``, ``args``, ``architectures``/``archMap``, ``includes``/``excludes``)
+  is translated rule by rule; unknown syscall names are skipped, as Docker does.
+- ``ctypes`` is allowed here (libseccomp has no stdlib binding); nothing else heavy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from mesobox.errors import LaunchError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+# <seccomp.h> action values.
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_KILL_THREAD = 0x00000000
+SCMP_ACT_TRAP = 0x00030000
+SCMP_ACT_ERRNO = 0x00050000
+SCMP_ACT_TRACE = 0x7FF00000
+SCMP_ACT_LOG = 0x7FFC0000
+SCMP_ACT_ALLOW = 0x7FFF0000
+# enum scmp_compare
+_COMPARE = {
+    "SCMP_CMP_NE": 1,
+    "SCMP_CMP_LT": 2,
+    "SCMP_CMP_LE": 3,
+    "SCMP_CMP_EQ": 4,
+    "SCMP_CMP_GE": 5,
+    "SCMP_CMP_GT": 6,
+    "SCMP_CMP_MASKED_EQ": 7,
+}
+_NR_SCMP_ERROR = -1
+
+# Denied with EPERM by the default filter (Docker's default profile denies these to a
+# container without CAP_SYS_ADMIN/SYS_MODULE/SYS_TIME/SYS_BOOT/…; moby profiles/seccomp).
+DEFAULT_DENIED = (
+    # kernel keyring: not namespaced, shared with the host user (CVE-2016-0728 family)
+    "add_key",
+    "keyctl",
+    "request_key",
+    # loading code into the kernel
+    "bpf",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "create_module",
+    "kexec_load",
+    "kexec_file_load",
+    # performance counters can leak kernel addresses; HPC profiling needs --security-opt seccomp=unconfined
+    "perf_event_open",
+    # file handles bypass the mount namespace (the "shocker" escape, CVE-2014-3519 class)
+    "open_by_handle_at",
+    "name_to_handle_at",
+    # raw I/O ports and legacy modes
+    "iopl",
+    "ioperm",
+    "vm86",
+    "vm86old",
+    # host-global state: clocks, swap, accounting, quotas, reboot
+    "settimeofday",
+    "stime",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "reboot",
+    # obsolete or historically buggy interfaces
+    "lookup_dcookie",
+    "nfsservctl",
+    "get_kernel_syms",
+    "query_module",
+    "uselib",
+    "ustat",
+    "sysfs",
+    "_sysctl",
+    # userfaultfd makes kernel races easy to win; io_uring bypasses seccomp for its
+    # operations (Docker denies both since moby 20.10 / 25.0)
+    "userfaultfd",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+)
+# personality(2) stays allowed: Docker filters its flags, but libseccomp cannot express
+# "has flag X and is not the 0xffffffff query" in one rule, and denying the query
+# breaks debuggers.  Its dangerous use, mapping page zero (MMAP_PAGE_ZERO), is already
+# refused by the kernel's vm.mmap_min_addr; ADDR_NO_RANDOMIZE only weakens the
+# container's own ASLR and gdb/valgrind rely on it.
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+def _libseccomp() -> ctypes.CDLL:
+    try:
+        # A fixed soname: ctypes.util.find_library would fork ldconfig (tens of ms).
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        raise LaunchError(
+            "seccomp filtering needs libseccomp, which is not installed",
+            hint="install libseccomp2 (Debian/Ubuntu) or libseccomp (RHEL), or run with "
+            "--security-opt seccomp=unconfined",
+        ) from None
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.restype = None
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
+    lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+    lib.seccomp_arch_native.argtypes = []
+    lib.seccomp_arch_native.restype = ctypes.c_uint32
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
+    return lib
+
+
+class _Filter:
+    """A libseccomp context; every failure becomes LaunchError naming the rule."""
+
+    def __init__(self, lib: ctypes.CDLL, default_action: int) -> None:
+        self.lib = lib
+        self.default_action = default_action
+        self.ctx = lib.seccomp_init(default_action)
+        if not self.ctx:
+            raise LaunchError("seccomp_init failed", hint="libseccomp may be too old for this kernel")
+
+    def add_arch(self, name: str) -> None:
+        token = self.lib.seccomp_arch_resolve_name(name.encode())
+        if token == 0:
+            return  # an architecture this libseccomp does not know cannot run here anyway
+        rc = self.lib.seccomp_arch_add(self.ctx, token)
+        if rc not in (0, -errno.EEXIST):
+            raise LaunchError(f"seccomp: cannot add architecture {name}: {os.strerror(-rc)}")
+
+    def add_rule(self, action: int, syscall: str, args: Sequence[tuple[int, int, int, int]] = ()) -> None:
+        if action == self.default_action:
+            return  # libseccomp refuses rules that repeat the default (EACCES)
+        number = self.lib.seccomp_syscall_resolve_name(syscall.encode())
+        if number == _NR_SCMP_ERROR:
+            return  # not a syscall on this architecture / libseccomp version
+        array = (_ArgCmp * max(1, len(args)))(*(_ArgCmp(*a) for a in args))
+        rc = self.lib.seccomp_rule_add_array(self.ctx, action, number, len(args), array)
+        if rc < 0:
+            raise LaunchError(f"seccomp: cannot add rule for {syscall}: {os.strerror(-rc)}")
+
+    def load(self) -> None:
+        rc = self.lib.seccomp_load(self.ctx)
+        if rc < 0:
+            raise LaunchError(
+                f"cannot load the seccomp filter: {os.strerror(-rc)}",
+                hint="the kernel needs CONFIG_SECCOMP_FILTER; set no_new_privs before loading",
+            )
+
+    def release(self) -> None:
+        self.lib.seccomp_release(self.ctx)
+
+
+def _errno_action(value: int | None) -> int:
+    return SCMP_ACT_ERRNO | ((errno.EPERM if value is None else value) & 0xFFFF)
+
+
+def _add_native_and_compat(flt: _Filter) -> None:
+    # On x86_64 also filter the i386 and x32 entry points, or a 32-bit binary (or
+    # `int 0x80`) would reach the denied calls by another door (Docker does the same).
+    if os.uname().machine == "x86_64":
+        flt.add_arch("x86")
+        flt.add_arch("x32")
+    elif os.uname().machine == "aarch64":
+        flt.add_arch("arm")
+
+
+def _default_rules(flt: _Filter) -> None:
+    deny = _errno_action(None)
+    for name in DEFAULT_DENIED:
+        flt.add_rule(deny, name)
+
+
+def load_filter(profile: dict[str, Any] | None) -> None:
+    """Install the filter in this process: None → mesobox's default; unconfined → nothing."""
+    if profile is not None and profile.get("unconfined"):
+        return
+    lib = _libseccomp()
+    if profile is None:
+        flt = _Filter(lib, SCMP_ACT_ALLOW)
+        try:
+            _add_native_and_compat(flt)
+            _default_rules(flt)
+            flt.load()
+        finally:
+            flt.release()
+        return
+    flt = _Filter(lib, _docker_action(profile.get("defaultAction", ""), profile.get("defaultErrnoRet")))
+    try:
+        _docker_arches(flt, profile)
+        _docker_rules(flt, profile)
+        flt.load()
+    finally:
+        flt.release()
+
+
+# --- Docker-format profiles ---------------------------------------------------------
+
+_ACTIONS = {
+    "SCMP_ACT_ALLOW": SCMP_ACT_ALLOW,
+    "SCMP_ACT_KILL": SCMP_ACT_KILL_THREAD,
+    "SCMP_ACT_KILL_THREAD": SCMP_ACT_KILL_THREAD,
+    "SCMP_ACT_KILL_PROCESS": SCMP_ACT_KILL_PROCESS,
+    "SCMP_ACT_TRAP": SCMP_ACT_TRAP,
+    "SCMP_ACT_LOG": SCMP_ACT_LOG,
+}
+
+
+def _docker_action(name: str, errno_ret: int | None) -> int:
+    if name == "SCMP_ACT_ERRNO":
+        return _errno_action(errno_ret)
+    if name == "SCMP_ACT_TRACE":
+        return SCMP_ACT_TRACE | ((errno_ret or errno.EPERM) & 0xFFFF)
+    if name not in _ACTIONS:
+        raise UsageError(f"seccomp profile: unknown action {name!r}", hint="see the Docker seccomp profile format")
+    return _ACTIONS[name]
+
+
+def _docker_arches(flt: _Filter, profile: dict[str, Any]) -> None:
+    native = "SCMP_ARCH_" + {"x86_64": "X86_64", "aarch64": "AARCH64"}.get(os.uname().machine, "")
+    names = list(profile.get("architectures") or [])
+    for entry in profile.get("archMap") or []:
+        if entry.get("architecture") == native:
+            names += [entry["architecture"], *entry.get("subArchitectures", [])]
+    for name in names:
+        flt.add_arch(name.removeprefix("SCMP_ARCH_").lower())
+
+
+def _kernel_at_least(version: str) -> bool:
+    def parts(text: str) -> tuple[int, ...]:
+        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in text.split(".")[:2])
+
+    return parts(os.uname().release) >= parts(version)
+
+
+def _rule_applies(rule: dict[str, Any]) -> bool:
+    """Docker's includes/excludes: mesobox grants no extra capabilities, so rules that
+    need one never apply and rules excluded for a capability always do."""
+    machine = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    inc, exc = rule.get("includes") or {}, rule.get("excludes") or {}
+    if inc.get("caps") or (inc.get("arches") and machine not in inc["arches"]):
+        return False
+    if inc.get("minKernel") and not _kernel_at_least(inc["minKernel"]):
+        return False
+    return not (exc.get("arches") and machine in exc["arches"])
+
+
+def _docker_rules(flt: _Filter, profile: dict[str, Any]) -> None:
+    for rule in profile.get("syscalls") or []:
+        if not _rule_applies(rule):
+            continue
+        action = _docker_action(rule.get("action", ""), rule.get("errnoRet"))
+        names = rule.get("names") or ([rule["name"]] if rule.get("name") else [])
+        args = [_docker_arg(a) for a in rule.get("args") or []]
+        # libseccomp takes each argument once per rule; a rule naming the same argument
+        # twice means "any of these" and becomes one rule per comparison (as runc does).
+        indexes = [a[0] for a in args]
+        groups = [[a] for a in args] if len(set(indexes)) != len(indexes) else [args]
+        for name in names:
+            for group in groups:
+                flt.add_rule(action, name, group)
+
+
+def _docker_arg(arg: dict[str, Any]) -> tuple[int, int, int, int]:
+    op = _COMPARE.get(arg.get("op", ""))
+    if op is None or not isinstance(arg.get("index"), int):
+        raise UsageError(f"seccomp profile: bad argument filter {arg!r}")
+    return arg["index"], op, int(arg.get("value", 0)), int(arg.get("valueTwo", 0))
+
+
+def profile_from_option(value: str) -> dict[str, Any] | None:
+    """``--security-opt seccomp=…`` value (after ``seccomp=``): unconfined, default, or a JSON file."""
+    if value == "unconfined":
+        return {"unconfined": True}
+    if value in ("", "default", "builtin"):
+        return None
+    import json
+
+    try:
+        with open(value, "rb") as f:
+            profile = json.load(f)
+    except OSError as err:
+        raise UsageError(f"cannot read seccomp profile {value}: {err.strerror}") from None
+    except ValueError as err:
+        raise UsageError(f"seccomp profile {value} is not valid JSON: {err}") from None
+    if not isinstance(profile, dict) or not isinstance(profile.get("defaultAction"), str):
+        raise UsageError(
+            f"seccomp profile {value} has no defaultAction", hint="use the Docker/OCI seccomp profile format"
+        )
+    _docker_action(profile["defaultAction"], profile.get("defaultErrnoRet"))  # validate early
+    for rule in profile.get("syscalls") or []:
+        if not isinstance(rule, dict):
+            raise UsageError(f"seccomp profile {value}: each syscalls entry must be an object")
+        _docker_action(rule.get("action", ""), rule.get("errnoRet"))
+        for arg in rule.get("args") or []:
+            _docker_arg(arg)
+    return dict(profile)

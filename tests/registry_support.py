@@ -1,0 +1,130 @@
+"""Test images for the registry and archive tests: built with umoci, pushed with skopeo.
+
+``images`` (session fixture) is an OCI layout with:
+- ``v1``: two layers, the second 3 MiB of random bytes (so a cut mid-body is mid-blob);
+- ``amd64`` / ``arm64``: one small layer each, config architecture set by umoci;
+- ``multi``: a hand-assembled OCI index over ``amd64`` and ``arm64``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from conftest import need_tool
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def layer_small(rootfs: Path) -> None:
+    (rootfs / "etc").mkdir(exist_ok=True)
+    (rootfs / "etc" / "hello").write_text("hello from mesobox tests\n")
+
+
+def layer_random(rootfs: Path) -> None:
+    (rootfs / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+
+
+def arch_layer(arch: str):  # type: ignore[no-untyped-def]
+    def fn(rootfs: Path) -> None:
+        (rootfs / "arch").write_text(arch + "\n")
+
+    return fn
+
+
+def make_layered_image(
+    layout: Path, tag: str, layers: Sequence[Callable[[Path], None]], config: Sequence[str] = ()
+) -> Path:
+    """Like conftest.make_oci_image, but one real layer per callable: umoci 0.4.7 bases every
+    repack of one unpacked bundle on the manifest it was unpacked from, so repeated repacks
+    of the same bundle collapse into a single cumulative layer.  Unpack afresh each time."""
+    need_tool("umoci")
+    if not (layout / "index.json").exists():
+        subprocess.run(["umoci", "init", "--layout", str(layout)], check=True, capture_output=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:{tag}"], check=True, capture_output=True)
+    for fn in layers:
+        bundle = Path(tempfile.mkdtemp(prefix="umoci-bundle-")) / "b"
+        try:
+            subprocess.run(
+                ["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True
+            )
+            fn(bundle / "rootfs")
+            subprocess.run(
+                ["umoci", "repack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True
+            )
+        finally:
+            shutil.rmtree(bundle.parent, ignore_errors=True)
+    if config:
+        subprocess.run(["umoci", "config", "--image", f"{layout}:{tag}", *config], check=True, capture_output=True)
+    return layout
+
+
+def blob(layout: Path, digest: str) -> bytes:
+    algorithm, hexpart = digest.split(":")
+    return (layout / "blobs" / algorithm / hexpart).read_bytes()
+
+
+def tagged(layout: Path, tag: str) -> dict[str, object]:
+    index = json.loads((layout / "index.json").read_text())
+    for entry in index["manifests"]:
+        if entry.get("annotations", {}).get(REF_NAME) == tag:
+            return dict(entry)
+    raise KeyError(tag)
+
+
+def add_index(layout: Path, tags: list[str], name: str) -> str:
+    """Write an OCI index over ``tags`` (platform from each config) and tag it ``name``."""
+    manifests = []
+    for tag in tags:
+        entry = tagged(layout, tag)
+        config = json.loads(blob(layout, json.loads(blob(layout, str(entry["digest"])))["config"]["digest"]))
+        manifests.append(
+            {
+                "mediaType": entry["mediaType"],
+                "digest": entry["digest"],
+                "size": entry["size"],
+                "platform": {"os": config["os"], "architecture": config["architecture"]},
+            }
+        )
+    data = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}).encode()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"].append(
+        {"mediaType": OCI_INDEX, "digest": digest, "size": len(data), "annotations": {REF_NAME: name}}
+    )
+    (layout / "index.json").write_text(json.dumps(index))
+    return digest
+
+
+def skopeo(*args: str) -> bytes:
+    need_tool("skopeo")
+    return subprocess.run(["skopeo", *args], check=True, capture_output=True).stdout
+
+
+def raw_digest(transport_ref: str) -> str:
+    """sha256 of the manifest skopeo reads for a reference (independent cross-check)."""
+    return "sha256:" + hashlib.sha256(skopeo("inspect", "--raw", "--tls-verify=false", transport_ref)).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def images(shared_tmp: Path) -> Path:
+    # a fresh directory each time: test modules importing this fixture each get their own
+    # instance of it (session scope is per defining module), so they must not share a path
+    top = Path(tempfile.mkdtemp(prefix="registry-test-layout-", dir=shared_tmp))
+    os.chmod(top, 0o755)
+    layout = top / "layout"
+    make_layered_image(layout, "v1", [layer_small, layer_random], ["--config.cmd=/bin/true"])
+    make_layered_image(layout, "amd64", [arch_layer("amd64")], ["--architecture=amd64", "--os=linux"])
+    make_layered_image(layout, "arm64", [arch_layer("arm64")], ["--architecture=arm64", "--os=linux"])
+    add_index(layout, ["amd64", "arm64"], "multi")
+    return layout
