@@ -14,7 +14,7 @@ PACKAGES=(
     docker-registry skopeo umoci busybox-static debootstrap zstd
     iproute2 util-linux e2fsprogs libseccomp2 procps psmisc
     runc podman charliecloud-runtime hyperfine
-    slurm-wlm munge openmpi-bin libopenmpi-dev
+    slurm-wlm munge libpmix-dev openmpi-bin libopenmpi-dev
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

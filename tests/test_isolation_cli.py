@@ -1,11 +1,8 @@
 """End-to-end isolation through the CLI: `mesobox run` with resource, network and seccomp options.
 
-These go through the launcher (src/mesobox/runtime/launcher.py, cli/run.py), which is being
-written concurrently.  While it is missing every test here is marked
-``xfail(strict=True)``: the lead removes the ``LAUNCHER_MISSING`` mark once `mesobox run`
-exists, and a test that starts passing before that fails loudly (XPASS strict).
-The building blocks themselves are proven in test_cgroups.py, test_seccomp.py and
-test_network.py.
+Each test runs a workload that tries to exceed the limit through the real launcher
+(src/mesobox/runtime/launcher.py, cli/run.py).  The building blocks themselves are
+proven in test_cgroups.py, test_seccomp.py and test_network.py.
 """
 
 from __future__ import annotations
@@ -22,8 +19,6 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User
-
-LAUNCHER_MISSING = pytest.mark.xfail(strict=True, reason="launcher not wired yet (mesobox run)")
 
 
 @pytest.fixture()
@@ -53,7 +48,6 @@ def http_service() -> Iterator[int]:
     srv.close()
 
 
-@LAUNCHER_MISSING
 @pytest.mark.root
 def test_run_memory_limit_oom_exit_137(mesobox: Mesobox, busybox_rootfs: Path) -> None:
     # busybox tail keeps its one (newline-free) "line" in memory: 256 MiB > 64 MiB.
@@ -62,7 +56,6 @@ def test_run_memory_limit_oom_exit_137(mesobox: Mesobox, busybox_rootfs: Path) -
     assert b"out of memory" in proc.stderr.lower() or b"oom" in proc.stderr.lower()
 
 
-@LAUNCHER_MISSING
 @pytest.mark.root
 def test_run_pids_limit_fork_fails(mesobox: Mesobox, busybox_rootfs: Path) -> None:
     script = "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & done; wait"
@@ -70,7 +63,6 @@ def test_run_pids_limit_fork_fails(mesobox: Mesobox, busybox_rootfs: Path) -> No
     assert b"can't fork" in proc.stderr or b"Resource temporarily unavailable" in proc.stderr, proc.stderr
 
 
-@LAUNCHER_MISSING
 @pytest.mark.root
 @pytest.mark.slow
 def test_run_cpus_half(mesobox: Mesobox, busybox_rootfs: Path) -> None:
@@ -84,7 +76,6 @@ def test_run_cpus_half(mesobox: Mesobox, busybox_rootfs: Path) -> None:
     assert 0.35 <= cpu / wall <= 0.6  # the launcher's own start-up adds a little
 
 
-@LAUNCHER_MISSING
 @pytest.mark.userns
 def test_run_net_none_cannot_reach_host(mesobox: Mesobox, user: User, busybox_rootfs: Path, http_service: int) -> None:
     url = f"http://127.0.0.1:{http_service}/"
@@ -94,7 +85,6 @@ def test_run_net_none_cannot_reach_host(mesobox: Mesobox, user: User, busybox_ro
     assert b"host-service" not in proc.stdout and b"rc=1" in proc.stdout  # …and could not reach the host
 
 
-@LAUNCHER_MISSING
 @pytest.mark.userns
 def test_run_net_slirp_reaches_host_via_gateway(
     mesobox: Mesobox, user: User, busybox_rootfs: Path, http_service: int
@@ -110,7 +100,6 @@ def test_run_net_slirp_reaches_host_via_gateway(
     assert proc.stdout == b"host-service"
 
 
-@LAUNCHER_MISSING
 @pytest.mark.userns
 def test_run_security_opt_profile_denies_mkdir(
     mesobox: Mesobox, user: User, busybox_rootfs: Path, world_tmp: Path
@@ -125,14 +114,14 @@ def test_run_security_opt_profile_denies_mkdir(
         )
     )
     os.chmod(profile, 0o644)
-    args = (str(busybox_rootfs), "mkdir", "/tmp/x")
+    # --contain: a private /tmp, so the host's /tmp (bound by default) is not touched
+    args = ("--contain", str(busybox_rootfs), "mkdir", "/tmp/x")
     denied = mesobox("run", "--security-opt", f"seccomp={profile}", *args, as_user=user)
     assert denied.returncode != 0 and b"Operation not permitted" in denied.stderr
     allowed = mesobox("run", "--security-opt", "seccomp=unconfined", *args, as_user=user)
     assert allowed.returncode == 0, allowed.stderr
 
 
-@LAUNCHER_MISSING
 @pytest.mark.userns
 def test_run_memory_as_user_on_v1_is_policy_error(mesobox: Mesobox, user: User, busybox_rootfs: Path) -> None:
     proc = mesobox("run", "--memory", "64m", str(busybox_rootfs), "true", as_user=user)

@@ -253,9 +253,9 @@ def _crypt_bcrypt(password: str) -> str:
 
 def test_basic_auth_with_docker_config(
     tmp_path: Path,
-    images: Path,
+    images: Path,  # noqa: F811 - the fixture imported from registry_support
     user: Any,
-    world_tmp: Path,  # noqa: F811
+    world_tmp: Path,
     mesobox_src: Path,
     test_python: str,
 ) -> None:

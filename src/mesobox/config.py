@@ -13,34 +13,40 @@ docs/admin.md.  Stdlib only; TOML is parsed only when a file exists.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from mesobox.errors import ConfigError
 
-TYPE_CHECKING = False  # typing costs ≈5 ms of `mesobox run` start-up; mypy reads this
+# typing and pathlib cost ≈15 ms of `mesobox run` start-up (pathlib pulls in re,
+# fnmatch and urllib.parse): paths are kept as strings and turned into Path objects
+# only when a caller asks.  mypy reads TYPE_CHECKING like typing's.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
-SITE_CONFIG = Path("/etc/mesobox/mesobox.toml")
+SITE_CONFIG = "/etc/mesobox/mesobox.toml"
 
 
-def _xdg(var: str, default: str) -> Path:
+def _xdg(var: str, default: str) -> str:
     value = os.environ.get(var)
     if value and os.path.isabs(value):
-        return Path(value)
-    return Path(os.path.expanduser(default))
+        return value
+    return os.path.expanduser(default)
 
 
-def default_store() -> Path:
-    return _xdg("XDG_DATA_HOME", "~/.local/share") / "mesobox"
+def default_store() -> str:
+    return os.path.join(_xdg("XDG_DATA_HOME", "~/.local/share"), "mesobox")
 
 
-def default_runtime_dir() -> Path:
+def default_runtime_dir() -> str:
     """Per-user runtime state (instances, shared mounts): never on a shared filesystem."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return Path(base) / "mesobox"
-    return Path(f"/tmp/mesobox-{os.getuid()}")
+        return os.path.join(base, "mesobox")
+    return f"/tmp/mesobox-{os.getuid()}"
+
+
+_PATHY = ("store", "ro_stores", "runtime_dir")
 
 
 class Config:
@@ -73,10 +79,8 @@ class Config:
         ("runtime_dir", None),
         ("debug", False),
     )
-    __slots__ = tuple(name for name, _ in FIELDS)
+    __slots__ = tuple(("_" + name) if name in _PATHY else name for name, _ in FIELDS)
 
-    store: Path
-    ro_stores: tuple[Path, ...]
     insecure_registries: tuple[str, ...]
     default_binds: tuple[str, ...]
     allowed_bind_sources: tuple[str, ...]
@@ -85,17 +89,50 @@ class Config:
     keep_setuid_for_root: bool
     squashfs_compression: str
     default_format: str
-    runtime_dir: Path
     debug: bool
+    _store: str
+    _ro_stores: tuple[str, ...]
+    _runtime_dir: str
 
     def __init__(self, **values: Any) -> None:
         for name, default in self.FIELDS:
             value = values.pop(name, default)
             if value is None:
                 value = default_store() if name == "store" else default_runtime_dir()
-            object.__setattr__(self, name, value)
+            if name == "ro_stores":
+                value = tuple(os.fspath(v) for v in value)
+            elif name in _PATHY:
+                value = os.fspath(value)
+            object.__setattr__(self, ("_" + name) if name in _PATHY else name, value)
         if values:
             raise TypeError(f"unknown Config fields: {sorted(values)}")
+
+    @property
+    def store(self) -> Path:
+        from pathlib import Path
+
+        return Path(self._store)
+
+    @property
+    def runtime_dir(self) -> Path:
+        from pathlib import Path
+
+        return Path(self._runtime_dir)
+
+    @property
+    def runtime_dir_str(self) -> str:
+        """runtime_dir as a string, for the launch path (no pathlib import)."""
+        return self._runtime_dir
+
+    @property
+    def store_str(self) -> str:
+        return self._store
+
+    @property
+    def ro_stores(self) -> tuple[Path, ...]:
+        from pathlib import Path
+
+        return tuple(Path(p) for p in self._ro_stores)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Config is frozen: use config.replace(...)")
@@ -129,14 +166,14 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     """Turn a TOML or environment value into the field's type, or raise ConfigError."""
     try:
         if key in _PATH_KEYS:
-            return Path(os.path.expanduser(str(value)))
+            return os.path.expanduser(str(value))
         if key in _PATHS_KEYS or key in _TUPLE_KEYS:
             items = value.split(":" if key in _PATHS_KEYS else ",") if isinstance(value, str) else value
             if not isinstance(items, list | tuple):
                 raise TypeError
             items = [str(i).strip() for i in items if str(i).strip()]
             if key in _PATHS_KEYS:
-                return tuple(Path(os.path.expanduser(i)) for i in items)
+                return tuple(os.path.expanduser(i) for i in items)
             return tuple(items)
         if key in _INT_KEYS:
             if isinstance(value, bool):
@@ -160,9 +197,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     raise ConfigError(f"{origin}: unknown setting {key!r}", hint="see docs/admin.md for the known keys")
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: str) -> dict[str, Any]:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return {}
     except OSError as err:
@@ -186,14 +224,14 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         "store": default_store(),
         "runtime_dir": default_runtime_dir(),
     }
-    site_path = Path(env.get("MESOBOX_SITE_CONFIG", str(SITE_CONFIG)))
+    site_path = env.get("MESOBOX_SITE_CONFIG", SITE_CONFIG)
     site = _read_toml(site_path)
     locked = set(site.pop("lock", []) or [])
     for key, value in site.items():
         values[key] = _coerce(key, value, str(site_path))
-    user_path = _xdg("XDG_CONFIG_HOME", "~/.config") / "mesobox" / "mesobox.toml"
+    user_path = os.path.join(_xdg("XDG_CONFIG_HOME", "~/.config"), "mesobox", "mesobox.toml")
     if env.get("MESOBOX_CONFIG"):
-        user_path = Path(env["MESOBOX_CONFIG"])
+        user_path = env["MESOBOX_CONFIG"]
     for key, value in _read_toml(user_path).items():
         if key in locked:
             raise ConfigError(f"{user_path}: {key!r} is set by the site and cannot be changed")

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Start-up of `/bin/true` in a container, side by side, as an ordinary user.
+
+Rows: bare exec; a minimal Python launcher floor (``python3 -I -S``: unshare +
+uid_map + bind + pivot_root + exec, written below); ``ch-run`` on a directory and
+on a squashfs; rootless ``podman run`` (runc); mesobox on a directory and on a
+squashfs (default binds, and ``--contain``).  All on the same busybox image.
+
+Run as root it prepares the image and a world-readable, byte-compiled copy of
+mesobox, then re-executes itself as ``--user`` (default mbtest) with runuser.
+
+    python3 bench/startup.py [-n RUNS] [--user NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_PYTHON = "/opt/mesobox/venv/bin/python"
+
+FLOOR = r'''
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid, root = os.getuid(), os.getgid(), sys.argv[1]
+if libc.unshare(0x10000000 | 0x00020000) != 0:
+    raise OSError(ctypes.get_errno(), "unshare")
+for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+    with open(f"/proc/self/{name}", "w") as f:
+        f.write(text)
+libc.mount(None, b"/", None, 0x4000 | 0x40000, None)  # MS_REC|MS_PRIVATE
+libc.mount(root.encode(), root.encode(), None, 0x1000 | 0x4000, None)  # MS_BIND|MS_REC
+libc.mount(b"/proc", (root + "/proc").encode(), None, 0x1000 | 0x4000, None)
+os.chdir(root)
+if libc.syscall(155, b".", b".") != 0:
+    raise OSError(ctypes.get_errno(), "pivot_root")
+libc.umount2(b".", 2)
+os.chdir("/")
+os.execv(sys.argv[2], sys.argv[2:])
+'''
+
+
+def make_rootfs(dest: str) -> None:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        sys.exit("bench needs busybox-static")
+    for d in ("bin", "etc", "tmp", "root", "home", "proc", "sys", "dev", "usr/bin", "var"):
+        os.makedirs(os.path.join(dest, d), exist_ok=True)
+    shutil.copy2(busybox, os.path.join(dest, "bin", "busybox"))
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        link = os.path.join(dest, "bin", applet)
+        if applet != "busybox" and not os.path.lexists(link):
+            os.symlink("busybox", link)
+    files = {"passwd": "root:x:0:0:root:/root:/bin/sh\n", "group": "root:x:0:\n", "hosts": "127.0.0.1 localhost\n",
+             "resolv.conf": ""}
+    for name, text in files.items():
+        with open(os.path.join(dest, "etc", name), "w") as f:
+            f.write(text)
+
+
+def prepare(work: str) -> None:
+    """As root: image dir + squashfs, floor script, byte-compiled mesobox copy."""
+    make_rootfs(os.path.join(work, "rootfs"))
+    subprocess.run(["mksquashfs", os.path.join(work, "rootfs"), os.path.join(work, "image.sqfs"),
+                    "-quiet", "-noappend", "-all-root"], check=True, capture_output=True)
+    with open(os.path.join(work, "floor.py"), "w") as f:
+        f.write(FLOOR)
+    shutil.copytree(os.path.join(ROOT, "src"), os.path.join(work, "src"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([VENV_PYTHON, "-m", "compileall", "-q", os.path.join(work, "src")], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", work], check=True)
+    os.chmod(work, 0o755)
+
+
+def time_cmd(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
+    for _ in range(3):  # warm caches
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        times.append((time.perf_counter() - start) * 1000)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[:3]}… failed: {proc.stderr.decode()[-300:]}")
+    return times
+
+
+def rows(work: str) -> list[tuple[str, list[str]]]:
+    rootfs, sqfs = os.path.join(work, "rootfs"), os.path.join(work, "image.sqfs")
+    mesobox = [VENV_PYTHON, "-m", "mesobox", "exec"]
+    out = [("bare exec", ["/bin/true"]),
+           ("python floor (-I -S)", ["/usr/bin/python3", "-I", "-S", os.path.join(work, "floor.py"), rootfs,
+                                     "/bin/true"])]
+    if shutil.which("ch-run"):
+        out += [("ch-run dir", ["ch-run", rootfs, "--", "/bin/true"]),
+                ("ch-run squashfs", ["ch-run", sqfs, "--", "/bin/true"])]
+    out += [("mesobox dir", [*mesobox, rootfs, "/bin/true"]),
+            ("mesobox dir --contain", [*mesobox, "--contain", rootfs, "/bin/true"]),
+            ("mesobox squashfs", [*mesobox, sqfs, "/bin/true"])]
+    if shutil.which("podman"):
+        out.append(("podman run (runc)", ["podman", "run", "--rm", "--runtime", "/usr/sbin/runc", "--cgroup-manager",
+                                          "cgroupfs", "--network=none", "mesobox-bench", "/bin/true"]))
+    return out
+
+
+def podman_import(work: str, env: dict[str, str]) -> None:
+    tar = subprocess.Popen(["tar", "-C", os.path.join(work, "rootfs"), "-c", "."], stdout=subprocess.PIPE)
+    subprocess.run(["podman", "import", "-q", "-", "mesobox-bench"], stdin=tar.stdout, env=env,
+                   capture_output=True, check=True)
+    tar.wait()
+
+
+def report(results: dict[str, list[float]]) -> None:
+    print(f"{'':24} {'mean ms':>9} {'median':>9} {'min':>9}")
+    for name, t in results.items():
+        print(f"{name:24} {statistics.mean(t):9.1f} {statistics.median(t):9.1f} {min(t):9.1f}")
+
+    def ratio(a: str, b: str) -> str:
+        if a in results and b in results:
+            return f"{statistics.mean(results[a]) / statistics.mean(results[b]):.2f}x"
+        return "n/a"
+
+    print()
+    print(f"mesobox dir / python floor:       {ratio('mesobox dir', 'python floor (-I -S)')}  (target <= 1.3x)")
+    print(f"podman / mesobox dir:             {ratio('podman run (runc)', 'mesobox dir')}  (target >= 10x)")
+    print(f"mesobox squashfs / ch-run squashfs: {ratio('mesobox squashfs', 'ch-run squashfs')}  (target <= 1x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", "--runs", type=int, default=30)
+    parser.add_argument("--user", default="mbtest")
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if os.getuid() == 0:
+        work = tempfile.mkdtemp(prefix="mesobox-bench-")
+        try:
+            prepare(work)
+            cmd = ["runuser", "-u", args.user, "--", "/usr/bin/python3", os.path.abspath(__file__),
+                   "-n", str(args.runs), "--work", work]
+            sys.exit(subprocess.run(cmd, cwd="/", check=False).returncode)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    work = args.work or sys.exit("run as root (it prepares the images, then re-runs as the user)")
+    home = os.path.expanduser("~")
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home, "USER": os.environ.get("USER", args.user),
+           "PYTHONPATH": os.path.join(work, "src"), "MESOBOX_SITE_CONFIG": "/nonexistent", "LANG": "C.UTF-8"}
+    if shutil.which("podman"):
+        podman_import(work, env)
+    results = {}
+    for name, argv in rows(work):
+        try:
+            results[name] = time_cmd(argv, args.runs, env)
+        except RuntimeError as err:
+            print(f"{name}: skipped: {err}", file=sys.stderr)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

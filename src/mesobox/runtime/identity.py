@@ -1,0 +1,151 @@
+"""Identity room: who the process is inside — id maps, /etc/passwd and /etc/group.
+
+Invariants:
+- mesobox never runs setuid: real, effective and saved ids must be equal
+  (``check_ids``), as ch-run does.
+- Default map is identity: the caller's uid/gid map to themselves (a single id for
+  an ordinary user, user_namespaces(7)), so files on Lustre/GPFS/NFS keep their real
+  owner.  ``--fakeroot`` maps the caller to 0; with a range in /etc/subuid and
+  /etc/subgid and ``newuidmap``/``newgidmap`` installed, ids 1… map to that range so
+  package managers can chown.  Root gets the whole id space mapped to itself: root
+  inside is root outside (docs/running.md explains what that means).
+- passwd/group files are generated from the image's (read without following any
+  symlink, CVE-2019-16884 family) plus the caller's entries, so ``id``, ``whoami``
+  and ``~`` work inside.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mesobox.errors import LaunchError
+from mesobox.runtime.spec import IdMap
+
+FULL_RANGE = 4294967295  # every id but (uid_t)-1, user_namespaces(7)
+
+
+def check_ids() -> tuple[int, int]:
+    """Return (uid, gid); refuse to run with differing real/effective/saved ids."""
+    ruid, euid, suid = os.getresuid()
+    rgid, egid, sgid = os.getresgid()
+    if not (ruid == euid == suid and rgid == egid == sgid):
+        raise LaunchError(
+            "refusing to run setuid or setgid: real, effective and saved ids differ",
+            hint="mesobox is unprivileged by design; install it without the setuid bit",
+        )
+    return ruid, rgid
+
+
+def subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
+    """The first ``NAME:START:COUNT`` (or ``UID:…``) line of subuid(5)/subgid(5)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (name, str(uid)) and parts[1].isdigit() and parts[2].isdigit():
+            return int(parts[1]), int(parts[2])
+    return None
+
+
+def id_maps(uid: int, gid: int, fakeroot: bool, name: str) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...], bool]:
+    """(uid maps, gid maps, made-with-newuidmap) for this caller."""
+    if uid == 0:
+        full = (IdMap(container_id=0, host_id=0, size=FULL_RANGE),)
+        return full, full, False
+    inside_uid, inside_gid = (0, 0) if fakeroot else (uid, gid)
+    uids: tuple[IdMap, ...] = (IdMap(container_id=inside_uid, host_id=uid, size=1),)
+    gids: tuple[IdMap, ...] = (IdMap(container_id=inside_gid, host_id=gid, size=1),)
+    if fakeroot and _has_helpers():
+        su, sg = subid_range(name, uid, "/etc/subuid"), subid_range(name, uid, "/etc/subgid")
+        if su and sg:
+            uids += (IdMap(container_id=1, host_id=su[0], size=su[1]),)
+            gids += (IdMap(container_id=1, host_id=sg[0], size=sg[1]),)
+            return uids, gids, True
+    return uids, gids, False
+
+
+def _has_helpers() -> bool:
+    return all(os.access(f"/usr/bin/{tool}", os.X_OK) for tool in ("newuidmap", "newgidmap"))
+
+
+def map_text(maps: tuple[IdMap, ...]) -> str:
+    return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in maps)
+
+
+def write_own_maps(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], privileged: bool) -> None:
+    """Write /proc/self/{setgroups,uid_map,gid_map} right after unshare(CLONE_NEWUSER).
+
+    An unprivileged writer must deny setgroups(2) before writing gid_map
+    (user_namespaces(7), since Linux 3.19), or anyone could drop supplementary groups
+    used as negative permissions."""
+    try:
+        if not privileged:
+            _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", map_text(uid_maps))
+        _write("/proc/self/gid_map", map_text(gid_maps))
+    except OSError as err:
+        raise LaunchError(f"cannot write the user namespace id maps: {err.strerror}") from None
+
+
+def newidmap_argv(tool: str, pid: int, maps: tuple[IdMap, ...]) -> list[str]:
+    argv = [f"/usr/bin/{tool}", str(pid)]
+    for m in maps:
+        argv += [str(m.container_id), str(m.host_id), str(m.size)]
+    return argv
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+# --- passwd / group --------------------------------------------------------------------
+
+
+def passwd_text(image_text: str, name: str, uid: int, gid: int, home: str, shell: str) -> str:
+    """Image entries, minus any clashing with the caller's name or uid, plus the caller."""
+    keep = [line for line in image_text.splitlines() if line and not _clashes(line, name, uid)]
+    if uid == 0 and any(line.split(":")[2:3] == ["0"] for line in image_text.splitlines()):
+        return image_text if image_text.endswith("\n") else image_text + "\n"
+    keep.append(f"{name}:x:{uid}:{gid}:{name}:{home}:{shell}")
+    return "\n".join(keep) + "\n"
+
+
+def group_text(image_text: str, group: str, gid: int, name: str) -> str:
+    lines = [line for line in image_text.splitlines() if line]
+    if any(line.split(":")[2:3] == [str(gid)] for line in lines):
+        return "\n".join(lines) + "\n"
+    lines = [line for line in lines if line.split(":")[0] != group]
+    lines.append(f"{group}:x:{gid}:{name}")
+    return "\n".join(lines) + "\n"
+
+
+def _clashes(line: str, name: str, uid: int) -> bool:
+    fields = line.split(":")
+    return fields[0] == name or (len(fields) > 2 and fields[2] == str(uid))
+
+
+def host_names(uid: int, gid: int) -> tuple[str, str, str, str]:
+    """(user name, group name, home, shell) from the host, with fallbacks for
+    batch nodes whose NSS (LDAP/SSSD) does not answer."""
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(uid)
+        name, home, shell = entry.pw_name, entry.pw_dir, entry.pw_shell
+    except KeyError:
+        name = os.environ.get("USER") or f"user{uid}"
+        home, shell = os.environ.get("HOME", "/"), "/bin/sh"
+    import grp
+
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = f"group{gid}"
+    return name, group, home, shell

@@ -1,0 +1,426 @@
+"""Launcher room: one linear, commented sequence from a validated Spec to execve.
+
+The order follows bubblewrap's: check ids → (shared squashfs mount, supervisor fork
+when something must outlive the container's start) → unshare → id maps → make /
+slave → tmpfs workspace → root → mounts → pivot_root → drop the old root → chdir →
+hostname/loopback → user switch → no_new_privs → seccomp (last) → exec.
+
+Invariants:
+- Without a reason to stay (no shared squashfs lease, cgroup, slirp4netns or
+  newuidmap helper), mesobox *becomes* the workload by exec: signals sent to mesobox
+  (Slurm's walltime warning, scancel) reach it with no forwarding at all.
+- Otherwise the supervising parent stays outside every namespace, forwards
+  ``FORWARDED`` signals, and cleans up (lease, cgroup, slirp) after the child exits;
+  the child dies with it (PR_SET_PDEATHSIG).  With ``--pid`` the container's pid 1 is
+  mesobox's minimal init: it reaps every orphan and forwards the same signals.
+- Exit status is the workload's, or 128+N when signal N killed it; a failure in a
+  forked child is reported as one ``mesobox: error:`` line with the error's exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from mesobox.errors import CommandNotExecutable, CommandNotFound, LaunchError, MesoboxError
+from mesobox.runtime import syscalls as sc
+from mesobox.runtime.spec import ANN_FORMAT, ANN_OVERLAY, ANN_SUBIDS, ANN_WRITABLE_TMPFS, Spec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+    from mesobox.config import Config
+
+# Signals a batch system or a user sends to a job; SIGCONT too (scontrol resume).
+FORWARDED = (1, 2, 3, 10, 12, 15, 18, 28)  # HUP INT QUIT USR1 USR2 TERM CONT WINCH
+ANN_NET = "org.mesobox.net"  # "none" | "slirp"
+ANN_PUBLISH = "org.mesobox.publish"  # "HOST:CONTAINER,…"
+_NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
+             "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "network": sc.CLONE_NEWNET}
+
+
+def launch(spec: Spec, config: Config) -> int:
+    """Run the container; returns the exit status (or never returns: exec)."""
+    from mesobox.runtime.identity import check_ids
+
+    spec.validate()  # the whole spec, before the first syscall
+    check_ids()  # never setuid: real == effective == saved
+    lease = None
+    image_dir = spec.root.path
+    if spec.annotations.get(ANN_FORMAT) == "squashfs":
+        from mesobox.runtime import squashmount
+
+        # Mounted in the initial mount namespace so every rank on the node shares it.
+        lease = squashmount.acquire(config, spec.root.path)
+        image_dir = lease.mountpoint
+    # A map of more than one's own id must be written from the parent user namespace
+    # (user_namespaces(7)): root's full identity map needs the supervisor too.
+    supervised = (lease is not None or spec.linux.resources is not None or os.getuid() == 0
+                  or spec.annotations.get(ANN_NET) == "slirp" or spec.annotations.get(ANN_SUBIDS) == "1")
+    if not supervised:
+        _unshare(spec)
+        from mesobox.runtime.identity import write_own_maps
+
+        write_own_maps(spec.linux.uid_mappings, spec.linux.gid_mappings, privileged=os.getuid() == 0)
+        _container(spec, config, image_dir)  # never returns
+    try:
+        return _supervise(spec, config, image_dir)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _unshare(spec: Spec) -> None:
+    flags = 0
+    for ns in spec.linux.namespaces:
+        flags |= _NS_FLAGS.get(ns, 0)
+    try:
+        sc.unshare(flags)
+    except OSError as err:
+        hint = None
+        if err.errno in (1, 28, 38):  # EPERM, ENOSPC, ENOSYS
+            hint = ("unprivileged user namespaces are restricted on this host: ask the admin to set "
+                    "kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0")
+        raise LaunchError(f"cannot create namespaces: {err.strerror}", hint=hint) from None
+
+
+# --- supervisor (outside every namespace) ------------------------------------------------
+
+
+def _supervise(spec: Spec, config: Config, image_dir: str) -> int:
+    ready_r, ready_w = os.pipe()  # child → parent: "namespaces exist"
+    go_r, go_w = os.pipe()  # parent → child: "maps written, cgroup joined, network up"
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(go_w)
+        _in_child(lambda: _supervised_child(spec, config, image_dir, ready_w, go_r))
+    os.close(ready_w)
+    os.close(go_r)
+    cleanups: list[Callable[[int], None]] = []
+    try:
+        if os.read(ready_r, 1) != b"u":  # the child failed before unsharing: it said why
+            return _wait_status(pid)
+        cleanups = _outside_setup(spec, pid)
+        os.write(go_w, b"g")
+    except BaseException:
+        os.kill(pid, 9)
+        _wait_status(pid)
+        for fn in cleanups:
+            fn(137)
+        raise
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+    status = wait_forwarding(pid)
+    for fn in cleanups:
+        fn(status)
+    return status
+
+
+def _supervised_child(spec: Spec, config: Config, image_dir: str, ready_w: int, go_r: int) -> NoReturn:
+    sc.prctl(sc.PR_SET_PDEATHSIG, 9)  # the container never outlives its supervisor
+    _unshare(spec)
+    os.write(ready_w, b"u")
+    os.close(ready_w)
+    if os.read(go_r, 1) != b"g":
+        os._exit(125)  # the supervisor failed and has reported it
+    os.close(go_r)
+    _container(spec, config, image_dir)
+
+
+def _outside_setup(spec: Spec, pid: int) -> list[Callable[[int], None]]:
+    """Id maps (newuidmap for sub-id ranges), cgroup, slirp4netns for ``pid``."""
+    from mesobox.runtime import identity
+
+    if spec.annotations.get(ANN_SUBIDS) == "1":
+        for tool, maps in (("newuidmap", spec.linux.uid_mappings), ("newgidmap", spec.linux.gid_mappings)):
+            _run_helper(identity.newidmap_argv(tool, pid, maps))
+    else:
+        _write_child_maps(spec, pid)
+    cleanups: list[Callable[[int], None]] = []
+    if spec.linux.resources is not None:
+        cleanups.append(_join_cgroup(spec, pid))
+    if spec.annotations.get(ANN_NET) == "slirp":
+        from mesobox.runtime.network import Slirp
+
+        ports = [tuple(int(x) for x in p.split(":")) for p in spec.annotations.get(ANN_PUBLISH, "").split(",") if p]
+        slirp = Slirp.start(pid, ports)  # type: ignore[arg-type]
+        cleanups.append(lambda _status: slirp.stop())
+    return cleanups
+
+
+def _write_child_maps(spec: Spec, pid: int) -> None:
+    from mesobox.runtime.identity import map_text
+
+    try:
+        if os.getuid() != 0:
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write(map_text(spec.linux.uid_mappings))
+        with open(f"/proc/{pid}/gid_map", "w") as f:
+            f.write(map_text(spec.linux.gid_mappings))
+    except OSError as err:
+        raise LaunchError(f"cannot write the container's id maps: {err.strerror}") from None
+
+
+def _run_helper(argv: list[str]) -> None:
+    import subprocess
+
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LaunchError(f"{os.path.basename(argv[0])} failed: {proc.stderr.strip()[:200]}",
+                          hint="check your ranges in /etc/subuid and /etc/subgid")
+
+
+def _join_cgroup(spec: Spec, pid: int) -> Callable[[int], None]:
+    try:
+        from mesobox.runtime.cgroups import apply_resources
+    except ImportError:
+        raise LaunchError("resource limits were asked for but this mesobox has no cgroup support") from None
+    cg = apply_resources(pid, spec.linux.resources, f"mesobox-{os.getpid()}")
+
+    def cleanup(status: int) -> None:
+        if status == 137 and spec.linux.resources.memory_bytes is not None:
+            try:
+                if cg.usage().oom_kills:
+                    sys.stderr.write("mesobox: the container was killed: out of memory (its --memory limit)\n")
+            except OSError:
+                pass
+        cg.remove()
+
+    return cleanup
+
+
+# --- waiting ------------------------------------------------------------------------------
+
+
+def exit_status(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _wait_status(pid: int) -> int:
+    while True:
+        try:
+            return exit_status(os.waitpid(pid, 0)[1])
+        except ChildProcessError:
+            return 125
+
+
+def _forward_to(pid: int) -> None:
+    import signal
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:  # noqa: SIM105 - contextlib is not worth its import on the hot path
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+
+
+def wait_forwarding(pid: int) -> int:
+    """Wait for ``pid``, passing on the signals a batch system sends."""
+    _forward_to(pid)
+    return _wait_status(pid)
+
+
+def _init(workload: int) -> NoReturn:
+    """pid 1 of a --pid container: forward signals, reap orphans, exit like the workload."""
+    _forward_to(workload)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(125)
+        if pid == workload:
+            os._exit(exit_status(status))
+
+
+def _in_child(body: Callable[[], Any]) -> NoReturn:
+    """Run a forked child's body; any error becomes one line and its exit code."""
+    code = 125
+    try:
+        body()
+    except MesoboxError as err:
+        sys.stderr.write(f"mesobox: error: {err.message}\n")
+        if err.hint:
+            sys.stderr.write(f"mesobox: hint: {err.hint}\n")
+        code = err.exit_code
+    except OSError as err:
+        sys.stderr.write(f"mesobox: error: {err}\n")
+    except Exception as err:  # a bug: still one line (the parent has its own --debug)
+        sys.stderr.write(f"mesobox: error: internal: {type(err).__name__}: {err}\n")
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# --- inside the namespaces -----------------------------------------------------------------
+
+
+def _preload(spec: Spec) -> object:
+    """Load, before pivot_root hides the host's files, what runs after it: the
+    ``signal`` module for --pid's init, and libseccomp (a later dlopen of the same
+    soname finds the loaded copy instead of searching the container's filesystem)."""
+    if "pid" in spec.linux.namespaces:
+        import signal  # noqa: F401
+    if spec.linux.seccomp is None:
+        return None
+    from mesobox.runtime.seccomp import _libseccomp
+
+    return _libseccomp()
+
+
+def _container(spec: Spec, config: Config, image_dir: str) -> NoReturn:
+    keep = _preload(spec)  # noqa: F841 - the handle must stay loaded until exec
+    if "pid" in spec.linux.namespaces:
+        # unshare(CLONE_NEWPID) puts the *next child* in the new pid namespace as pid 1.
+        pid = os.fork()
+        if pid:
+            os._exit(wait_forwarding(pid))
+        _in_child(lambda: _container_init(spec, config, image_dir))
+    _setup_root(spec, config, image_dir)
+    _exec(spec)
+
+
+def _container_init(spec: Spec, config: Config, image_dir: str) -> None:
+    sc.prctl(sc.PR_SET_PDEATHSIG, 9)
+    _setup_root(spec, config, image_dir)
+    workload = os.fork()
+    if workload == 0:
+        _in_child(lambda: _exec(spec))
+    _init(workload)
+
+
+def _setup_root(spec: Spec, config: Config, image_dir: str) -> None:
+    from mesobox.runtime import mounts, plan
+
+    # Slave, not private: host mounts made later (automounted home, Lustre) still show up,
+    # and nothing we mount leaks back (mount_namespaces(7), bubblewrap does the same).
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    workspace = _workspace(spec, config, image_dir)
+    ops = plan.mount_ops(spec, workspace)
+    before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir))
+    root = os.path.join(workspace, "root")
+    mounts.apply_all([*before, *ops, *after], root, config.debug)
+    if "network" in spec.linux.namespaces:
+        from mesobox.runtime.network import setup_loopback
+
+        setup_loopback()  # before pivot_root: it imports socket/fcntl from the host's stdlib
+    _pivot(root)
+    if spec.hostname is not None:
+        sc.sethostname(spec.hostname)
+    try:
+        os.chdir(spec.process.cwd)
+    except OSError:
+        raise LaunchError(f"working directory {spec.process.cwd} does not exist in the container",
+                          hint="choose another with -w/--workdir") from None
+
+
+def _workspace(spec: Spec, config: Config, image_dir: str) -> str:
+    """A tmpfs private to this mount namespace: new root mount point, passwd/group,
+    overlay upper layers.  The same path serves every container (each sees its own)."""
+    workspace = os.path.join(config.runtime_dir_str, "ws")
+    os.makedirs(workspace, mode=0o700, exist_ok=True)
+    sc.mount("tmpfs", workspace, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=755,size=16m")
+    for sub in ("root", "etc"):
+        os.makedirs(os.path.join(workspace, sub))
+    size = spec.annotations.get(ANN_WRITABLE_TMPFS)
+    if size is not None:
+        scratch = os.path.join(workspace, "rw")
+        os.mkdir(scratch)
+        # The size cap is the disk quota of --writable-tmpfs: writes past it get ENOSPC.
+        sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                 "mode=755" + (f",size={size}" if size != "0" else ""))
+        os.makedirs(scratch + "/upper", mode=0o755)
+        os.makedirs(scratch + "/work")
+    persistent = spec.annotations.get(ANN_OVERLAY)
+    if persistent:
+        for sub in ("upper", "work"):
+            os.makedirs(os.path.join(persistent, sub), exist_ok=True)
+    _write_identity(spec, workspace, image_dir)
+    return workspace
+
+
+def _write_identity(spec: Spec, workspace: str, image: str) -> None:
+    from mesobox.runtime import identity
+    from mesobox.runtime.mounts import read_beneath
+
+    ann = spec.annotations
+    user = spec.process.user
+    passwd = identity.passwd_text(read_beneath(image, "etc/passwd"), ann.get("org.mesobox.user", "user"),
+                                  user.uid, user.gid, ann.get("org.mesobox.home", "/"),
+                                  ann.get("org.mesobox.shell", "/bin/sh"))
+    group = identity.group_text(read_beneath(image, "etc/group"), ann.get("org.mesobox.group", "group"),
+                                user.gid, ann.get("org.mesobox.user", "user"))
+    for name, text in (("passwd", passwd), ("group", group)):
+        with open(os.path.join(workspace, "etc", name), "w") as f:
+            f.write(text)
+
+
+def _pivot(root: str) -> None:
+    # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops
+    # it without needing a put_old directory in the image (pivot_root(2), NOTES).
+    os.chdir(root)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+def _exec(spec: Spec) -> NoReturn:
+    proc = spec.process
+    env = dict(item.split("=", 1) for item in proc.env)
+    path = _find_command(proc.args[0], env.get("PATH", ""))
+    if (proc.user.uid, proc.user.gid) != (os.getuid(), os.getgid()):
+        _switch_user(proc.user.uid, proc.user.gid, proc.user.additional_gids)
+    if proc.no_new_privileges:
+        # No setuid/file-capability gain across execve from here on (prctl(2)).
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    if spec.linux.seccomp is not None:
+        from mesobox.runtime.seccomp import load_filter
+
+        # Last: the runtime's own setup syscalls are never filtered (runc, bubblewrap).
+        load_filter(None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(path, list(proc.args), env)  # noqa: S606 - exec'ing the user's command is the point
+    except FileNotFoundError:  # e.g. a script whose #! interpreter is missing
+        raise CommandNotFound(f"{proc.args[0]}: cannot execute: interpreter or loader not found") from None
+    except OSError as err:
+        raise CommandNotExecutable(f"{proc.args[0]}: cannot execute: {err.strerror}") from None
+
+
+def _find_command(name: str, search: str) -> str:
+    if "/" in name:
+        if not os.path.lexists(name):
+            raise CommandNotFound(f"{name}: no such file in the container")
+        return name
+    for directory in search.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    for directory in search.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.exists(candidate):
+            raise CommandNotExecutable(f"{name}: found {candidate} but it is not executable")
+    raise CommandNotFound(f"{name}: command not found in the container", hint=f"PATH inside is {search}")
+
+
+def _switch_user(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+    try:
+        try:  # noqa: SIM105
+            os.setgroups(list(groups))
+        except PermissionError:
+            pass  # setgroups is denied in a single-id user namespace; nothing to drop
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as err:
+        raise LaunchError(f"cannot switch to uid {uid} gid {gid} inside: {err.strerror}",
+                          hint="that id is not mapped: configure a range in /etc/subuid and /etc/subgid") from None

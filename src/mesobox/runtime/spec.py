@@ -1,0 +1,301 @@
+"""Container spec room: the frozen model every launch is described by.
+
+The shape follows the OCI runtime spec's config.md (``process``, ``root``, ``mounts``,
+``hostname``, ``linux``) so the Slurm/OCI side can write and read ``config.json`` bundles
+with the same model (``to_oci_json`` / ``from_oci_json``).  mesobox-only settings that
+have no OCI field (squashfs root, --writable-tmpfs, --overlay) travel as
+``annotations`` under ``org.mesobox.*``, which is what annotations are for.
+
+Invariants:
+- Records are immutable (``replace`` makes a changed copy) and ``validate()`` checks
+  the whole spec before the launcher makes its first syscall.
+- Records are a small ``__slots__`` base rather than ``dataclasses``: importing
+  ``dataclasses`` costs ≈15 ms here (it pulls ``inspect``), most of the start-up budget
+  of ``mesobox run`` (shared/NOTES.md).  Stdlib only, no ``json`` import.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mesobox.errors import UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+NAMESPACES = ("user", "mount", "pid", "ipc", "uts", "network", "cgroup")
+ANN_FORMAT = "org.mesobox.root.format"  # "dir" | "squashfs"
+ANN_WRITABLE_TMPFS = "org.mesobox.writable-tmpfs"  # size in bytes, "0" = unlimited (half of RAM)
+ANN_OVERLAY = "org.mesobox.overlay"  # persistent upper directory
+ANN_SUBIDS = "org.mesobox.subids"  # "1": maps were made with newuidmap/newgidmap
+
+
+class _Record:
+    """Frozen keyword-constructed record; ``_defaults`` holds the optional fields."""
+
+    __slots__: tuple[str, ...] = ()
+    _defaults: dict[str, Any] = {}
+
+    def __init__(self, **values: Any) -> None:
+        for name in self.__slots__:
+            if name in values:
+                value = values.pop(name)
+            elif name in self._defaults:
+                value = self._defaults[name]
+            else:
+                raise TypeError(f"{type(self).__name__}: missing field {name!r}")
+            object.__setattr__(self, name, value)
+        if values:
+            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(values)}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: use replace()")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, n) for n in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(tuple(repr(v) for v in self._values()))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({inner})"
+
+    def replace(self, **changes: Any) -> Any:
+        values = {n: getattr(self, n) for n in self.__slots__}
+        values.update(changes)
+        return type(self)(**values)
+
+
+class User(_Record):
+    __slots__ = ("additional_gids", "gid", "uid")
+    _defaults = {"additional_gids": ()}
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...]
+
+
+class Process(_Record):
+    __slots__ = ("args", "capabilities", "cwd", "env", "no_new_privileges", "rlimits", "terminal", "user")
+    _defaults = {"terminal": False, "no_new_privileges": True, "rlimits": (), "capabilities": None}
+    args: tuple[str, ...]
+    env: tuple[str, ...]  # "KEY=VALUE", in order
+    cwd: str
+    user: User
+    terminal: bool
+    no_new_privileges: bool
+    rlimits: tuple[tuple[str, int, int], ...]  # (type, soft, hard)
+    capabilities: dict[str, tuple[str, ...]] | None  # OCI sets: bounding, effective, …
+
+
+class Root(_Record):
+    __slots__ = ("path", "readonly")
+    _defaults = {"readonly": True}
+    path: str
+    readonly: bool
+
+
+class Mount(_Record):
+    __slots__ = ("destination", "options", "source", "type")
+    _defaults = {"options": ()}
+    destination: str
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
+class IdMap(_Record):
+    __slots__ = ("container_id", "host_id", "size")
+    container_id: int
+    host_id: int
+    size: int
+
+
+class Linux(_Record):
+    __slots__ = (
+        "gid_mappings",
+        "masked_paths",
+        "namespaces",
+        "readonly_paths",
+        "resources",
+        "seccomp",
+        "uid_mappings",
+    )
+    _defaults = {"namespaces": ("user", "mount"), "uid_mappings": (), "gid_mappings": (), "resources": None,
+                 "seccomp": None, "masked_paths": (), "readonly_paths": ()}
+    namespaces: tuple[str, ...]
+    uid_mappings: tuple[IdMap, ...]
+    gid_mappings: tuple[IdMap, ...]
+    resources: Any  # mesobox.runtime.cgroups.Resources | None (imported only when used)
+    seccomp: dict[str, Any] | None
+    masked_paths: tuple[str, ...]
+    readonly_paths: tuple[str, ...]
+
+
+class Spec(_Record):
+    __slots__ = ("annotations", "hostname", "linux", "mounts", "process", "root")
+    _defaults = {"mounts": (), "hostname": None, "annotations": {}}
+    process: Process
+    root: Root
+    mounts: tuple[Mount, ...]
+    hostname: str | None
+    linux: Linux
+    annotations: dict[str, str]
+
+    def validate(self) -> None:
+        """Check the whole spec; UsageError names the first problem."""
+        _validate_process(self.process)
+        if not self.root.path or not os.path.isabs(self.root.path):
+            raise UsageError(f"root path must be absolute: {self.root.path!r}")
+        for m in self.mounts:
+            _validate_destination(m.destination)
+            if m.type == "bind" and not os.path.isabs(m.source):
+                raise UsageError(f"bind source must be absolute: {m.source!r}")
+        for ns in self.linux.namespaces:
+            if ns not in NAMESPACES:
+                raise UsageError(f"unknown namespace {ns!r}")
+        if "user" not in self.linux.namespaces or "mount" not in self.linux.namespaces:
+            raise UsageError("mesobox always needs the user and mount namespaces")
+        if self.hostname is not None and "uts" not in self.linux.namespaces:
+            raise UsageError("a hostname needs the uts namespace", hint="add --uts")
+        for maps in (self.linux.uid_mappings, self.linux.gid_mappings):
+            _validate_maps(maps)
+
+
+def _validate_process(p: Process) -> None:
+    if not p.args or not p.args[0]:
+        raise UsageError("no command to run", hint="the image has no Entrypoint/Cmd: give a command")
+    if not os.path.isabs(p.cwd):
+        raise UsageError(f"working directory must be absolute: {p.cwd!r}")
+    for item in p.env:
+        if "=" not in item or item.startswith("=") or "\0" in item:
+            raise UsageError(f"bad environment entry {item!r}", hint="use KEY=VALUE")
+
+
+def _validate_destination(dest: str) -> None:
+    if not os.path.isabs(dest):
+        raise UsageError(f"mount destination must be absolute: {dest!r}")
+    if ".." in dest.split("/"):
+        raise UsageError(f"mount destination must not contain '..': {dest!r}")
+
+
+def _validate_maps(maps: tuple[IdMap, ...]) -> None:
+    spans = sorted((m.container_id, m.container_id + m.size) for m in maps)
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):  # noqa: RUF007 - no itertools import
+        if start < end:
+            raise UsageError("overlapping id mappings")
+    for m in maps:
+        if m.size < 1 or m.container_id < 0 or m.host_id < 0:
+            raise UsageError(f"bad id mapping {m!r}")
+
+
+# --- OCI config.json ------------------------------------------------------------------
+
+
+def to_oci_json(spec: Spec) -> dict[str, Any]:
+    """The spec as an OCI runtime config.json object (json.dump it)."""
+    p = spec.process
+    process: dict[str, Any] = {
+        "terminal": p.terminal,
+        "user": {"uid": p.user.uid, "gid": p.user.gid, "additionalGids": list(p.user.additional_gids)},
+        "args": list(p.args), "env": list(p.env), "cwd": p.cwd,
+        "noNewPrivileges": p.no_new_privileges,
+        "rlimits": [{"type": t, "soft": s, "hard": h} for t, s, h in p.rlimits],
+    }
+    if p.capabilities is not None:
+        process["capabilities"] = {k: list(v) for k, v in p.capabilities.items()}
+    linux: dict[str, Any] = {
+        "namespaces": [{"type": ns} for ns in spec.linux.namespaces],
+        "uidMappings": [_map_json(m) for m in spec.linux.uid_mappings],
+        "gidMappings": [_map_json(m) for m in spec.linux.gid_mappings],
+        "maskedPaths": list(spec.linux.masked_paths), "readonlyPaths": list(spec.linux.readonly_paths),
+    }
+    if spec.linux.resources is not None:
+        linux["resources"] = _resources_json(spec.linux.resources)
+    if spec.linux.seccomp is not None:
+        linux["seccomp"] = spec.linux.seccomp
+    doc: dict[str, Any] = {
+        "ociVersion": "1.0.2", "process": process,
+        "root": {"path": spec.root.path, "readonly": spec.root.readonly},
+        "mounts": [{"destination": m.destination, "type": m.type, "source": m.source, "options": list(m.options)}
+                   for m in spec.mounts],
+        "linux": linux, "annotations": dict(spec.annotations),
+    }
+    if spec.hostname is not None:
+        doc["hostname"] = spec.hostname
+    return doc
+
+
+def _map_json(m: IdMap) -> dict[str, int]:
+    return {"containerID": m.container_id, "hostID": m.host_id, "size": m.size}
+
+
+def _resources_json(r: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if r.memory_bytes is not None:
+        out["memory"] = {"limit": r.memory_bytes}
+    cpu: dict[str, Any] = {}
+    if r.cpu_quota_us is not None:
+        cpu.update(quota=r.cpu_quota_us, period=r.cpu_period_us)
+    if r.cpuset_cpus is not None:
+        cpu["cpus"] = r.cpuset_cpus
+    if cpu:
+        out["cpu"] = cpu
+    if r.pids_limit is not None:
+        out["pids"] = {"limit": r.pids_limit}
+    return out
+
+
+def from_oci_json(doc: dict[str, Any]) -> Spec:
+    """Read an OCI config.json object back into a Spec (UsageError when malformed)."""
+    try:
+        return _from_oci(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UsageError(f"malformed OCI runtime config: {err!r}") from None
+
+
+def _from_oci(doc: dict[str, Any]) -> Spec:
+    p, lx = doc["process"], doc.get("linux", {})
+    u = p.get("user", {})
+    caps = p.get("capabilities")
+    process = Process(
+        args=tuple(p["args"]), env=tuple(p.get("env", ())), cwd=p.get("cwd", "/"),
+        user=User(uid=int(u.get("uid", 0)), gid=int(u.get("gid", 0)),
+                  additional_gids=tuple(u.get("additionalGids") or ())),
+        terminal=bool(p.get("terminal", False)), no_new_privileges=bool(p.get("noNewPrivileges", True)),
+        rlimits=tuple((r["type"], int(r["soft"]), int(r["hard"])) for r in p.get("rlimits") or ()),
+        capabilities={k: tuple(v) for k, v in caps.items()} if caps else None,
+    )
+    linux = Linux(
+        namespaces=tuple(ns["type"] for ns in lx.get("namespaces", ({"type": "user"}, {"type": "mount"}))),
+        uid_mappings=tuple(_map_from(m) for m in lx.get("uidMappings") or ()),
+        gid_mappings=tuple(_map_from(m) for m in lx.get("gidMappings") or ()),
+        resources=_resources_from(lx["resources"]) if lx.get("resources") else None,
+        seccomp=lx.get("seccomp"),
+        masked_paths=tuple(lx.get("maskedPaths") or ()), readonly_paths=tuple(lx.get("readonlyPaths") or ()),
+    )
+    mounts = tuple(Mount(destination=m["destination"], type=m.get("type", "bind"), source=m.get("source", ""),
+                         options=tuple(m.get("options") or ())) for m in doc.get("mounts") or ())
+    root = doc["root"]
+    return Spec(process=process, root=Root(path=root["path"], readonly=bool(root.get("readonly", True))),
+                mounts=mounts, hostname=doc.get("hostname"), linux=linux,
+                annotations=dict(doc.get("annotations") or {}))
+
+
+def _map_from(m: dict[str, Any]) -> IdMap:
+    return IdMap(container_id=int(m["containerID"]), host_id=int(m["hostID"]), size=int(m["size"]))
+
+
+def _resources_from(r: dict[str, Any]) -> Any:
+    from mesobox.runtime.cgroups import Resources
+
+    cpu = r.get("cpu") or {}
+    return Resources(
+        memory_bytes=(r.get("memory") or {}).get("limit"),
+        cpu_quota_us=cpu.get("quota"), cpu_period_us=cpu.get("period") or 100_000,
+        cpuset_cpus=cpu.get("cpus"), pids_limit=(r.get("pids") or {}).get("limit"),
+    )

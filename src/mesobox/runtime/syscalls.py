@@ -1,0 +1,109 @@
+"""Syscall leaf: the one module of the runtime that imports ``ctypes``.
+
+Invariants:
+- Imports only ``ctypes``, ``os`` and ``errno``: it runs on every ``mesobox run``.
+- One ``libc`` handle with ``argtypes`` declared once; each wrapper is named after the
+  syscall it makes and raises ``OSError(errno, strerror, path)`` on failure — never a
+  status code.  Constants are spelled as in the kernel headers so they grep against
+  the man pages (unshare(2), mount(2), umount(2), pivot_root(2), prctl(2), setns(2)).
+- ``seccomp.py`` (isolation room) is the only other ctypes user; nothing else is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+# <linux/sched.h> namespace flags, unshare(2) / setns(2).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# <linux/mount.h> mount(2) flags.
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_RELATIME = 0x200000
+
+# umount(2) flags.
+MNT_DETACH = 0x2
+
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+# statvfs f_flag bits (<sys/statvfs.h>) → the mount flags a bind remount must keep:
+# mount(2) EPERM "locked" flags in a user namespace (mount_namespaces(7)).
+_ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
+             (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
+
+# pivot_root has no glibc wrapper: syscall(2) by number.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "riscv64": 41}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.syscall.restype = ctypes.c_long
+
+
+def _check(result: int, path: str | None = None) -> None:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+def _b(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags))
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype))
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), flags), target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, f"pivot_root: unknown syscall number on {os.uname().machine}")
+    _check(_libc.syscall(number, _b(new_root), _b(put_old)), new_root)
+
+
+def prctl(option: int, arg2: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, 0, 0, 0))
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)))
+
+
+def locked_flags(path: str) -> int:
+    """Mount flags of the filesystem holding ``path`` that a bind remount must repeat."""
+    f_flag = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _ST_TO_MS if f_flag & st)

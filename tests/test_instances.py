@@ -1,0 +1,339 @@
+"""Cloud mode: ``mesobox instance …``, pause/resume, checkpoint detection.
+
+Real containers throughout: every instance is ``mesobox run`` of a busybox directory
+image, started by the detached supervisor, as the ordinary test user (root only where
+the cgroup freezer is the point).  After each lifecycle test the system is scanned for
+leftovers: processes, mounts of the image, instance state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Mesobox, User, make_busybox_rootfs, need_tool
+from instances_support import (
+    Instances,
+    alive,
+    mounts_mentioning,
+    proc_state,
+    processes_mentioning,
+    wait_until,
+)
+from mesobox.cli.instance import parse_duration, parse_restart, parse_start
+from mesobox.errors import UsageError
+
+LOOP = "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.2; done"
+
+
+@pytest.fixture()
+def rootfs(world_tmp: Path) -> Path:
+    # One image per test, so mount scans cannot confuse two tests' containers.
+    need_tool("busybox")
+    root = make_busybox_rootfs(world_tmp / "rootfs")
+    for name in ("hosts", "resolv.conf"):  # as any real image has them
+        (root / "etc" / name).write_text("")
+    for dirpath, dirnames, _ in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o1777 if d == "tmp" else 0o755)
+    return root
+
+
+@pytest.fixture()
+def inst(mesobox: Mesobox, world_tmp: Path, user: User) -> Iterator[Instances]:
+    runner = Instances(mesobox, world_tmp / "runtime", user)
+    yield runner
+    runner.stop_everything()  # a failed test must not leave instances running
+
+
+@pytest.fixture()
+def root_inst(mesobox: Mesobox, world_tmp: Path) -> Iterator[Instances]:
+    runner = Instances(mesobox, world_tmp / "runtime-root", None)
+    yield runner
+    runner.stop_everything()
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], code: int | None = None) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    if code is not None:
+        assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert err.startswith("mesobox: error: ") and len(err.strip().splitlines()) <= 2, err
+    return err
+
+
+def assert_nothing_left(inst: Instances, names: list[str], pids: list[int], rootfs: Path) -> None:
+    wait_until(lambda: not any(alive(p) for p in pids), 10, "instance processes gone")
+    for name in names:
+        # The supervisor's command line names the state directory, which names the instance.
+        assert processes_mentioning(str(inst.runtime / "instances" / name)) == []
+    assert processes_mentioning(str(rootfs)) == []
+    assert mounts_mentioning(str(rootfs)) == []
+    left = list((inst.runtime / "instances").iterdir()) if (inst.runtime / "instances").exists() else []
+    assert left == []
+
+
+# --- pure: option parsing ------------------------------------------------------------------
+
+
+def test_parse_duration_and_restart() -> None:
+    assert parse_duration("30") == 30 and parse_duration("2s") == 2
+    assert parse_duration("10m") == 600 and parse_duration("2h") == 7200
+    for bad in ("", "x", "-1s", "0", "5y"):
+        with pytest.raises(UsageError):
+            parse_duration(bad)
+    assert parse_restart("no") == ("no", None)
+    assert parse_restart("on-failure:3") == ("on-failure", 3)
+    assert parse_restart("always") == ("always", None)
+    for bad in ("sometimes", "always:2", "on-failure:x"):
+        with pytest.raises(UsageError):
+            parse_restart(bad)
+
+
+def test_parse_start_splits_own_and_run_options() -> None:
+    spec = parse_start(
+        ["--restart=on-failure:2", "-B", "/a:/b", "--writable-tmpfs", "--time", "1m", "-t", "3",
+         "--net", "none", "img", "web", "sh", "-c", "x"]
+    )
+    assert spec["restart"] == "on-failure" and spec["restart_max"] == 2
+    assert spec["time_limit"] == 60 and spec["grace"] == 3
+    assert spec["options"] == ["-B", "/a:/b", "--writable-tmpfs", "--net", "none"]
+    assert (spec["image"], spec["name"], spec["args"]) == ("img", "web", ["sh", "-c", "x"])
+    with pytest.raises(UsageError):
+        parse_start(["img"])
+    with pytest.raises(UsageError):
+        parse_start(["img", "../evil"])
+
+
+# --- CLI errors: one line, no traceback ------------------------------------------------------
+
+
+@pytest.mark.userns
+def test_bad_input_gives_one_line_errors(inst: Instances, rootfs: Path) -> None:
+    assert_one_line_error(inst("instance", "start", "--restart", "maybe", "--contain", str(rootfs), "a", "true"), 2)
+    assert_one_line_error(inst("instance", "start", "--time", "soon", "--contain", str(rootfs), "a", "true"), 2)
+    assert_one_line_error(inst("instance", "start", "--contain", str(rootfs), "bad/name", "true"), 2)
+    assert_one_line_error(inst("instance", "stop", "nosuch"), 2)
+    assert_one_line_error(inst("instance", "exec", "nosuch", "true"), 2)
+    assert_one_line_error(inst("instance", "frobnicate"), 2)
+    assert inst.listing("--all") == {}
+
+
+@pytest.mark.userns
+def test_failed_start_is_reported_and_frees_the_name(inst: Instances, world_tmp: Path) -> None:
+    proc = inst("instance", "start", str(world_tmp / "no-such-image"), "broken", "true")
+    err = assert_one_line_error(proc)
+    assert "failed to start" in err
+    assert inst.listing("--all") == {}
+
+
+# --- the lifecycle, as the ordinary user ---------------------------------------------------------
+
+
+@pytest.mark.userns
+@pytest.mark.slow
+def test_five_instances_lifecycle(inst: Instances, rootfs: Path) -> None:
+    names = [f"web{i}" for i in range(5)]
+    for name in names:
+        inst.ok("instance", "start", "--restart", "on-failure", "--contain", "--writable-tmpfs", str(rootfs), name,
+                "sh", "-c", f"echo {name}-was-here > /tmp/marker; exec sleep 1000")
+    rows = inst.listing()
+    assert sorted(rows) == names
+    assert all(r["status"] == "running" and r["pid"] and r["restarts"] == 0 for r in rows.values())
+    table = inst.ok("instance", "list")
+    assert table.splitlines()[0].split() == ["NAME", "IMAGE", "STATUS", "PID", "RESTARTS", "UPTIME"]
+    dup = inst("instance", "start", "--contain", str(rootfs), "web0", "true")
+    assert "already exists" in assert_one_line_error(dup, 2)
+
+    # exec joins the same mount namespace: the file lives only in the instance's tmpfs /tmp.
+    wait_until(lambda: inst("instance", "exec", "web2", "cat", "/tmp/marker").returncode == 0, 10, "marker")
+    out = inst("instance", "exec", "web2", "cat", "/tmp/marker")
+    assert out.stdout.decode().strip() == "web2-was-here"
+    assert not (rootfs / "tmp" / "marker").exists()
+    assert inst("instance", "exec", "web2", "sh", "-c", "exit 7").returncode == 7
+    assert inst("instance", "exec", "web2", "no-such-command").returncode == 127
+
+    # on-failure restarts a workload killed with SIGKILL: restarts == 1, a new pid.
+    old = rows["web3"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    row = inst.wait_for("web3", lambda r: r.get("restarts") == 1 and r.get("status") == "running" and r["pid"] != old)
+    assert alive(row["pid"]) and not alive(old)
+
+    pids = [r["pid"] for r in inst.listing().values()] + [r["supervisor_pid"] for r in inst.listing().values()]
+    # The scans of assert_nothing_left see the live instances (so their silence later means something).
+    assert mounts_mentioning(str(rootfs)) and processes_mentioning(str(inst.runtime / "instances" / "web0"))
+    assert inst.ok("instance", "stop", "-t", "2", *names).split() == names
+    assert inst.listing("--all") == {}
+    assert_nothing_left(inst, names, pids, rootfs)
+
+
+@pytest.mark.userns
+def test_restart_on_failure_stops_after_n_restarts(inst: Instances, rootfs: Path) -> None:
+    inst.ok("instance", "start", "--restart", "on-failure:2", "--contain", str(rootfs), "flaky",
+            "sh", "-c", "echo attempt; sleep 0.3; exit 3")
+    row = inst.wait_for("flaky", lambda r: r.get("status") == "exited", timeout=20)
+    assert (row["restarts"], row["exit_code"]) == (2, 3)
+    assert inst.ok("instance", "logs", "flaky").count("attempt") == 3
+    missing = inst("instance", "start", "--contain", str(rootfs), "nocmd", "no-such-command")
+    assert "failed to start (exit 127)" in assert_one_line_error(missing, 125)
+    inst.ok("instance", "stop", "flaky")
+    assert_nothing_left(inst, ["flaky", "nocmd"], [row["supervisor_pid"]], rootfs)
+
+
+@pytest.mark.userns
+def test_time_limit_ends_instance_on_time(inst: Instances, rootfs: Path) -> None:
+    started = time.monotonic()
+    inst.ok("instance", "start", "--time", "2s", "-t", "1", "--contain", str(rootfs), "timed", "sleep", "1000")
+    pid = inst.listing()["timed"]["pid"]
+    row = inst.wait_for("timed", lambda r: r.get("status") == "exited", timeout=15)
+    elapsed = time.monotonic() - started
+    assert 1.8 < elapsed < 6, elapsed
+    assert row["exit_code"] == 128 + signal.SIGTERM  # sleep dies of the SIGTERM, no SIGKILL needed
+    assert "timed" not in inst.listing()  # podman: exited ones only with --all
+    assert not alive(pid)
+    inst.ok("instance", "stop", "timed")
+    assert_nothing_left(inst, ["timed"], [pid, row["supervisor_pid"]], rootfs)
+
+
+@pytest.mark.userns
+def test_logs_show_workload_output(inst: Instances, rootfs: Path) -> None:
+    inst.ok("instance", "start", "--contain", str(rootfs), "chatty", "sh", "-c", LOOP)
+    wait_until(lambda: "line-3" in inst.ok("instance", "logs", "chatty"), 10, "four log lines")
+    lines = inst.ok("instance", "logs", "chatty").splitlines()
+    assert lines[:4] == ["line-0", "line-1", "line-2", "line-3"]
+    follow = inst.popen("instance", "logs", "-f", "chatty")
+    assert follow.stdout is not None
+    seen = b""
+    while b"line-8" not in seen:  # -f keeps printing new lines as they come
+        chunk = os.read(follow.stdout.fileno(), 4096)
+        assert chunk, f"logs -f ended early (rc={follow.wait()}) after {seen!r}"
+        seen += chunk
+    pid = inst.listing()["chatty"]["pid"]
+    inst.ok("instance", "stop", "-t", "1", "chatty")
+    assert follow.wait(timeout=10) == 0  # and ends when the instance does
+    assert_nothing_left(inst, ["chatty"], [pid], rootfs)
+
+
+@pytest.mark.userns
+def test_pause_resume_unprivileged_uses_sigstop(inst: Instances, rootfs: Path) -> None:
+    inst.ok("instance", "start", "--contain", str(rootfs), "napper", "sh", "-c", LOOP)
+    pid = inst.listing()["napper"]["pid"]
+    proc = inst("instance", "pause", "napper")
+    assert proc.returncode == 0, proc.stderr
+    assert "not atomic" in proc.stderr.decode()  # the user is told what they got
+    assert proc_state(pid) == "T"
+    assert inst.listing()["napper"]["status"] == "paused"
+    before = inst.ok("instance", "logs", "napper").count("line-")
+    time.sleep(0.6)
+    assert inst.ok("instance", "logs", "napper").count("line-") == before  # really stopped
+    inst.ok("instance", "resume", "napper")
+    wait_until(lambda: inst.ok("instance", "logs", "napper").count("line-") > before, 5, "output after resume")
+    assert inst.listing()["napper"]["status"] == "running"
+    inst.ok("instance", "pause", "napper")
+    inst.ok("instance", "stop", "-t", "1", "napper")  # stopping a paused instance works
+    assert_nothing_left(inst, ["napper"], [pid], rootfs)
+
+
+@pytest.mark.userns
+def test_dead_supervisor_is_shown_and_cleaned_by_stop(inst: Instances, rootfs: Path) -> None:
+    inst.ok("instance", "start", "--restart", "always", "--contain", str(rootfs), "orphan", "sleep", "1000")
+    row = inst.listing()["orphan"]
+    os.kill(row["supervisor_pid"], signal.SIGKILL)
+    wait_until(lambda: not alive(row["supervisor_pid"]), 5, "supervisor dead")
+    assert inst.listing("--all")["orphan"]["status"] == "dead"
+    assert alive(row["pid"])  # the workload is still there, unsupervised
+    inst.ok("instance", "stop", "-t", "1", "orphan")
+    assert_nothing_left(inst, ["orphan"], [row["pid"]], rootfs)
+
+
+@pytest.mark.userns
+def test_snapshot_needs_overlay_and_copies_the_upper_layer(inst: Instances, rootfs: Path, world_tmp: Path) -> None:
+    inst.ok("instance", "start", "--contain", str(rootfs), "plain", "sleep", "1000")
+    err = assert_one_line_error(inst("instance", "snapshot", "plain", str(world_tmp / "snap.tar")), 2)
+    assert "--overlay" in err
+    inst.ok("instance", "stop", "-t", "1", "plain")
+
+    # A directory the user owns in the image: overlayfs cannot copy up a directory whose
+    # owner or group is unmapped in the user namespace (EOVERFLOW), as for /root here.
+    (rootfs / "data").mkdir()
+    os.chown(rootfs / "data", inst.user.uid if inst.user else 0, inst.user.gid if inst.user else 0)
+    upper = world_tmp / "upper"
+    upper.mkdir(mode=0o777)
+    os.chown(upper, inst.user.uid if inst.user else 0, -1)
+    inst.ok("instance", "start", "--overlay", str(upper), "--contain", str(rootfs), "layered",
+            "sh", "-c", "echo kept > /data/state.txt; exec sleep 1000")
+    dest = world_tmp / "snap.tar"
+    wait_until(lambda: any(upper.rglob("state.txt")), 10, "file in the overlay")
+    inst.ok("instance", "snapshot", "layered", str(dest))
+    with tarfile.open(dest) as tar:
+        member = next(m for m in tar.getmembers() if m.name == "data/state.txt")
+        data = tar.extractfile(member)
+        assert data is not None and data.read() == b"kept\n"
+    pid = inst.listing()["layered"]["pid"]
+    assert proc_state(pid) != "T"  # resumed after the copy
+    inst.ok("instance", "stop", "-t", "1", "layered")
+    assert_nothing_left(inst, ["layered"], [pid], rootfs)
+
+
+# --- root: the cgroup freezer ------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_pause_resume_with_cgroup_freezer_as_root(root_inst: Instances, rootfs: Path) -> None:
+    root_inst.ok("instance", "start", "--contain", str(rootfs), "frozen", "sh", "-c", LOOP)
+    state = root_inst.state("frozen")
+    if state["cgroup"] is None or ("freezer" not in state["cgroup"]["dirs"] and state["cgroup"]["version"] == 1):
+        pytest.fail(f"root got no freezer cgroup: {state['cgroup']}", pytrace=False)
+    freezer = Path(state["cgroup"]["dirs"].get("freezer") or state["cgroup"]["dirs"][""])
+    pid = state["workload_pid"]
+    assert str(pid) in (freezer / "cgroup.procs").read_text().split()
+    proc = root_inst("instance", "pause", "frozen")
+    assert proc.returncode == 0 and "not atomic" not in proc.stderr.decode()
+    if state["cgroup"]["version"] == 1:
+        assert (freezer / "freezer.state").read_text().strip() == "FROZEN"
+    root_inst.ok("instance", "resume", "frozen")
+    if state["cgroup"]["version"] == 1:
+        assert (freezer / "freezer.state").read_text().strip() == "THAWED"
+    root_inst.ok("instance", "stop", "-t", "1", "frozen")
+    assert not freezer.exists()  # the cgroup goes with the instance
+    assert_nothing_left(root_inst, ["frozen"], [pid], rootfs)
+
+
+# --- checkpoint: honest either way ---------------------------------------------------------------
+
+
+def _criu_works(user: User) -> bool:
+    """Ask `criu check` ourselves, as the same user the CLI runs as."""
+    tool = next((p for p in ("/usr/sbin/criu", "/sbin/criu") if os.access(p, os.X_OK)), None)
+    if tool is None:
+        return False
+    proc = user.run([tool, "check"])
+    return proc.returncode == 0 and b"Error" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.userns
+def test_checkpoint_reports_whether_criu_works(inst: Instances, rootfs: Path, world_tmp: Path, user: User) -> None:
+    inst.ok("instance", "start", "--contain", str(rootfs), "saved", "sh", "-c", LOOP)
+    pid = inst.listing()["saved"]["pid"]
+    images = world_tmp / "ckpt"
+    proc = inst("checkpoint", "saved", str(images))
+    if not _criu_works(user):
+        err = assert_one_line_error(proc, 125)
+        assert "CRIU" in err and "pause" in err and "snapshot" in err
+        assert alive(pid)  # nothing was done to the instance
+        assert inst("restore", "saved", str(images)).returncode == 125
+    else:  # a real checkpoint, then a real restore
+        assert proc.returncode == 0, proc.stderr
+        assert (images / "mesobox-instance.json").exists() and not alive(pid)
+        restored = inst("restore", "saved", str(images))
+        assert restored.returncode == 0, restored.stderr
+    inst("instance", "stop", "-t", "1", "saved")
+    assert_nothing_left(inst, ["saved"], [pid], rootfs)

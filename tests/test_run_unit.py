@@ -1,0 +1,148 @@
+"""Pure unit tier of the runtime: option parser, bind specs, environment merge, spec
+model and its OCI config.json round trip, command selection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import SRC
+from mesobox.cli.run import parse
+from mesobox.errors import PolicyError, UsageError
+from mesobox.runtime import environ
+from mesobox.runtime.build import RunOptions, command, parse_bind, parse_size
+from mesobox.runtime.identity import group_text, passwd_text, subid_range
+from mesobox.runtime.spec import IdMap, Linux, Mount, Process, Root, Spec, User, from_oci_json, to_oci_json
+
+
+def test_parser_forms_and_stop_at_image() -> None:
+    v = parse("run", ["-B/a", "--bind=/b:/c:ro", "--bind", "/d", "-e", "A=1", "--cleanenv", "--writable-tmpfs",
+                      "IMG", "-B", "--not-an-option"])
+    assert v["binds"] == ("/a", "/b:/c:ro", "/d") and v["env"] == ("A=1",) and v["cleanenv"] is True
+    assert v["writable_tmpfs"] == "" and v["image"] == "IMG" and v["args"] == ("-B", "--not-an-option")
+    assert parse("exec", ["--", "-weird-image", "cmd"])["image"] == "-weird-image"
+    assert parse("run", ["--writable-tmpfs=64m", "I"])["writable_tmpfs"] == "64m"
+    assert parse("run", ["-h"]) == {"help": True}
+    for bad in (["--bind"], ["--frob", "I"], ["--pid=1", "I"], []):
+        with pytest.raises(UsageError):
+            parse("run", bad)
+
+
+def test_parse_bind_and_size() -> None:
+    assert parse_bind("/a") == [("/a", "/a", False)]
+    assert parse_bind("/a:/b:ro,/c::rw") == [("/a", "/b", True), ("/c", "/c", False)]
+    for bad in ("", "/a:/b:rx", "/a:b", "/a:/", "/a:/x/../y", "/a:/b:ro:x"):
+        with pytest.raises(UsageError):
+            parse_bind(bad)
+    assert parse_size("1m", "x") == 1 << 20 and parse_size("2G", "x") == 2 << 30 and parse_size("10", "x") == 10
+    with pytest.raises(UsageError):
+        parse_size("lots", "x")
+
+
+@given(st.lists(st.text(alphabet="abc/.", min_size=1, max_size=12), min_size=1, max_size=3))
+def test_parse_bind_destinations_are_absolute_and_clean(parts: list[str]) -> None:
+    try:
+        binds = parse_bind(":".join(["/src", *parts[:1]]))
+    except UsageError:
+        return
+    for _src, dst, _ro in binds:
+        assert dst.startswith("/") and ".." not in dst.split("/") and dst != "/"
+
+
+def test_allowed_bind_sources_resolve_symlinks(tmp_path: os.PathLike[str]) -> None:
+    from mesobox.runtime.build import check_source
+
+    allowed = os.path.join(tmp_path, "scratch")
+    os.mkdir(allowed)
+    os.symlink("/etc", os.path.join(allowed, "escape"))
+    assert check_source(allowed, (allowed,), True) == os.path.realpath(allowed)
+    with pytest.raises(PolicyError):
+        check_source(os.path.join(allowed, "escape"), (allowed,), True)
+
+
+def test_environment_merge_precedence(tmp_path: os.PathLike[str]) -> None:
+    host = {"HOME": "/h", "PATH": "/host", "KEEP": "1", "LD_PRELOAD": "evil.so", "TERM": "xterm"}
+    env = dict(e.split("=", 1) for e in environ.merge(host, ["PATH=/img", "IMG=1"], False, [("IMG", "2")], "/x"))
+    assert env == {"HOME": "/h", "PATH": "/img", "KEEP": "1", "TERM": "xterm", "IMG": "2"}
+    clean = dict(e.split("=", 1) for e in environ.merge(host, [], True, [], "/x"))
+    assert clean == {"HOME": "/h", "TERM": "xterm", "PATH": environ.DEFAULT_PATH}
+    path = os.path.join(tmp_path, "envfile")
+    with open(path, "w") as f:
+        f.write("A=1\n# c\n\nB=x=y\n")
+    assert environ.read_env_file(path) == [("A", "1"), ("B", "x=y")]
+    with open(path, "w") as f:
+        f.write("novalue\n")
+    with pytest.raises(UsageError):
+        environ.read_env_file(path)
+    assert environ.parse_env_option("K", {"K": "v"}) == ("K", "v")
+    assert environ.parse_env_option("K", {}) is None
+
+
+def test_command_selection_docker_semantics() -> None:
+    cfg = {"Entrypoint": ["/e"], "Cmd": ["c"]}
+    run = RunOptions(mode="run", image="i")
+    assert command(run, cfg, False) == ("/e", "c")
+    assert command(run.replace(args=("a",)), cfg, False) == ("/e", "a")
+    assert command(run.replace(entrypoint="/x"), cfg, False) == ("/x",)
+    assert command(run, {}, False) == ("/bin/sh",)  # a plain directory image
+    assert command(RunOptions(mode="shell", image="i"), {}, True) == ("/bin/bash",)
+    with pytest.raises(UsageError):
+        command(RunOptions(mode="exec", image="i"), cfg, False)
+    with pytest.raises(UsageError):
+        command(run.replace(entrypoint=""), {"Env": ["A=1"]}, False)
+
+
+def _spec() -> Spec:
+    return Spec(
+        process=Process(args=("/bin/true",), env=("A=1",), cwd="/", user=User(uid=1, gid=2, additional_gids=(3,))),
+        root=Root(path="/img"), mounts=(Mount(destination="/d", type="bind", source="/s", options=("rbind", "ro")),),
+        hostname="h", linux=Linux(namespaces=("user", "mount", "uts"),
+                                  uid_mappings=(IdMap(container_id=0, host_id=1000, size=1),)),
+        annotations={"org.mesobox.root.format": "dir"})
+
+
+def test_spec_oci_round_trip_and_validation() -> None:
+    spec = _spec()
+    spec.validate()
+    assert from_oci_json(to_oci_json(spec)) == spec
+    with pytest.raises(AttributeError):
+        spec.hostname = "x"  # type: ignore[misc]
+    bad = [spec.replace(hostname="h", linux=Linux()), spec.replace(root=Root(path="rel")),
+           spec.replace(mounts=(Mount(destination="/a/../b", type="tmpfs", source="t"),)),
+           spec.replace(process=spec.process.replace(args=())),
+           spec.replace(linux=spec.linux.replace(uid_mappings=(IdMap(container_id=0, host_id=1, size=5),
+                                                               IdMap(container_id=3, host_id=9, size=1))))]
+    for item in bad:
+        with pytest.raises(UsageError):
+            item.validate()
+    with pytest.raises(UsageError):
+        from_oci_json({"process": {}})
+
+
+def test_identity_files_and_subids(tmp_path: os.PathLike[str]) -> None:
+    image = "root:x:0:0:root:/root:/bin/sh\nold:x:1000:1000::/home/old:/bin/sh\n"
+    out = passwd_text(image, "alice", 1000, 1000, "/home/alice", "/bin/bash").splitlines()
+    assert out == ["root:x:0:0:root:/root:/bin/sh", "alice:x:1000:1000:alice:/home/alice:/bin/bash"]
+    assert passwd_text(image, "alice", 0, 0, "/h", "/bin/sh") == image
+    assert group_text("root:x:0:\n", "alice", 1000, "alice") == "root:x:0:\nalice:x:1000:alice\n"
+    path = os.path.join(tmp_path, "subuid")
+    with open(path, "w") as f:
+        f.write("bob:1:2\nalice:100000:65536\n")
+    assert subid_range("alice", 1000, path) == (100000, 65536)
+    assert subid_range("carol", 1001, path) is None
+
+
+def test_run_import_cost_stays_small() -> None:
+    """The hot path imports no argparse, json, dataclasses or HTTP code."""
+    code = ("import sys; import mesobox.cli.run, mesobox.runtime.launcher, mesobox.runtime.build, "
+            "mesobox.runtime.plan, mesobox.runtime.mounts, mesobox.runtime.identity, mesobox.runtime.environ; "
+            "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request') "
+            "if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); {code}"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out
