@@ -14,6 +14,7 @@ with umoci (cached under --cache).  Run as root:  python3 bench/pull.py [--runs 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -97,7 +98,9 @@ def bench_mesobox(ref: str, work: Path, fmt: str) -> float:
 def bench_ch_image(ref: str, work: Path) -> float | str:
     if shutil.which("ch-image") is None:
         return "not installed"
-    env = dict(os.environ, CH_IMAGE_STORAGE=str(work / "ch"))
+    # ch-image is a Debian script for /usr/bin/python3 (python3-lark), not any python3 on PATH
+    env = dict(os.environ, CH_IMAGE_STORAGE=str(work / "ch"), PATH="/usr/bin:/bin:/usr/sbin:/sbin",
+               USER=os.environ.get("USER", "root"))
     try:
         return timed(["ch-image", "pull", "--tls-no-verify", ref], env)
     except RuntimeError as err:
@@ -115,8 +118,10 @@ def main() -> int:
     registry = start_registry(work_root / "registry")
     try:
         ref = registry.push_oci(layout, "bookworm", "bench/debian")
-        size = sum(f.stat().st_size for f in (layout / "blobs" / "sha256").iterdir())
-        print(f"image: {ref}, 4 layers + base, {size / 1e6:.0f} MB of blobs in the layout; {args.runs} runs each")
+        index = json.loads((layout / "index.json").read_text())
+        manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+        size = sum(layer["size"] for layer in manifest["layers"])
+        print(f"image: {ref}, {len(manifest['layers'])} layers, {size / 1e6:.0f} MB compressed; {args.runs} runs each")
         results: dict[str, list[float]] = {"skopeo+umoci": [], "mesobox dir": [], "mesobox squashfs": []}
         for i in range(args.runs):
             for name, fn in (("skopeo+umoci", lambda w: bench_skopeo_umoci(ref, w)),

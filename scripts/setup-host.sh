@@ -12,8 +12,8 @@ PACKAGES=(
     python3 python3-venv python3-pip
     squashfs-tools squashfuse fuse3 fuse-overlayfs slirp4netns uidmap
     docker-registry skopeo umoci busybox-static debootstrap zstd
-    iproute2 util-linux e2fsprogs libseccomp2 procps psmisc
-    runc podman charliecloud-runtime hyperfine
+    iproute2 util-linux e2fsprogs libseccomp2 procps psmisc openssl hostname curl tar criu
+    runc podman charliecloud-runtime charliecloud-builders python3-lark python3-requests hyperfine
     slurm-wlm munge libpmix-dev openmpi-bin libopenmpi-dev
 )
 missing=()
@@ -41,13 +41,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q ".[test]"
 chmod -R a+rX /opt/mesobox
-# A start-up-lean entry point: `python -I -S` skips site processing (≈5 ms per rank);
+# A start-up-lean entry point: `python -IS` (one shebang argument) skips site processing (≈5 ms per rank);
 # the venv's site-packages is put on sys.path by hand.  `$VENV/bin/mesobox` (the pip
 # console script) stays as the ordinary entry point.
 PURELIB=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 rm -f /usr/local/bin/mesobox
 cat > /usr/local/bin/mesobox <<PY
-#!$VENV/bin/python -I -S
+#!$VENV/bin/python -IS
 import sys
 sys.path.append("$PURELIB")
 from mesobox.cli import main

@@ -25,7 +25,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "-e": ("env", "list"), "--env": ("env", "list"), "--env-file": ("env_files", "list"),
     "-w": ("workdir", "value"), "--workdir": ("workdir", "value"), "--pwd": ("workdir", "value"),
     "-c": ("contain", "flag"), "--contain": ("contain", "flag"), "--cleanenv": ("cleanenv", "flag"),
-    "--fakeroot": ("fakeroot", "flag"), "--entrypoint": ("entrypoint", "value"),
+    "--fakeroot": ("fakeroot", "flag"), "--host-root": ("host_root", "flag"), "--entrypoint": ("entrypoint", "value"),
     "--writable-tmpfs": ("writable_tmpfs", "optional"), "--overlay": ("overlay", "value"),
     "--pid": ("pid", "flag"), "--ipc": ("ipc", "flag"), "--uts": ("uts", "flag"),
     "--hostname": ("hostname", "value"), "--net": ("net", "value"), "--network": ("net", "value"),
@@ -48,6 +48,7 @@ IMAGE: a directory rootfs, a squashfs file, a stored reference, or docker://REF 
   -w, --workdir DIR         working directory inside
       --entrypoint CMD      replace the image Entrypoint (run only; "" clears it)
       --fakeroot            be uid 0 inside (files you write stay yours on the host)
+      --host-root           (real root only) container root is host root; default: a sub-id range
       --writable-tmpfs[=SIZE]  writable root: changes in a tmpfs capped at SIZE, then discarded
       --overlay DIR         writable root: changes kept in DIR
       --pid, --ipc, --uts   new pid / IPC / UTS namespace
@@ -56,7 +57,7 @@ IMAGE: a directory rootfs, a squashfs file, a stored reference, or docker://REF 
   -p, --publish HOST:CTR    with --net slirp: forward a host port
   -m, --memory SIZE, --cpus N, --pids-limit N   cgroup limits
       --security-opt seccomp=default|unconfined|FILE
-      --cap-add CAP, --cap-drop CAP   recorded in the spec (not enforced yet)
+      --cap-add CAP, --cap-drop CAP   adjust Docker's default set (uid 0 inside); ALL allowed
       --debug               print the mount plan (also: mesobox --debug {verb} ...)
   -h, --help                this text
 """
@@ -131,6 +132,10 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
     from mesobox.runtime.launcher import launch
 
     opts = RunOptions(**values)
+    if opts.host_root:
+        from mesobox.runtime.identity import HOST_ROOT_WARNING
+
+        sys.stderr.write(HOST_ROOT_WARNING)
     spec = make_spec(opts, config, resolve_image(opts.image, config))
     if publish:
         spec = _with_publish(spec, publish, opts.net)

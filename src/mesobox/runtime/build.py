@@ -7,6 +7,8 @@ Invariants:
   ``--entrypoint``, which also drops the image Cmd, as ``docker run`` does); ``exec``
   runs CMD directly; ``shell`` runs /bin/bash, else /bin/sh.  A plain directory or
   squashfs image has an empty config: its default command is /bin/sh (Apptainer's).
+- Capabilities (caps.py): Docker's default set for uid 0 inside, none otherwise;
+  real root's container root is shifted to a sub-id range unless ``--host-root``.
 - Default binds (unless ``--contain``): $HOME, the working directory (when it is not
   a system directory the image provides), /tmp, then config.default_binds; then the
   user's -B binds.  Only -B sources are checked against allowed_bind_sources.
@@ -46,6 +48,7 @@ class RunOptions(S._Record):
         "env",
         "env_files",
         "fakeroot",
+        "host_root",
         "hostname",
         "image",
         "ipc",
@@ -63,7 +66,8 @@ class RunOptions(S._Record):
     _defaults = {"args": (), "entrypoint": None, "binds": (), "contain": False, "cleanenv": False, "env": (),
                  "env_files": (), "workdir": None, "fakeroot": False, "writable_tmpfs": None, "overlay": None,
                  "pid": False, "ipc": False, "uts": False, "hostname": None, "net": None, "memory": None,
-                 "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": ()}
+                 "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": (),
+                 "host_root": False}
     mode: str
     image: str
     args: tuple[str, ...]
@@ -75,6 +79,7 @@ class RunOptions(S._Record):
     env_files: tuple[str, ...]
     workdir: str | None
     fakeroot: bool
+    host_root: bool  # real root only: container root is host root (no id shift)
     writable_tmpfs: int | None  # bytes; 0 = tmpfs default size
     overlay: str | None
     pid: bool
@@ -351,7 +356,10 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     uid, gid = os.getuid(), os.getgid()
     name, group, home, shell = identity.host_names(uid, gid)
     home = os.environ.get("HOME") or home
-    uid_maps, gid_maps, subids = identity.id_maps(uid, gid, opts.fakeroot, name)
+    if opts.host_root and not identity.is_real_root():
+        raise UsageError("--host-root is only for the real root user",
+                         hint="an ordinary user's container root (--fakeroot) is always their own uid")
+    uid_maps, gid_maps, subids = identity.id_maps(uid, gid, opts.fakeroot, name, opts.host_root)
     # The image's User can only be honoured where ids other than one's own are mapped:
     # --fakeroot (with a sub-id range) and root; otherwise the caller keeps their ids.
     inside = (0, 0) if opts.fakeroot or uid == 0 else (uid, gid)
@@ -379,7 +387,9 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
         ann["org.mesobox.net"] = opts.net
     elif opts.net not in (None, "host"):
         raise UsageError(f"unknown --net {opts.net!r}", hint="use host, none or slirp")
-    caps = {"add": opts.cap_add, "drop": opts.cap_drop} if opts.cap_add or opts.cap_drop else None
+    from mesobox.runtime.caps import resolve
+
+    caps = resolve(inside[0] == 0, opts.cap_add, opts.cap_drop)
     process = S.Process(args=args, env=env, cwd=_cwd(opts, mounts, image.config),
                         user=S.User(uid=inside[0], gid=inside[1]), terminal=os.isatty(0), capabilities=caps)
     linux = S.Linux(namespaces=_namespaces(opts), uid_mappings=uid_maps, gid_mappings=gid_maps,

@@ -7,8 +7,15 @@ Invariants:
   an ordinary user, user_namespaces(7)), so files on Lustre/GPFS/NFS keep their real
   owner.  ``--fakeroot`` maps the caller to 0; with a range in /etc/subuid and
   /etc/subgid and ``newuidmap``/``newgidmap`` installed, ids 1… map to that range so
-  package managers can chown.  Root gets the whole id space mapped to itself: root
-  inside is root outside (docs/running.md explains what that means).
+  package managers can chown.
+- Root isolation: a *real root* caller's container root is an unprivileged id by
+  default — root's range in /etc/subuid and /etc/subgid (a "root:START:COUNT" line),
+  else ``ROOT_DEFAULT_RANGE`` — as Podman's rootful ``--userns=auto`` takes ids from
+  a dedicated sub-id range.  A break-out then lands as an id that owns nothing on the
+  host.  ``--host-root`` opts out (whole id space mapped to itself, root is root) and
+  warns on stderr.  The shifted user namespace is entered by ``enter_shifted_userns``
+  *after* the mounts were made as real root (so host paths such as /root or the
+  runtime dir stay reachable for set-up) and just before execve.
 - passwd/group files are generated from the image's (read without following any
   symlink, CVE-2019-16884 family) plus the caller's entries, so ``id``, ``whoami``
   and ``~`` work inside.
@@ -21,7 +28,17 @@ import os
 from mesobox.errors import LaunchError
 from mesobox.runtime.spec import IdMap
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 FULL_RANGE = 4294967295  # every id but (uid_t)-1, user_namespaces(7)
+# Default range for real root's containers when /etc/subuid has no "root" line: far
+# above any site's LDAP uids (which stay below 2^31 in practice but above 65536), 65536
+# ids like a subuid(5) allocation by useradd.  Documented in docs/isolation.md.
+ROOT_DEFAULT_RANGE = (100_000_000, 65536)
+HOST_ROOT_WARNING = ("mesobox: WARNING: --host-root: container root is the host's root; a break-out owns "
+                     "this machine. Use it only for trusted images.\n")
 
 
 def check_ids() -> tuple[int, int]:
@@ -50,11 +67,72 @@ def subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
     return None
 
 
-def id_maps(uid: int, gid: int, fakeroot: bool, name: str) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...], bool]:
-    """(uid maps, gid maps, made-with-newuidmap) for this caller."""
-    if uid == 0:
+def root_maps(host_root: bool) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...]]:
+    """Maps for a real-root caller: shifted to root's sub-id range unless ``host_root``."""
+    if host_root:
         full = (IdMap(container_id=0, host_id=0, size=FULL_RANGE),)
-        return full, full, False
+        return full, full
+    su = subid_range("root", 0, "/etc/subuid") or ROOT_DEFAULT_RANGE
+    sg = subid_range("root", 0, "/etc/subgid") or ROOT_DEFAULT_RANGE
+    return (IdMap(container_id=0, host_id=su[0], size=su[1]),), (IdMap(container_id=0, host_id=sg[0], size=sg[1]),)
+
+
+def is_real_root() -> bool:
+    """uid 0 of the initial user namespace, not the root of a container (nesting):
+    only there does /proc/self/uid_map map the whole id space onto itself."""
+    if os.getuid() != 0:
+        return False
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", str(FULL_RANGE)]
+    except OSError:
+        return False
+
+
+def is_shifted(uid_maps: tuple[IdMap, ...]) -> bool:
+    """True for a real-root caller's shifted map (container 0 is not host 0)."""
+    return any(m.container_id == 0 and m.host_id != 0 for m in uid_maps) and is_real_root()
+
+
+def enter_shifted_userns(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], unshare: Callable[[int], None],
+                         clone_newuser: int) -> None:
+    """Move this (real root) process into a new user namespace with the shifted maps.
+
+    A process cannot write a multi-id map for its own new namespace: that needs
+    CAP_SETUID in the *parent* namespace, which it left (user_namespaces(7)).  So a
+    helper forked first, still real root outside, writes the maps, as newuidmap would."""
+    go_r, go_w = os.pipe()
+    me = os.getpid()  # /proc here is the container's: our pid as that /proc names it
+    helper = os.fork()
+    if helper == 0:
+        os.close(go_w)
+        code = 1
+        try:
+            if os.read(go_r, 1) == b"m":
+                _write(f"/proc/{me}/uid_map", map_text(uid_maps))
+                _write(f"/proc/{me}/gid_map", map_text(gid_maps))
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    try:
+        unshare(clone_newuser)
+    finally:
+        os.write(go_w, b"m")
+        os.close(go_w)
+    if os.waitpid(helper, 0)[1] != 0:
+        raise LaunchError("cannot write the shifted id maps of the container's root",
+                          hint="use --host-root to run as the host's root (not recommended)")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def id_maps(uid: int, gid: int, fakeroot: bool, name: str, host_root: bool = False
+            ) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...], bool]:
+    """(uid maps, gid maps, made-with-newuidmap) for this caller."""
+    if uid == 0 and is_real_root():
+        uids, gids = root_maps(host_root)
+        return uids, gids, False
     inside_uid, inside_gid = (0, 0) if fakeroot else (uid, gid)
     uids: tuple[IdMap, ...] = (IdMap(container_id=inside_uid, host_id=uid, size=1),)
     gids: tuple[IdMap, ...] = (IdMap(container_id=inside_gid, host_id=gid, size=1),)

@@ -15,6 +15,15 @@ Invariants:
   mesobox's minimal init: it reaps every orphan and forwards the same signals.
 - Exit status is the workload's, or 128+N when signal N killed it; a failure in a
   forked child is reported as one ``mesobox: error:`` line with the error's exit code.
+- Signals never kill mesobox while it sets the container up: ``FORWARDED`` (and
+  SIGCHLD) are blocked from the start of ``launch`` (pthread_sigmask(3)), so one that
+  arrives early stays pending.  Forwarders take them with sigwaitinfo(2) only once the
+  workload has exec'd (EOF on a close-on-exec pipe) and, for the first ``HOLD_S``
+  seconds, only once the workload catches, ignores or blocks that signal (its
+  /proc/PID/status masks): an early Slurm ``--signal=USR1@T`` meets the job's trap
+  instead of killing it half-started.  The workload execs with the caller's mask.
+- A signal the terminal sent (si_code SI_KERNEL) to its foreground process group is
+  not forwarded: the container is in that group and got its own copy (no double ^C).
 """
 
 from __future__ import annotations
@@ -35,6 +44,12 @@ if TYPE_CHECKING:
 
 # Signals a batch system or a user sends to a job; SIGCONT too (scontrol resume).
 FORWARDED = (1, 2, 3, 10, 12, 15, 18, 28)  # HUP INT QUIT USR1 USR2 TERM CONT WINCH
+_SIGCHLD = 17
+_SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel (a tty) generated (sigaction(2))
+_TTY_SIGNALS = (2, 3, 28)  # ^C ^\ and resizes go to the whole foreground process group
+HOLD_S = 1.0  # longest an early signal waits for the workload's handler
+_saved_mask: set[int] | None = None  # the caller's signal mask, restored for the workload
+_exec_fd: int | None = None  # write end of the "workload exec'd" pipe (close-on-exec)
 ANN_NET = "org.mesobox.net"  # "none" | "slirp"
 ANN_PUBLISH = "org.mesobox.publish"  # "HOST:CONTAINER,…"
 _NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
@@ -46,6 +61,7 @@ def launch(spec: Spec, config: Config) -> int:
     from mesobox.runtime.identity import check_ids
 
     spec.validate()  # the whole spec, before the first syscall
+    block_signals()
     check_ids()  # never setuid: real == effective == saved
     lease = None
     image_dir = spec.root.path
@@ -72,10 +88,19 @@ def launch(spec: Spec, config: Config) -> int:
             lease.release()
 
 
+def _shifted(spec: Spec) -> bool:
+    """Real root with container root mapped elsewhere (identity.py, root isolation)."""
+    from mesobox.runtime.identity import is_shifted
+
+    return is_shifted(spec.linux.uid_mappings)
+
+
 def _unshare(spec: Spec) -> None:
     flags = 0
     for ns in spec.linux.namespaces:
         flags |= _NS_FLAGS.get(ns, 0)
+    if _shifted(spec):
+        flags &= ~sc.CLONE_NEWUSER  # entered last, in _exec: set-up runs as real root
     try:
         sc.unshare(flags)
     except OSError as err:
@@ -138,7 +163,7 @@ def _outside_setup(spec: Spec, pid: int) -> list[Callable[[int], None]]:
     if spec.annotations.get(ANN_SUBIDS) == "1":
         for tool, maps in (("newuidmap", spec.linux.uid_mappings), ("newgidmap", spec.linux.gid_mappings)):
             _run_helper(identity.newidmap_argv(tool, pid, maps))
-    else:
+    elif not _shifted(spec):
         _write_child_maps(spec, pid)
     cleanups: list[Callable[[int], None]] = []
     if spec.linux.resources is not None:
@@ -270,6 +295,8 @@ def _preload(spec: Spec) -> object:
     soname finds the loaded copy instead of searching the container's filesystem)."""
     if "pid" in spec.linux.namespaces:
         import signal  # noqa: F401
+    if spec.process.capabilities is not None:
+        import mesobox.runtime.caps  # noqa: F401 - _exec uses it after pivot_root
     if spec.linux.seccomp is None:
         return None
     from mesobox.runtime.seccomp import _libseccomp
@@ -377,8 +404,17 @@ def _exec(spec: Spec) -> NoReturn:
     proc = spec.process
     env = dict(item.split("=", 1) for item in proc.env)
     path = _find_command(proc.args[0], env.get("PATH", ""))
+    if _shifted(spec):
+        from mesobox.runtime import identity
+
+        identity.enter_shifted_userns(spec.linux.uid_mappings, spec.linux.gid_mappings, sc.unshare,
+                                      sc.CLONE_NEWUSER)
     if (proc.user.uid, proc.user.gid) != (os.getuid(), os.getgid()):
         _switch_user(proc.user.uid, proc.user.gid, proc.user.additional_gids)
+    if proc.capabilities is not None:
+        from mesobox.runtime.caps import numbers
+
+        sc.drop_capabilities(numbers(proc.capabilities.get("bounding", ())))
     if proc.no_new_privileges:
         # No setuid/file-capability gain across execve from here on (prctl(2)).
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)

@@ -42,6 +42,13 @@ MNT_DETACH = 0x2
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# <linux/capability.h> capget(2)/capset(2): version 3 takes two 32-bit data words.
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # statvfs f_flag bits (<sys/statvfs.h>) → the mount flags a bind remount must keep:
 # mount(2) EPERM "locked" flags in a user namespace (mount_namespaces(7)).
@@ -59,6 +66,8 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.syscall.restype = ctypes.c_long
+_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 
 def _check(result: int, path: str | None = None) -> None:
@@ -96,6 +105,38 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def prctl(option: int, arg2: int = 0) -> None:
     _check(_libc.prctl(option, arg2, 0, 0, 0))
+
+
+def capget() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    _check(_libc.capget(header, data))
+    return tuple(data[i] | (data[i + 3] << 32) for i in range(3))  # type: ignore[return-value]
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    masks = (effective, permitted, inheritable)
+    data = (ctypes.c_uint32 * 6)(*[m & 0xFFFFFFFF for m in masks], *[m >> 32 for m in masks])
+    _check(_libc.capset(header, data))
+
+
+def drop_capabilities(keep: frozenset[int]) -> None:
+    """Shrink the bounding, ambient, permitted, effective and inheritable sets to ``keep``.
+
+    Bounding first (prctl(2) PR_CAPBSET_DROP needs CAP_SETPCAP, which capset may
+    remove), ambient cleared (a non-root uid would keep ambient caps across execve)."""
+    last = 0
+    while _libc.prctl(PR_CAPBSET_READ, last + 1, 0, 0, 0) >= 0:
+        last += 1
+    for cap in range(last + 1):
+        if cap not in keep:
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0))
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: nothing to clear
+    mask = sum(1 << c for c in keep)
+    effective, permitted, inheritable = capget()
+    capset(effective & mask, permitted & mask, inheritable & mask)
 
 
 def sethostname(name: str) -> None:
