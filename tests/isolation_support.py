@@ -9,13 +9,16 @@ world-readable directory so the test user can run them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +182,33 @@ class _KernelFile:
         else:
             self.path.write_text(value)
         return len(value)
+
+
+@contextlib.contextmanager
+def tcp_service(reply: bytes, read_request: bool = False) -> Iterator[int]:
+    """A TCP server on the host's 127.0.0.1 sending ``reply`` to each client; yields its port."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                if read_request:
+                    conn.recv(4096)
+                conn.sendall(reply)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join()
+        srv.close()

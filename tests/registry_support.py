@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from conftest import need_tool
+from conftest import make_oci_image, need_tool
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -39,33 +37,6 @@ def arch_layer(arch: str):  # type: ignore[no-untyped-def]
         (rootfs / "arch").write_text(arch + "\n")
 
     return fn
-
-
-def make_layered_image(
-    layout: Path, tag: str, layers: Sequence[Callable[[Path], None]], config: Sequence[str] = ()
-) -> Path:
-    """Like conftest.make_oci_image, but one real layer per callable: umoci 0.4.7 bases every
-    repack of one unpacked bundle on the manifest it was unpacked from, so repeated repacks
-    of the same bundle collapse into a single cumulative layer.  Unpack afresh each time."""
-    need_tool("umoci")
-    if not (layout / "index.json").exists():
-        subprocess.run(["umoci", "init", "--layout", str(layout)], check=True, capture_output=True)
-    subprocess.run(["umoci", "new", "--image", f"{layout}:{tag}"], check=True, capture_output=True)
-    for fn in layers:
-        bundle = Path(tempfile.mkdtemp(prefix="umoci-bundle-")) / "b"
-        try:
-            subprocess.run(
-                ["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True
-            )
-            fn(bundle / "rootfs")
-            subprocess.run(
-                ["umoci", "repack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True
-            )
-        finally:
-            shutil.rmtree(bundle.parent, ignore_errors=True)
-    if config:
-        subprocess.run(["umoci", "config", "--image", f"{layout}:{tag}", *config], check=True, capture_output=True)
-    return layout
 
 
 def blob(layout: Path, digest: str) -> bytes:
@@ -123,8 +94,8 @@ def images(shared_tmp: Path) -> Path:
     top = Path(tempfile.mkdtemp(prefix="registry-test-layout-", dir=shared_tmp))
     os.chmod(top, 0o755)
     layout = top / "layout"
-    make_layered_image(layout, "v1", [layer_small, layer_random], ["--config.cmd=/bin/true"])
-    make_layered_image(layout, "amd64", [arch_layer("amd64")], ["--architecture=amd64", "--os=linux"])
-    make_layered_image(layout, "arm64", [arch_layer("arm64")], ["--architecture=arm64", "--os=linux"])
+    make_oci_image(layout, "v1", [layer_small, layer_random], ["--config.cmd=/bin/true"])
+    make_oci_image(layout, "amd64", [arch_layer("amd64")], ["--architecture=amd64", "--os=linux"])
+    make_oci_image(layout, "arm64", [arch_layer("arm64")], ["--architecture=arm64", "--os=linux"])
     add_index(layout, ["amd64", "arm64"], "multi")
     return layout

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,33 +17,14 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User
+from isolation_support import tcp_service
 
 
 @pytest.fixture()
 def http_service() -> Iterator[int]:
     """A minimal HTTP server on the host's 127.0.0.1 answering "host-service"."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    srv.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.recv(4096)
-                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhost-service")
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join()
-    srv.close()
+    with tcp_service(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhost-service", read_request=True) as port:
+        yield port
 
 
 @pytest.mark.root

@@ -11,7 +11,6 @@ import contextlib
 import os
 import socket
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import free_port, need_tool
-from isolation_support import run_program, write_program
+from isolation_support import run_program, tcp_service, write_program
 from mesobox.errors import UsageError
 from mesobox.runtime.network import parse_publish
 
@@ -29,27 +28,8 @@ TUN = Path("/dev/net/tun")
 @pytest.fixture()
 def host_service() -> Iterator[int]:
     """A TCP server on the host's 127.0.0.1 that answers b"host-service"."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    srv.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.sendall(b"host-service")
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join()
-    srv.close()
+    with tcp_service(b"host-service") as port:
+        yield port
 
 
 @contextlib.contextmanager

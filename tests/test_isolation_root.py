@@ -1,0 +1,128 @@
+"""Root isolation and capabilities, end to end through `mesobox exec`.
+
+- Real root's container root is a sub-id range by default: a root-owned host file
+  bound read-write cannot be written; ``--host-root`` opts out, with a warning.
+- Capabilities: Docker's default bounding set for uid 0 inside, none for other uids;
+  ``--cap-drop CHOWN`` makes chown fail under --fakeroot (a sub-id range is mapped,
+  so chown to uid 1 is a real, capability-checked change).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import Mesobox, User, make_busybox_rootfs
+
+pytestmark = pytest.mark.userns
+
+DOCKER_DEFAULT_MASK = 0xA80425FB  # CHOWN … AUDIT_WRITE, Docker's documented CapEff of a root container
+
+
+@pytest.fixture(scope="module")
+def rootfs(shared_tmp: Path) -> Path:
+    root = make_busybox_rootfs(shared_tmp / "isolation-root-rootfs")
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755 if name != "tmp" else 0o1777)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+    return root
+
+
+def _status(text: str) -> dict[str, int]:
+    return {k: int(v, 16) for k, v in (line.split(":\t") for line in text.splitlines() if line.startswith("Cap"))}
+
+
+def _root_range() -> tuple[int, int]:
+    for line in Path("/etc/subuid").read_text().splitlines() if os.path.exists("/etc/subuid") else []:
+        name, start, count = line.split(":")
+        if name in ("root", "0"):
+            return int(start), int(count)
+    return 100_000_000, 65536
+
+
+@pytest.fixture()
+def host_file(world_tmp: Path) -> Path:
+    path = world_tmp / "owned-by-root"
+    path.write_text("original\n")
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o644)
+    return path
+
+
+@pytest.mark.root
+def test_root_container_cannot_write_root_owned_bind(mesobox: Mesobox, rootfs: Path, host_file: Path) -> None:
+    script = "cat /x; id -u; cat /proc/self/uid_map; echo broken >> /x"
+    proc = mesobox("exec", "-B", f"{host_file}:/x:rw", str(rootfs), "sh", "-c", script)
+    out = proc.stdout.decode().split()
+    assert proc.returncode != 0 and b"Permission denied" in proc.stderr, proc.stderr
+    start, count = _root_range()
+    assert out == ["original", "0", "0", str(start), str(count)]  # image files stay readable; root is shifted
+    assert host_file.read_text() == "original\n"
+    assert b"WARNING" not in proc.stderr
+
+
+@pytest.mark.root
+def test_host_root_opts_out_loudly(mesobox: Mesobox, rootfs: Path, host_file: Path) -> None:
+    proc = mesobox("exec", "--host-root", "-B", f"{host_file}:/x:rw", str(rootfs), "sh", "-c", "echo more >> /x")
+    assert proc.returncode == 0, proc.stderr
+    assert host_file.read_text() == "original\nmore\n"
+    assert proc.stderr.startswith(b"mesobox: WARNING: --host-root")
+
+
+@pytest.mark.root
+def test_shifted_root_files_land_in_the_range(mesobox: Mesobox, rootfs: Path, world_tmp: Path) -> None:
+    proc = mesobox("exec", "-B", str(world_tmp), str(rootfs), "touch", f"{world_tmp}/made")
+    assert proc.returncode == 0, proc.stderr
+    start = _root_range()[0]
+    st = os.stat(world_tmp / "made")
+    assert (st.st_uid, st.st_gid) == (start, start)
+
+
+def test_host_root_refused_for_a_user(mesobox: Mesobox, user: User, rootfs: Path) -> None:
+    proc = mesobox("exec", "--host-root", str(rootfs), "true", as_user=user)
+    assert proc.returncode != 0
+    assert proc.stderr.decode().startswith("mesobox: error: --host-root is only for the real root user")
+
+
+@pytest.mark.parametrize(("opts", "want"), [
+    (["--fakeroot"], DOCKER_DEFAULT_MASK),
+    ([], 0),
+    (["--fakeroot", "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN"], 1 << 21),
+    (["--fakeroot", "--cap-add", "sys_ptrace", "--cap-drop", "NET_RAW"], (DOCKER_DEFAULT_MASK | 1 << 19) & ~(1 << 13)),
+], ids=["fakeroot-default", "user-none", "only-sys-admin", "add-and-drop"])
+def test_capability_sets_inside(mesobox: Mesobox, user: User, rootfs: Path, opts: list[str], want: int) -> None:
+    proc = mesobox("exec", *opts, str(rootfs), "cat", "/proc/self/status", as_user=user)
+    assert proc.returncode == 0, proc.stderr
+    caps = _status(proc.stdout.decode())
+    assert caps["CapBnd"] == want
+    assert caps["CapEff"] == want and caps["CapPrm"] == want
+    assert caps["CapAmb"] == 0 and caps["CapInh"] == 0
+
+
+def test_cap_drop_chown_makes_chown_fail(mesobox: Mesobox, user: User, rootfs: Path, world_tmp: Path) -> None:
+    script = f"touch {world_tmp}/$1 && chown 1:1 {world_tmp}/$1"
+    ok = mesobox("exec", "--fakeroot", "-B", str(world_tmp), str(rootfs), "sh", "-c", script, "sh", "a",
+                 as_user=user)
+    assert ok.returncode == 0, ok.stderr
+    assert os.stat(world_tmp / "a").st_uid != user.uid  # the chown really happened (sub-id 1)
+    denied = mesobox("exec", "--fakeroot", "--cap-drop", "CHOWN", "-B", str(world_tmp), str(rootfs),
+                     "sh", "-c", script, "sh", "b", as_user=user)
+    assert denied.returncode != 0 and b"Operation not permitted" in denied.stderr, denied.stderr
+    assert os.stat(world_tmp / "b").st_uid == user.uid
+
+
+def test_cap_add_needs_root_inside(mesobox: Mesobox, user: User, rootfs: Path) -> None:
+    proc = mesobox("exec", "--cap-add", "CHOWN", str(rootfs), "true", as_user=user)
+    assert proc.returncode == 2 or proc.returncode != 0
+    assert proc.stderr.decode().splitlines()[0] == (
+        "mesobox: error: --cap-add needs uid 0 inside: a non-root uid loses its capabilities at execve")
+
+
+def test_unknown_capability_is_a_usage_error(mesobox: Mesobox, user: User, rootfs: Path) -> None:
+    proc = mesobox("exec", "--fakeroot", "--cap-drop", "FLY", str(rootfs), "true", as_user=user)
+    assert proc.returncode != 0 and b"Traceback" not in proc.stderr
+    assert proc.stderr.decode().startswith("mesobox: error: unknown capability 'FLY'")
