@@ -108,3 +108,25 @@ def test_run_memory_as_user_on_v1_is_policy_error(mesobox: Mesobox, user: User, 
     lines = proc.stderr.decode().strip().splitlines()
     assert lines[0].startswith("mesobox: error:") and "memory" in lines[0]
     assert lines[1].startswith("mesobox: hint:") and "delegat" in lines[1]
+
+
+@pytest.mark.userns
+def test_run_default_seccomp_filter_is_on(mesobox: Mesobox, user: User, busybox_rootfs: Path) -> None:
+    """Docker's default: a filter is loaded unless seccomp=unconfined (Seccomp: 2 = filter mode)."""
+    args = ("--contain", str(busybox_rootfs), "grep", "^Seccomp:", "/proc/self/status")
+    default = mesobox("exec", *args, as_user=user)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.split() == [b"Seccomp:", b"2"]
+    unconfined = mesobox("exec", "--security-opt", "seccomp=unconfined", *args, as_user=user)
+    assert unconfined.stdout.split() == [b"Seccomp:", b"0"]
+
+
+@pytest.mark.root
+def test_run_cpuset_and_io_options_reach_the_cgroup(mesobox: Mesobox, busybox_rootfs: Path) -> None:
+    disk = next(d for d in sorted(os.listdir("/sys/block")) if not d.startswith(("loop", "zram", "ram")))
+    res = mesobox("exec", "--cpuset-cpus", "0", "--io-write-bps", f"/dev/{disk}:1mb", "--contain",
+                  str(busybox_rootfs), "grep", "^Cpus_allowed_list:", "/proc/self/status")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [b"Cpus_allowed_list:", b"0"]
+    bad = mesobox("exec", "--io-write-bps", "nonsense", str(busybox_rootfs), "true")
+    assert bad.returncode == 2 and bad.stderr.startswith(b"mesobox: error: ")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -117,12 +118,68 @@ def test_cap_drop_chown_makes_chown_fail(mesobox: Mesobox, user: User, rootfs: P
 
 def test_cap_add_needs_root_inside(mesobox: Mesobox, user: User, rootfs: Path) -> None:
     proc = mesobox("exec", "--cap-add", "CHOWN", str(rootfs), "true", as_user=user)
-    assert proc.returncode == 2 or proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.decode().splitlines()[0] == (
         "mesobox: error: --cap-add needs uid 0 inside: a non-root uid loses its capabilities at execve")
 
 
 def test_unknown_capability_is_a_usage_error(mesobox: Mesobox, user: User, rootfs: Path) -> None:
     proc = mesobox("exec", "--fakeroot", "--cap-drop", "FLY", str(rootfs), "true", as_user=user)
-    assert proc.returncode != 0 and b"Traceback" not in proc.stderr
+    assert proc.returncode == 2 and b"Traceback" not in proc.stderr
     assert proc.stderr.decode().startswith("mesobox: error: unknown capability 'FLY'")
+
+
+# --- disk quota for persistent overlays: `mesobox overlay create` + `--overlay FILE` -----------
+
+
+def _loops_backing(path: Path) -> str:
+    return subprocess.run(["losetup", "-j", str(path)], capture_output=True, text=True, check=False).stdout
+
+
+@pytest.mark.root
+def test_overlay_image_quota_persists_and_spares_the_host(mesobox: Mesobox, rootfs: Path, world_tmp: Path) -> None:
+    image = world_tmp / "overlay.img"
+    made = mesobox("overlay", "create", str(image), "8m")
+    assert made.returncode == 0, made.stderr
+    assert image.stat().st_size == 8 * 1024 * 1024
+    fill = mesobox("exec", "--overlay", str(image), str(rootfs), "sh", "-c",
+                   "echo kept > /kept; dd if=/dev/zero of=/big bs=1M count=20")
+    assert fill.returncode != 0 and b"No space left on device" in fill.stderr, fill.stderr
+    assert image.stat().st_size == 8 * 1024 * 1024  # the host file never grows past SIZE
+    again = mesobox("exec", "--overlay", str(image), str(rootfs), "sh", "-c", "cat /kept; rm /big; ls /")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[0] == b"kept" and b"big" not in again.stdout.split()[1:]
+    assert not (rootfs / "kept").exists() and not (rootfs / "big").exists()  # the image is untouched
+    assert _loops_backing(image) == ""  # the loop device went with the mount namespace
+
+
+def test_overlay_image_as_user(mesobox: Mesobox, user: User, rootfs: Path, world_tmp: Path) -> None:
+    image = world_tmp / "user-overlay.img"
+    made = mesobox("overlay", "create", str(image), "4m", as_user=user)
+    assert made.returncode == 0, made.stderr
+    st = image.stat()
+    assert (st.st_uid, st.st_size) == (user.uid, 4 * 1024 * 1024) and st.st_blocks * 512 < st.st_size  # sparse
+    again = mesobox("overlay", "create", str(image), "4m", as_user=user)
+    assert again.returncode == 2 and again.stderr.decode().startswith(f"mesobox: error: {image} already exists")
+    proc = mesobox("exec", "--overlay", str(image), str(rootfs), "true", as_user=user)
+    assert proc.returncode == 13
+    assert proc.stderr.decode().splitlines()[0].startswith("mesobox: error: an overlay image (disk quota) needs root")
+
+
+# --- pure: the capability sets the spec records ----------------------------------------------
+
+
+def test_resolve_follows_docker_rules() -> None:
+    from mesobox.runtime.caps import DEFAULT, resolve
+
+    assert resolve(True, (), ())["bounding"] == tuple(f"CAP_{n}" for n in caps_in_kernel_order(DEFAULT))
+    assert resolve(False, (), ())["bounding"] == ()
+    assert resolve(True, ("cap_sys_admin",), ("ALL",))["bounding"] == ("CAP_SYS_ADMIN",)
+    assert "CAP_CHOWN" not in resolve(True, ("CHOWN",), ("CHOWN",))["effective"]
+    assert len(resolve(True, ("ALL",), ())["permitted"]) == 41
+
+
+def caps_in_kernel_order(names: tuple[str, ...]) -> list[str]:
+    from mesobox.runtime.caps import NAMES
+
+    return [n for n in NAMES if n in names]

@@ -117,7 +117,11 @@ def test_spec_from_slurm_rewritten_config(tmp_path: Path, monkeypatch: pytest.Mo
     assert spec.process.args == ("hostname", "-s") and spec.process.cwd == "/work"
     assert spec.process.env == ("A=1", "PATH=/bin", "SLURMD_NODENAME=n7")
     assert (spec.process.user.uid, spec.process.user.gid) == (os.getuid(), os.getgid())
-    assert spec.linux.uid_mappings and spec.linux.uid_mappings[0].host_id == os.getuid()
+    # an ordinary caller keeps its uid; real root's container root is shifted to a sub-id range
+    from mesobox.runtime.identity import is_real_root, root_maps
+
+    expected = root_maps(host_root=False)[0][0].host_id if is_real_root() else os.getuid()
+    assert spec.linux.uid_mappings and spec.linux.uid_mappings[0].host_id == expected
     assert [m.destination for m in spec.mounts] == ["/data"]
     assert load_bundle(bundle) == data  # the bundle itself is not modified
 

@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "bundle": ("mesobox.cli.slurm", "main_bundle", "make an OCI bundle (config.json + rootfs)"),
     "oci": ("mesobox.cli.oci", "main_oci", "OCI runtime CLI (create/start/state/kill/delete/run)"),
     "slurm": ("mesobox.cli.slurm", "main_slurm", "Slurm site helpers (oci-conf, prolog, epilog)"),
+    "overlay": ("mesobox.cli.overlay", "main_overlay", "create a disk-quota overlay image (--overlay FILE)"),
 }
 
 USAGE = """\

@@ -31,8 +31,12 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--hostname": ("hostname", "value"), "--net": ("net", "value"), "--network": ("net", "value"),
     "-m": ("memory", "value"), "--memory": ("memory", "value"), "--cpus": ("cpus", "value"),
     "--pids-limit": ("pids_limit", "value"), "--security-opt": ("security_opts", "list"),
+    "--cpuset-cpus": ("cpuset_cpus", "value"),
+    "--io-read-bps": ("io_read_bps", "list"), "--io-write-bps": ("io_write_bps", "list"),
+    "--io-read-iops": ("io_read_iops", "list"), "--io-write-iops": ("io_write_iops", "list"),
     "--cap-add": ("cap_add", "list"), "--cap-drop": ("cap_drop", "list"),
     "-p": ("publish", "list"), "--publish": ("publish", "list"),
+    "--mpi": ("mpi", "value"),  # mesobox.slurm.mpihost; popped before RunOptions
 }
 
 HELP = """\
@@ -50,14 +54,18 @@ IMAGE: a directory rootfs, a squashfs file, a stored reference, or docker://REF 
       --fakeroot            be uid 0 inside (files you write stay yours on the host)
       --host-root           (real root only) container root is host root; default: a sub-id range
       --writable-tmpfs[=SIZE]  writable root: changes in a tmpfs capped at SIZE, then discarded
-      --overlay DIR         writable root: changes kept in DIR
+      --overlay DIR|FILE    writable root: changes kept in DIR, or in an ext4 image FILE with a
+                            size quota (`mesobox overlay create FILE SIZE`; mounting it needs root)
       --pid, --ipc, --uts   new pid / IPC / UTS namespace
       --hostname NAME       hostname inside (implies --uts)
       --net host|none|slirp network (default host)
   -p, --publish HOST:CTR    with --net slirp: forward a host port
   -m, --memory SIZE, --cpus N, --pids-limit N   cgroup limits
+  --cpuset-cpus LIST                            CPUs the workload may use (e.g. 0-1)
+  --io-read-bps/--io-write-bps DEV:RATE         block I/O rate limits (repeatable; also -iops)
       --security-opt seccomp=default|unconfined|FILE
       --cap-add CAP, --cap-drop CAP   adjust Docker's default set (uid 0 inside); ALL allowed
+      --mpi host            bind the host's MPI (libmpi and its libraries) into the container
       --debug               print the mount plan (also: mesobox --debug {verb} ...)
   -h, --help                this text
 """
@@ -121,6 +129,7 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
     if values.pop("debug", False):
         config = config.replace(debug=True)
     publish = values.pop("publish", ())
+    mpi = values.pop("mpi", None)
     if values.get("writable_tmpfs") is not None:
         from mesobox.runtime.build import parse_size
 
@@ -131,12 +140,17 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
     from mesobox.runtime.build import RunOptions, make_spec, resolve_image
     from mesobox.runtime.launcher import launch
 
+    image = resolve_image(values["image"], config)
+    if mpi is not None:
+        from mesobox.slurm.mpihost import with_host_mpi
+
+        values = with_host_mpi(values, mpi, image.path)
     opts = RunOptions(**values)
+    spec = make_spec(opts, config, image)
     if opts.host_root:
         from mesobox.runtime.identity import HOST_ROOT_WARNING
 
         sys.stderr.write(HOST_ROOT_WARNING)
-    spec = make_spec(opts, config, resolve_image(opts.image, config))
     if publish:
         spec = _with_publish(spec, publish, opts.net)
     if config.debug:

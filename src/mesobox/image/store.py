@@ -10,10 +10,11 @@ the same layout and are consulted first)::
     rootfs/HEX/                flattened directory rootfs, one per manifest digest
     squashfs/HEX.sqfs          squashfs of the same, one per manifest digest
     tmp/                       work directories, named ``HEX.PID.RANDOM``
-    locks/NAME.lock            POSIX (fcntl) lock files
+    locks/NAME.lock            lock files (flock)
 
-Invariants, which hold under concurrent use by many processes on many nodes (POSIX
-locks work on NFS, Lustre and GPFS with locking enabled) and under kill -9:
+Invariants, which hold under concurrent use by many processes on many nodes (
+flock works on local filesystems, NFS (emulated with POSIX locks), Lustre mounted
+with ``flock`` and GPFS) and under kill -9:
 
 - a file under ``blobs/``, ``rootfs/``, ``squashfs/`` or ``images/`` is complete: it is
   built under ``ingest/`` or ``tmp/`` and renamed into place, with the lock held;
@@ -162,10 +163,13 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, name: str, shared: bool = False) -> Iterator[None]:
-        """Inter-process (fcntl) and inter-thread lock on ``locks/NAME.lock``.
+        """Inter-process (flock) and inter-thread lock on ``locks/NAME.lock``.
 
-        POSIX record locks belong to the process, so threads of one process also take
-        a per-name threading lock (the parallel layer downloads run in threads)."""
+        flock locks belong to the open file, not the process: POSIX (lockf) locks would
+        make the kernel see the threads of one pull as one waiter and report a false
+        EDEADLK when two pulls each hold one layer the other wants.  Threads of one
+        process also take a per-name threading lock (layer downloads run in threads).
+        On NFS, Linux emulates flock with POSIX locks: `_acquire` retries on EDEADLK."""
         with _THREAD_LOCKS_GUARD:
             tlock = _THREAD_LOCKS.setdefault(name, threading.Lock())
         path = self.root / "locks" / (name + ".lock")
@@ -175,7 +179,7 @@ class Store:
             except OSError as err:
                 raise _store_error(err, f"opening lock {path}") from None
             try:
-                fcntl.lockf(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                _acquire(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                 yield
             finally:
                 os.close(fd)  # closing drops the lock
@@ -379,6 +383,22 @@ class Store:
                             force_rmtree(Path(entry.path))
                             count += 1
         return count, freed
+
+
+def _acquire(fd: int, operation: int) -> None:
+    """flock(fd, operation), retrying while a (false) deadlock is reported."""
+    import time
+
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, operation)
+            return
+        except OSError as err:
+            if err.errno != errno.EDEADLK:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 def _tree_size(path: Path) -> int:

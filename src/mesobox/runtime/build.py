@@ -44,6 +44,7 @@ class RunOptions(S._Record):
         "cleanenv",
         "contain",
         "cpus",
+        "cpuset_cpus",
         "entrypoint",
         "env",
         "env_files",
@@ -51,6 +52,10 @@ class RunOptions(S._Record):
         "host_root",
         "hostname",
         "image",
+        "io_read_bps",
+        "io_read_iops",
+        "io_write_bps",
+        "io_write_iops",
         "ipc",
         "memory",
         "mode",
@@ -67,7 +72,8 @@ class RunOptions(S._Record):
                  "env_files": (), "workdir": None, "fakeroot": False, "writable_tmpfs": None, "overlay": None,
                  "pid": False, "ipc": False, "uts": False, "hostname": None, "net": None, "memory": None,
                  "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": (),
-                 "host_root": False}
+                 "host_root": False, "cpuset_cpus": None, "io_read_bps": (), "io_write_bps": (),
+                 "io_read_iops": (), "io_write_iops": ()}
     mode: str
     image: str
     args: tuple[str, ...]
@@ -90,6 +96,11 @@ class RunOptions(S._Record):
     memory: str | None
     cpus: str | None
     pids_limit: str | None
+    cpuset_cpus: str | None
+    io_read_bps: tuple[str, ...]
+    io_write_bps: tuple[str, ...]
+    io_read_iops: tuple[str, ...]
+    io_write_iops: tuple[str, ...]
     security_opts: tuple[str, ...]
     cap_add: tuple[str, ...]
     cap_drop: tuple[str, ...]
@@ -205,7 +216,7 @@ def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[
     binds: list[tuple[str, str, bool, bool]] = []
     if not opts.contain:
         for path in (home, "/tmp"):
-            if os.path.isdir(path):
+            if path and os.path.isdir(path):
                 binds.append((path, path, False, False))
         if cwd != "/" and cwd.split("/")[1] not in SYSTEM_DIRS and not any(_under(cwd, b[1]) for b in binds):
             binds.append((cwd, cwd, False, False))
@@ -332,7 +343,9 @@ def _seccomp(opts: RunOptions) -> dict[str, Any] | None:
         elif key not in ("no-new-privileges", "no-new-privileges:true"):
             raise UsageError(f"unsupported --security-opt {item!r}", hint="supported: seccomp=default|unconfined|FILE")
     if value is None:
-        return None
+        # Docker's choice: a default filter denying what containers never need (kexec,
+        # bpf, keyctl, …; see seccomp.DEFAULT_DENIED), unless seccomp=unconfined.
+        return {"mesobox.builtin": True}
     from mesobox.runtime.seccomp import profile_from_option
 
     profile = profile_from_option(value)
@@ -342,11 +355,13 @@ def _seccomp(opts: RunOptions) -> dict[str, Any] | None:
 
 
 def _resources(opts: RunOptions) -> Any:
-    if opts.memory is None and opts.cpus is None and opts.pids_limit is None:
+    io = (opts.io_read_bps, opts.io_write_bps, opts.io_read_iops, opts.io_write_iops)
+    if opts.memory is None and opts.cpus is None and opts.pids_limit is None and opts.cpuset_cpus is None \
+            and not any(io):
         return None
     from mesobox.runtime.cgroups import parse_resource_options
 
-    return parse_resource_options(opts.memory, opts.cpus, None, opts.pids_limit, [], [], [], [])
+    return parse_resource_options(opts.memory, opts.cpus, opts.cpuset_cpus, opts.pids_limit, *(list(x) for x in io))
 
 
 def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
@@ -366,7 +381,10 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     if (opts.fakeroot or uid == 0) and image.config.get("User"):
         inside = resolve_user(str(image.config["User"]), image)
     args = _shell(opts, image) if opts.mode == "shell" else command(opts, image.config, False)
-    mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), home)
+    # A shifted root (root isolation) does not get root's home (ssh keys, mode 0700:
+    # unreadable to it anyway); it uses the image's own $HOME directory.
+    shifted = identity.is_shifted(uid_maps)
+    mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home)
     extra: list[tuple[str, str]] = []
     for path in opts.env_files:
         extra += environ.read_env_file(path)
@@ -377,16 +395,7 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     env = environ.merge(dict(os.environ), image.config.get("Env") or [], opts.cleanenv, extra, home)
     ann = {S.ANN_FORMAT: image.format, "org.mesobox.user": "root" if inside[0] == 0 else name,
            "org.mesobox.group": group, "org.mesobox.home": home, "org.mesobox.shell": shell}
-    if opts.writable_tmpfs is not None:
-        ann[S.ANN_WRITABLE_TMPFS] = str(opts.writable_tmpfs)
-    if opts.overlay:
-        ann[S.ANN_OVERLAY] = os.path.abspath(opts.overlay)
-    if subids:
-        ann[S.ANN_SUBIDS] = "1"
-    if opts.net in ("none", "slirp"):
-        ann["org.mesobox.net"] = opts.net
-    elif opts.net not in (None, "host"):
-        raise UsageError(f"unknown --net {opts.net!r}", hint="use host, none or slirp")
+    ann.update(_option_annotations(opts, subids))
     from mesobox.runtime.caps import resolve
 
     caps = resolve(inside[0] == 0, opts.cap_add, opts.cap_drop)
@@ -398,6 +407,27 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
                   mounts=mounts, hostname=opts.hostname, linux=linux, annotations=ann)
     spec.validate()
     return spec
+
+
+def _option_annotations(opts: RunOptions, subids: bool) -> dict[str, str]:
+    """mesobox-only settings with no OCI field: writable root, overlay, sub-ids, network."""
+    ann: dict[str, str] = {}
+    if opts.writable_tmpfs is not None:
+        ann[S.ANN_WRITABLE_TMPFS] = str(opts.writable_tmpfs)
+    if opts.overlay:
+        from mesobox.runtime import identity, quota
+
+        if quota.is_image(opts.overlay):
+            ann[S.ANN_OVERLAY_IMAGE] = quota.check_can_mount(opts.overlay, identity.is_real_root())
+        else:
+            ann[S.ANN_OVERLAY] = os.path.abspath(opts.overlay)
+    if subids:
+        ann[S.ANN_SUBIDS] = "1"
+    if opts.net in ("none", "slirp"):
+        ann["org.mesobox.net"] = opts.net
+    elif opts.net not in (None, "host"):
+        raise UsageError(f"unknown --net {opts.net!r}", hint="use host, none or slirp")
+    return ann
 
 
 def _here() -> str:

@@ -13,7 +13,7 @@ Invariants:
   (capabilities(7), "Transformation of capabilities during execve()").  A new user
   namespace made later inside (nesting) starts with a full set again
   (user_namespaces(7)), so dropping here does not break nested containers.
-- Stdlib only; imported on the run path only when the spec has capabilities.
+- Stdlib only and tiny: ``build`` imports it on every run.
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def resolve(root_inside: bool, add: tuple[str, ...], drop: tuple[str, ...]) -> d
     if added and not root_inside:
         raise UsageError("--cap-add needs uid 0 inside: a non-root uid loses its capabilities at execve",
                          hint="add --fakeroot")
-    have = set(DEFAULT) if root_inside else set()
+    # Docker's order: "--cap-drop ALL --cap-add X" leaves X; otherwise a name both
+    # added and dropped is dropped.
+    have = set() if "ALL" in dropped or not root_inside else set(DEFAULT)
     have |= set(NAMES) if "ALL" in added else set(added)
-    have -= set(NAMES) if "ALL" in dropped else set(dropped)
+    have -= set() if "ALL" in dropped else set(dropped)
     names = tuple(f"CAP_{n}" for n in NAMES if n in have)
     return {s: names for s in SETS}
 

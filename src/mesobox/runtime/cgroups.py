@@ -234,10 +234,10 @@ def parse_resource_options(
         cpu_period_us=period,
         cpuset_cpus=_parse_cpuset(cpuset) if cpuset is not None else None,
         pids_limit=_parse_count(pids, "--pids-limit", "processes") if pids is not None else None,
-        io_read_bps=_parse_device_rates(io_read_bps, "--device-read-bps", True),
-        io_write_bps=_parse_device_rates(io_write_bps, "--device-write-bps", True),
-        io_read_iops=_parse_device_rates(io_read_iops, "--device-read-iops", False),
-        io_write_iops=_parse_device_rates(io_write_iops, "--device-write-iops", False),
+        io_read_bps=_parse_device_rates(io_read_bps, "--io-read-bps", True),
+        io_write_bps=_parse_device_rates(io_write_bps, "--io-write-bps", True),
+        io_read_iops=_parse_device_rates(io_read_iops, "--io-read-iops", False),
+        io_write_iops=_parse_device_rates(io_write_iops, "--io-write-iops", False),
     )
 
 

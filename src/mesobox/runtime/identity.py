@@ -13,7 +13,7 @@ Invariants:
   else ``ROOT_DEFAULT_RANGE`` — as Podman's rootful ``--userns=auto`` takes ids from
   a dedicated sub-id range.  A break-out then lands as an id that owns nothing on the
   host.  ``--host-root`` opts out (whole id space mapped to itself, root is root) and
-  warns on stderr.  The shifted user namespace is entered by ``enter_shifted_userns``
+  warns on stderr.  Either way real root's user namespace is entered by ``enter_userns``
   *after* the mounts were made as real root (so host paths such as /root or the
   runtime dir stay reachable for set-up) and just before execve.
 - passwd/group files are generated from the image's (read without following any
@@ -94,9 +94,15 @@ def is_shifted(uid_maps: tuple[IdMap, ...]) -> bool:
     return any(m.container_id == 0 and m.host_id != 0 for m in uid_maps) and is_real_root()
 
 
-def enter_shifted_userns(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], unshare: Callable[[int], None],
+def enters_userns_last() -> bool:
+    """Real root sets the container up with its real privileges (mounts, loop devices)
+    and enters the user namespace only before execve (``enter_userns``)."""
+    return is_real_root()
+
+
+def enter_userns(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], unshare: Callable[[int], None],
                          clone_newuser: int) -> None:
-    """Move this (real root) process into a new user namespace with the shifted maps.
+    """Move this (real root) process into a new user namespace with the given maps.
 
     A process cannot write a multi-id map for its own new namespace: that needs
     CAP_SETUID in the *parent* namespace, which it left (user_namespaces(7)).  So a
@@ -121,7 +127,7 @@ def enter_shifted_userns(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...
         os.write(go_w, b"m")
         os.close(go_w)
     if os.waitpid(helper, 0)[1] != 0:
-        raise LaunchError("cannot write the shifted id maps of the container's root",
+        raise LaunchError("cannot write the id maps of the container's root",
                           hint="use --host-root to run as the host's root (not recommended)")
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
@@ -131,8 +137,7 @@ def id_maps(uid: int, gid: int, fakeroot: bool, name: str, host_root: bool = Fal
             ) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...], bool]:
     """(uid maps, gid maps, made-with-newuidmap) for this caller."""
     if uid == 0 and is_real_root():
-        uids, gids = root_maps(host_root)
-        return uids, gids, False
+        return (*root_maps(host_root), False)
     inside_uid, inside_gid = (0, 0) if fakeroot else (uid, gid)
     uids: tuple[IdMap, ...] = (IdMap(container_id=inside_uid, host_id=uid, size=1),)
     gids: tuple[IdMap, ...] = (IdMap(container_id=inside_gid, host_id=gid, size=1),)

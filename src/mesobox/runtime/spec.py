@@ -28,6 +28,7 @@ NAMESPACES = ("user", "mount", "pid", "ipc", "uts", "network", "cgroup")
 ANN_FORMAT = "org.mesobox.root.format"  # "dir" | "squashfs"
 ANN_WRITABLE_TMPFS = "org.mesobox.writable-tmpfs"  # size in bytes, "0" = unlimited (half of RAM)
 ANN_OVERLAY = "org.mesobox.overlay"  # persistent upper directory
+ANN_OVERLAY_IMAGE = "org.mesobox.overlay.image"  # ext4 image holding upper/ and work/ (disk quota)
 ANN_SUBIDS = "org.mesobox.subids"  # "1": maps were made with newuidmap/newgidmap
 
 

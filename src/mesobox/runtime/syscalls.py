@@ -123,10 +123,13 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
 
 
 def drop_capabilities(keep: frozenset[int]) -> None:
-    """Shrink the bounding, ambient, permitted, effective and inheritable sets to ``keep``.
+    """Shrink the bounding and inheritable sets to ``keep`` and clear the ambient set.
 
-    Bounding first (prctl(2) PR_CAPBSET_DROP needs CAP_SETPCAP, which capset may
-    remove), ambient cleared (a non-root uid would keep ambient caps across execve)."""
+    Called while the process still holds CAP_SETPCAP (prctl(2) PR_CAPBSET_DROP) and
+    before the user switch (which needs CAP_SETUID).  Permitted/effective are left to
+    execve: for uid 0 they become (file caps ∩ bounding) or (inheritable ∩ file
+    inheritable) ⊆ ``keep``; a non-root uid keeps only its ambient set, now empty
+    (capabilities(7), "Transformation of capabilities during execve()")."""
     last = 0
     while _libc.prctl(PR_CAPBSET_READ, last + 1, 0, 0, 0) >= 0:
         last += 1
@@ -136,7 +139,7 @@ def drop_capabilities(keep: frozenset[int]) -> None:
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: nothing to clear
     mask = sum(1 << c for c in keep)
     effective, permitted, inheritable = capget()
-    capset(effective & mask, permitted & mask, inheritable & mask)
+    capset(effective, permitted, inheritable & mask)
 
 
 def sethostname(name: str) -> None:

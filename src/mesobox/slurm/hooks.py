@@ -89,6 +89,12 @@ def stale_mounts(runtime_root: Path, mountinfo: str) -> list[Path]:
 def epilog(config: Config) -> int:
     uid = os.environ.get("SLURM_JOB_UID")
     root = Path(f"/tmp/mesobox-{uid}") if uid else Path(config.runtime_dir)
+    # first the shared squashfs mounts whose launchers all died (refcounts say so) …
+    from mesobox.runtime.squashmount import reap_stale
+
+    for reaped in reap_stale(str(root / "mnt")):
+        _log(f"epilog: job {os.environ.get('SLURM_JOB_ID', '?')}: {reaped} reaped (its launchers died)")
+    # … then anything of the job's still mounted under its runtime dir
     mountinfo = Path("/proc/self/mountinfo").read_text()
     for point in stale_mounts(root, mountinfo):
         result = subprocess.run(["fusermount", "-u", "-z", str(point)], capture_output=True, text=True, check=False)

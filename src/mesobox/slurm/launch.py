@@ -14,6 +14,7 @@ rendezvous and shared-memory data store live there, pmix(7) PMIX_SERVER_TMPDIR),
 host's /dev/shm (intra-node MPI segments must be visible to every rank of the node) and
 ``OMPI_MCA_btl_vader_single_copy_mechanism=none`` (each rank has its own user
 namespace, so CMA/process_vm_readv between ranks is refused; shared/NOTES.md).
+With ``--mpi host`` it also binds the node's own Open MPI (``mesobox.slurm.mpihost``).
 """
 
 from __future__ import annotations
@@ -125,4 +126,23 @@ def task_setup(argv: list[str], env: MutableMapping[str, str]) -> list[str]:
             extra += ["--bind", os.path.realpath(value)]
     for key, value in MPI_DEFAULTS.items():
         env.setdefault(key, value)
+    run_args, mpi_host = _take_mpi_host(run_args)
+    if mpi_host:
+        from mesobox.slurm.mpihost import host_mpi_args
+
+        extra += host_mpi_args(Path(rest[0]), env)
     return [*extra, *run_args, *rest]
+
+
+def _take_mpi_host(run_args: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--mpi host`` (split_args' normal form) from run options."""
+    out: list[str] = []
+    found = False
+    i = 0
+    while i < len(run_args):
+        if run_args[i : i + 2] == ["--mpi", "host"]:
+            found, i = True, i + 2
+        else:
+            out.append(run_args[i])
+            i += 1
+    return out, found

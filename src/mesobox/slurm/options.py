@@ -40,6 +40,8 @@ RUN_OPTIONS: dict[str, bool] = {
     "--uts": False,
 }
 
+MPI_HOST = "host"  # `--mpi host`: bind the host's MPI into the containers
+
 # srun(1)/sbatch(1) short options that take a value in the next word.
 SLURM_SHORT_WITH_VALUE = frozenset("ABCDGJLMNSTWabcdeimnopqrtwx")
 # srun(1)/sbatch(1) long options that take no value (all others do, as `--opt VAL` or
@@ -99,6 +101,11 @@ def split_args(argv: list[str], need_command: bool = True) -> SplitArgs:
         name, eq, value = word.partition("=")
         if name == "--image":
             image, i = (value, i + 1) if eq else _take_value(argv, i, name)
+        elif name == "--mpi" and (value if eq else "".join(argv[i + 1 : i + 2])) == MPI_HOST:
+            # `--mpi host` is mesobox's bind model (mesobox.slurm.mpihost); any other
+            # --mpi value (pmix, pmi2, none) is srun's plugin choice and goes to Slurm.
+            run_args += ["--mpi", MPI_HOST]
+            i += 1 if eq else 2
         elif name in RUN_OPTIONS:
             if RUN_OPTIONS[name] and not eq:
                 value, i = _take_value(argv, i, name)

@@ -1,0 +1,40 @@
+"""CLI wiring for ``mesobox overlay create FILE SIZE``: a disk-quota overlay image
+(runtime/quota.py), used with ``mesobox run --overlay FILE``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from mesobox.errors import UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from mesobox.config import Config
+
+USAGE = """\
+usage: mesobox overlay create FILE SIZE
+
+Make FILE, a sparse ext4 image of SIZE (e.g. 512m, 2g) for `mesobox run --overlay FILE`:
+the container's changes are kept in it across runs, and writes past SIZE fail with ENOSPC.
+Mounting it needs root (loop device); ordinary users use --overlay DIR or --writable-tmpfs=SIZE.
+"""
+
+
+def main_overlay(argv: list[str], config: Config) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 2
+    if argv[0] != "create" or len(argv) != 3:
+        raise UsageError("usage: mesobox overlay create FILE SIZE")
+    from mesobox.runtime import identity, quota
+    from mesobox.runtime.build import parse_size
+
+    size = parse_size(argv[2], "overlay create")
+    if identity.is_real_root():
+        uids, gids = identity.root_maps(host_root=False)
+        owner = (uids[0].host_id, gids[0].host_id)  # the shifted container root (identity.py)
+    else:
+        owner = (os.getuid(), os.getgid())
+    quota.create(argv[1], size, owner)
+    return 0

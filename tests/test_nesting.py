@@ -1,0 +1,63 @@
+"""Nesting: an unprivileged `mesobox exec` inside a mesobox container, as the ordinary user.
+
+The inner mesobox is reached by binding the test venv and the host's /usr (its python)
+into a busybox outer image; the source copy and the inner image live under /tmp, which
+is bound by default.  Covers the combinations that change how /proc is mounted
+(bind of the outer's /proc, or a new proc for --pid, which the kernel allows only when
+the mounter owns the pid namespace and an unobscured proc is visible, mount_too_revealing)
+and a --fakeroot outer (uid 0 inside that is *not* real root: the inner must use the
+unprivileged path).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import Mesobox, User, make_busybox_rootfs
+
+pytestmark = pytest.mark.userns
+
+
+@pytest.fixture(scope="module")
+def images(shared_tmp: Path) -> tuple[Path, Path]:
+    """(outer image: busybox + merged-/usr links for the host's python, inner image)."""
+    outer = make_busybox_rootfs(shared_tmp / "nest-outer")
+    for link in ("lib", "lib64"):
+        (outer / link).symlink_to(f"usr/{link}")
+    inner = make_busybox_rootfs(shared_tmp / "nest-inner")
+    for top in (outer, inner):
+        for dirpath, dirnames, _files in os.walk(top):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o1777 if name == "tmp" else 0o755)
+    return outer, inner
+
+
+@pytest.mark.parametrize("outer_opts", [[], ["--pid"], ["--fakeroot"]], ids=["outer", "outer-pid", "outer-fakeroot"])
+@pytest.mark.parametrize("inner_opts", [[], ["--pid"], ["--fakeroot"]], ids=["inner", "inner-pid", "inner-fakeroot"])
+def test_exec_inside_exec(mesobox: Mesobox, user: User, images: tuple[Path, Path], test_python: str,
+                          outer_opts: list[str], inner_opts: list[str]) -> None:
+    outer, inner = images
+    venv = Path(test_python).parents[1]
+    inner_cmd = [test_python, "-m", "mesobox", "exec", *inner_opts, str(inner), "sh", "-c",
+                 "id -u; cat /proc/self/uid_map | wc -l; echo $$"]
+    proc = mesobox("exec", *outer_opts, "-B", str(venv), "-B", "/usr", str(outer), *inner_cmd,
+                   as_user=user, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    uid, map_lines, pid = proc.stdout.decode().split()
+    caller_inside = 0 if "--fakeroot" in outer_opts else user.uid
+    assert uid == ("0" if "--fakeroot" in inner_opts else str(caller_inside))
+    assert map_lines == "1"  # one id mapped: the inner namespace is a child of the outer one
+    if "--pid" in inner_opts:
+        assert int(pid) <= 2  # a fresh pid namespace and its own /proc: mesobox's init is 1
+
+
+def test_inner_failure_is_one_line(mesobox: Mesobox, user: User, images: tuple[Path, Path], test_python: str) -> None:
+    outer, inner = images
+    venv = Path(test_python).parents[1]
+    proc = mesobox("exec", "-B", str(venv), "-B", "/usr", str(outer), test_python, "-m", "mesobox", "exec",
+                   str(inner), "no-such-command", as_user=user, timeout=60)
+    assert proc.returncode == 127, proc.stderr
+    assert proc.stderr.decode().startswith("mesobox: error: no-such-command: command not found")
