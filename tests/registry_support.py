@@ -14,6 +14,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,3 +100,16 @@ def images(shared_tmp: Path) -> Path:
     make_oci_image(layout, "arm64", [arch_layer("arm64")], ["--architecture=arm64", "--os=linux"])
     add_index(layout, ["amd64", "arm64"], "multi")
     return layout
+
+
+def fetch_all(src: Any, resolved: Any, dest: Path) -> dict[str, Path]:
+    """Fetch config and layers with ``src.fetch_blob``, checking progress, size and digest."""
+    out = {}
+    for desc in (resolved.config, *resolved.layers):
+        path = dest / desc.digest[7:]
+        seen: list[int] = []
+        src.fetch_blob(desc, path, seen.append)
+        assert sum(seen) == desc.size == path.stat().st_size
+        assert "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == desc.digest
+        out[desc.digest] = path
+    return out

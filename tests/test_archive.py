@@ -15,24 +15,12 @@ import pytest
 from mesobox.config import Config
 from mesobox.errors import DigestMismatch, ImageNotFound, UsageError
 from mesobox.image.reference import parse_reference
-from mesobox.image.source import ImageSource, ResolvedImage, open_source
-from registry_support import images, raw_digest, skopeo, tagged  # noqa: F401 - fixture
+from mesobox.image.source import ImageSource, open_source
+from registry_support import fetch_all, images, raw_digest, skopeo, tagged  # noqa: F401 - fixture
 
 
 def open_ref(text: str) -> ImageSource:
     return open_source(parse_reference(text), Config())
-
-
-def fetch_all(src: ImageSource, resolved: ResolvedImage, dest: Path) -> list[Path]:
-    out = []
-    for desc in (resolved.config, *resolved.layers):
-        path = dest / desc.digest[7:]
-        seen: list[int] = []
-        src.fetch_blob(desc, path, seen.append)
-        assert sum(seen) == desc.size == path.stat().st_size
-        assert "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == desc.digest
-        out.append(path)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +104,7 @@ def test_docker_archive(archives: Path, images: Path, tmp_path: Path) -> None:  
         assert {d.media_type for d in resolved.layers} == {"application/vnd.docker.image.rootfs.diff.tar"}
         assert resolved.manifest_digest == "sha256:" + hashlib.sha256(resolved.manifest).hexdigest()
         assert resolved.platform == "linux/amd64"
-    paths = fetch_all(src, resolved, tmp_path)
+    paths = list(fetch_all(src, resolved, tmp_path).values())
     with tarfile.open(paths[1]) as layer:
         assert "etc/hello" in layer.getnames()
     with pytest.raises(ImageNotFound, match=r"it holds: docker\.io/mesobox/test:v1"):

@@ -19,8 +19,8 @@ from mesobox.config import Config
 from mesobox.errors import AuthError, DigestMismatch, ImageNotFound, RegistryError
 from mesobox.image.reference import parse_reference
 from mesobox.image.registry import RegistrySource, RetryPolicy
-from mesobox.image.source import ImageSource, ResolvedImage, open_source
-from registry_support import images, raw_digest, skopeo  # noqa: F401 - fixture
+from mesobox.image.source import open_source
+from registry_support import fetch_all, images, raw_digest, skopeo  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.registry
 FAST = RetryPolicy(tries=4, base=0.02, timeout=5)
@@ -50,18 +50,6 @@ def source(host: str, name: str = "hreg/simple:v1", **kw: object) -> RegistrySou
     kw.setdefault("env", {"HOME": "/nonexistent"})
     kw.setdefault("retry", FAST)
     return RegistrySource(parse_reference(f"{host}/{name}"), Config(), **kw)  # type: ignore[arg-type]
-
-
-def fetch_all(src: ImageSource, resolved: ResolvedImage, dest: Path) -> dict[str, Path]:
-    out = {}
-    for desc in (resolved.config, *resolved.layers):
-        path = dest / desc.digest[7:]
-        seen: list[int] = []
-        src.fetch_blob(desc, path, seen.append)
-        assert sum(seen) == desc.size == path.stat().st_size
-        assert "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == desc.digest
-        out[desc.digest] = path
-    return out
 
 
 def test_ping(pushed: Registry) -> None:
