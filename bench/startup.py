@@ -76,6 +76,14 @@ def prepare(work: str) -> None:
     shutil.copytree(os.path.join(ROOT, "src"), os.path.join(work, "src"),
                     ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([VENV_PYTHON, "-m", "compileall", "-q", os.path.join(work, "src")], check=True)
+    # the lean entry point scripts/setup-host.sh installs as /usr/local/bin/mesobox
+    # (`python -IS`, site-packages added by hand), here aimed at this source copy
+    purelib = subprocess.run([VENV_PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(work, "mesobox"), "w") as f:
+        f.write(f"#!{VENV_PYTHON} -IS\nimport sys\nsys.path.insert(0, {os.path.join(work, 'src')!r})\n"
+                f"sys.path.append({purelib!r})\nfrom mesobox.cli import main\nsys.exit(main())\n")
+    os.chmod(os.path.join(work, "mesobox"), 0o755)
     subprocess.run(["chmod", "-R", "a+rX", work], check=True)
     os.chmod(work, 0o755)
 
@@ -95,7 +103,7 @@ def time_cmd(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
 
 def rows(work: str) -> list[tuple[str, list[str]]]:
     rootfs, sqfs = os.path.join(work, "rootfs"), os.path.join(work, "image.sqfs")
-    mesobox = [VENV_PYTHON, "-m", "mesobox", "exec"]
+    mesobox = [os.path.join(work, "mesobox"), "exec"]
     out = [("bare exec", ["/bin/true"]),
            ("python floor (-I -S)", ["/usr/bin/python3", "-I", "-S", os.path.join(work, "floor.py"), rootfs,
                                      "/bin/true"])]
@@ -104,6 +112,8 @@ def rows(work: str) -> list[tuple[str, list[str]]]:
                 ("ch-run squashfs", ["ch-run", sqfs, "--", "/bin/true"])]
     out += [("mesobox dir", [*mesobox, rootfs, "/bin/true"]),
             ("mesobox dir --contain", [*mesobox, "--contain", rootfs, "/bin/true"]),
+            ("mesobox dir, no seccomp", [*mesobox, "--security-opt", "seccomp=unconfined", rootfs, "/bin/true"]),
+            ("mesobox dir, python -m", [VENV_PYTHON, "-m", "mesobox", "exec", rootfs, "/bin/true"]),
             ("mesobox squashfs", [*mesobox, sqfs, "/bin/true"])]
     if shutil.which("podman"):
         out.append(("podman run (runc)", ["podman", "run", "--rm", "--runtime", "/usr/sbin/runc", "--cgroup-manager",
