@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from mesobox.errors import LaunchError, PolicyError, UsageError
+from mesobox.runtime.spec import _Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,32 +44,17 @@ _ADMIN_HINT_V2 = (
 )
 
 
-class _Frozen:
-    """Immutable record with value equality.  Not a dataclass: importing dataclasses
+class _Frozen(_Record):
+    """The runtime spec's frozen record (value equality, ``replace``), built from
+    positional arguments in ``__slots__`` order.  Not a dataclass: importing dataclasses
     (with inspect) costs ≈16 ms of `mesobox run` start-up (see mesobox.config)."""
 
-    __slots__: tuple[str, ...] = ()
-    _FIELDS: tuple[str, ...] = ()  # constructor order (__slots__ is kept sorted)
+    __slots__ = ()
 
     def _set(self, *values: object) -> None:
-        for name, value in zip(self._FIELDS, values, strict=True):
+        names: tuple[str, ...] = type(self).__slots__
+        for name, value in zip(names, values, strict=True):
             object.__setattr__(self, name, value)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is frozen")
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, n) for n in self._FIELDS)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._FIELDS)
-        return f"{type(self).__name__}({inner})"
 
 
 DeviceRates = tuple[tuple[str, int], ...]
@@ -79,11 +65,9 @@ class Resources(_Frozen):
 
     io_* entries are (``major:minor`` or ``/dev`` path, bytes/s or operations/s)."""
 
-    # fmt: off
-    _FIELDS = ("memory_bytes", "cpu_quota_us", "cpu_period_us", "cpuset_cpus", "pids_limit",
-               "io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
-    # fmt: on
-    __slots__ = _FIELDS
+    # constructor order; kept unsorted on purpose
+    __slots__ = ("memory_bytes", "cpu_quota_us", "cpu_period_us", "cpuset_cpus", "pids_limit",  # noqa: RUF023
+                 "io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
     memory_bytes: int | None
     cpu_quota_us: int | None
     cpu_period_us: int
@@ -119,8 +103,7 @@ class Resources(_Frozen):
 class Usage(_Frozen):
     """What the container used; ``None`` where the controller was not joined."""
 
-    _FIELDS = ("memory_peak_bytes", "cpu_time_ns", "oom_kills", "pids_current")
-    __slots__ = _FIELDS
+    __slots__ = ("memory_peak_bytes", "cpu_time_ns", "oom_kills", "pids_current")  # noqa: RUF023 - constructor order
     memory_peak_bytes: int | None
     cpu_time_ns: int | None
     oom_kills: int
