@@ -226,8 +226,9 @@ def test_32_concurrent_squashfs_launches_share_one_mount(
     runtime = world_tmp / "rt"
     marker = world_tmp / "go"
     script = f"while [ ! -e {marker} ]; do sleep 0.05; done"
+    # No linger: the last launcher out unmounts (tests/test_squashfs_linger.py lingers).
     argv, env = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", script],
-                             env={"MESOBOX_RUNTIME_DIR": str(runtime)})
+                             env={"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_SQUASHFS_LINGER": "0"})
     procs = [subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE) for _ in range(32)]
     try:
         deadline = time.monotonic() + 60

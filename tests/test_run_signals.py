@@ -111,6 +111,47 @@ def test_signals_during_setup_reach_the_workload(
     assert b"Traceback" not in err
 
 
+@pytest.mark.userns
+def test_a_signal_before_the_runtime_is_imported_waits_for_the_workload(
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path, world_tmp: Path
+) -> None:
+    """The CLI holds the signals as soon as it reads a launching verb, before loading the
+    config and importing the runtime.  A FIFO as the user's config file stops mesobox
+    exactly there (open(2) waits for a writer): a SIGTERM sent then must wait for the
+    workload's trap instead of killing mesobox."""
+    fifo = world_tmp / "config.toml"
+    os.mkfifo(fifo)
+    os.chmod(fifo, 0o666)
+    script = "trap 'echo got-term; exit 7' TERM; i=0; while [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done"
+    argv, env = mesobox_argv(mesobox, user, ["exec", str(images[0]), "sh", "-c", script],
+                             env={"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_CONFIG": str(fifo)})
+    proc = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    term = 1 << (signal.SIGTERM - 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ours, blocked, _ = _state(proc.pid)
+        if ours and blocked & term and _waits_on_fifo(proc.pid):
+            break
+        time.sleep(0.005)
+    else:
+        proc.kill()
+        raise AssertionError(f"mesobox never waited on its config FIFO: {proc.communicate()}")
+    proc.send_signal(signal.SIGTERM)  # mesobox is stuck in open(config.toml), TERM held
+    with open(fifo, "w"):
+        pass  # an empty config file: mesobox goes on
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (7, b"got-term\n"), err.decode()[-500:]
+
+
+def _waits_on_fifo(pid: int) -> bool:
+    """Is ``pid`` blocked in open(2) of a FIFO that has no writer yet (fifo(7))?"""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read() == "wait_for_partner"
+    except OSError:
+        return False
+
+
 # The supervisor's forwarding loop (launcher.wait_forwarding) under a real pty: a child
 # in the same foreground process group counts the SIGINTs it gets and who sent them.
 PTY_SCRIPT = r"""
@@ -176,7 +217,7 @@ def _read_until(fd: int, token: bytes, timeout: float, after: bytes = b"") -> by
 def test_sigkilled_launchers_mount_is_reaped_by_the_next_launch(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], world_tmp: Path, runtime: Path
 ) -> None:
-    env = {"MESOBOX_RUNTIME_DIR": str(runtime)}
+    env = {"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_SQUASHFS_LINGER": "0"}  # no linger: reaped at once
     ready = world_tmp / "ready"
     argv, full = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", f"echo > {ready}; sleep 60"],
                               env=env)

@@ -1,10 +1,15 @@
 """seccomp: filters loaded by an ordinary user deny what they should and nothing else.
 
-Each case runs a fresh Python as the test user that sets no_new_privs, loads the filter
-exactly as the launcher will (last, before running the workload), then probes syscalls
-with deliberately invalid arguments: unfiltered, the kernel answers EFAULT/EINVAL/…;
-filtered, EPERM (or the profile's errnoRet).  A control run without a filter proves the
-probes would otherwise not fail with that errno.
+Each rule case runs a fresh Python as the test user that sets no_new_privs, compiles and
+loads the filter (``load_filter``: what the launcher's ``prepare`` + ``install`` do,
+without the cache), then probes syscalls with deliberately invalid arguments:
+unfiltered, the kernel answers EFAULT/EINVAL/…; filtered, EPERM (or the profile's
+errnoRet).  A control run without a filter proves the probes would otherwise not fail
+with that errno.
+
+The cache cases launch real containers (``mesobox exec`` as the test user, with a
+per-test ``MESOBOX_RUNTIME_DIR``) running the host's Python, bound in, to probe from
+inside what the launcher really installed.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import Mesobox, User, make_busybox_rootfs
 from isolation_support import run_program, write_program
 from mesobox.errors import LaunchError, UsageError
 from mesobox.runtime import seccomp
@@ -187,8 +194,258 @@ def test_missing_libseccomp_is_a_launch_error_with_hint(monkeypatch: pytest.Monk
     def no_library(name: str, **_: object) -> None:
         raise OSError(f"{name}: cannot open shared object file")
 
-    monkeypatch.setattr(seccomp.ctypes, "CDLL", no_library)
+    import ctypes  # seccomp imports it only to compile, from the module itself
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
     with pytest.raises(LaunchError) as err:
         load_filter(None)
     assert err.value.hint and "libseccomp2" in err.value.hint
     load_filter({"unconfined": True})  # unconfined never needs the library
+
+
+# --- the compiled-filter cache: unit level (as root, in this process) ----------------
+
+
+def test_prepare_unconfined_needs_no_cache(tmp_path: Path) -> None:
+    assert seccomp.prepare({"unconfined": True}, str(tmp_path / "seccomp")) is None
+    assert not (tmp_path / "seccomp").exists()
+
+
+def test_prepare_compiles_once_then_reads_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "run" / "seccomp"
+    program = seccomp.prepare(None, str(cache))
+    assert program and len(program) % 8 == 0
+    (entry,) = cache.iterdir()  # one file, no temp file left behind
+    assert entry.read_bytes() == program
+    assert (cache.stat().st_mode & 0o777, entry.stat().st_mode & 0o777) == (0o700, 0o600)
+    assert (cache.parent.stat().st_mode & 0o777) == 0o700
+
+    def no_compile(profile: object) -> bytes:
+        raise AssertionError("compiled although the cache holds the program")
+
+    monkeypatch.setattr(seccomp, "compile_program", no_compile)
+    assert seccomp.prepare(None, str(cache)) == program
+
+
+def test_prepare_without_a_writable_cache_still_compiles(tmp_path: Path) -> None:
+    (tmp_path / "seccomp").write_text("not a directory")
+    program = seccomp.prepare(None, str(tmp_path / "seccomp"))
+    assert program == seccomp.compile_program(None)
+    # no runtime dir and no way to make one: still compiled, nothing written
+    assert seccomp.prepare(None, str(tmp_path / "missing" / "run" / "seccomp")) == program
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cache_key_follows_everything_that_changes_the_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = seccomp._cache_name(None)
+    assert default.startswith(f"default-{os.uname().machine}-") and default.endswith(".bpf")
+    assert seccomp._cache_name(None) == default  # stable across calls
+    profile: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW",
+                               "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}
+    named = seccomp._cache_name(profile)
+    assert named.startswith(f"profile-{os.uname().machine}-") and named != default
+    # canonical: key order does not matter, content does (down to one errnoRet)
+    assert seccomp._cache_name(dict(reversed(list(profile.items())))) == named
+    other = {**profile, "syscalls": [{**profile["syscalls"][0], "errnoRet": errno.EACCES}]}
+    assert seccomp._cache_name(other) != named
+    changes = [
+        ("DEFAULT_DENIED", seccomp.DEFAULT_DENIED[:-1]),
+        ("FORMAT", seccomp.FORMAT + 1),
+        ("_library_stamp", lambda: "upgraded"),
+    ]
+    for attribute, value in changes:
+        with monkeypatch.context() as m:
+            m.setattr(seccomp, attribute, value)
+            assert seccomp._cache_name(None) != default, attribute
+            if attribute != "DEFAULT_DENIED":
+                assert seccomp._cache_name(profile) != named, attribute
+
+
+# --- the compiled-filter cache: real launches as the ordinary user --------------------
+
+# keyctl(9999) answers EOPNOTSUPP unfiltered, EPERM under the default filter.
+INSIDE = f"""
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+out = {{"keyctl": 0 if libc.syscall({NR["keyctl"]}, 9999, 0, 0) >= 0 else ctypes.get_errno()}}
+try:
+    os.mkdir("/tmp/probe")
+    out["mkdir"] = 0
+except OSError as e:
+    out["mkdir"] = e.errno
+print(json.dumps(out))
+"""
+# A filter the default never is: mkdir fails with EXDEV, keyctl stays allowed.
+EXDEV_MKDIR: dict[str, Any] = {
+    "defaultAction": "SCMP_ACT_ALLOW",
+    "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EXDEV}],
+}
+DEFAULT_RESULT = {"keyctl": errno.EPERM, "mkdir": 0}
+
+
+@pytest.fixture(scope="module")
+def py_image(shared_tmp: Path) -> Path:
+    """busybox + merged-/usr links: the host's Python runs in it with /usr bound."""
+    root = make_busybox_rootfs(shared_tmp / "seccomp-py-image")
+    for link in ("lib", "lib64"):
+        (root / link).symlink_to(f"usr/{link}")
+    for dirpath, _dirnames, _files in os.walk(root):
+        os.chmod(dirpath, 0o1777 if dirpath.endswith("/tmp") else 0o755)
+    return root
+
+
+class Launcher:
+    """``mesobox exec`` of the probe as the test user, with its own runtime dir."""
+
+    def __init__(self, mesobox: Mesobox, user: User, image: Path, python: str, runtime: Path) -> None:
+        self.mesobox, self.user, self.image, self.python, self.runtime = mesobox, user, image, python, runtime
+        self.cache = runtime / "seccomp"
+
+    def __call__(self, *opts: str) -> dict[str, int]:
+        venv = Path(self.python).parents[1]
+        proc = self.mesobox("exec", "--contain", *opts, "-B", str(venv), "-B", "/usr", str(self.image),
+                            self.python, "-I", "-c", INSIDE, as_user=self.user,
+                            env={"MESOBOX_RUNTIME_DIR": str(self.runtime)}, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        result: dict[str, int] = json.loads(proc.stdout.decode().splitlines()[-1])
+        return result
+
+    def entries(self) -> list[Path]:
+        return sorted(self.cache.iterdir())
+
+    def plant(self, path: Path, program: bytes) -> None:
+        """Write into a cache file as its owner would (root keeps owner and mode)."""
+        with open(path, "r+b") as f:
+            f.write(program)
+            f.truncate()
+
+
+@pytest.fixture()
+def launch(mesobox: Mesobox, user: User, py_image: Path, test_python: str, world_tmp: Path) -> Launcher:
+    return Launcher(mesobox, user, py_image, test_python, world_tmp / "run")
+
+
+@pytest.mark.userns
+def test_first_launch_caches_second_reuses(launch: Launcher, user: User) -> None:
+    assert launch() == DEFAULT_RESULT
+    (entry,) = launch.entries()  # exactly one file: no temp file left behind
+    assert entry.name.endswith(".bpf") and entry.name.startswith("default-")
+    st = entry.stat()
+    assert (st.st_uid, st.st_mode & 0o777, st.st_size % 8) == (user.uid, 0o600, 0)
+    assert launch() == DEFAULT_RESULT
+    again = entry.stat()
+    assert launch.entries() == [entry]
+    assert (again.st_ino, again.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)  # read, not rewritten
+
+
+@pytest.mark.userns
+def test_the_cached_program_is_what_gets_installed(launch: Launcher) -> None:
+    """Replace the cached default with another valid program: the container runs under
+    it (mkdir → EXDEV, keyctl allowed).  Not a hole: only the file's owner (the user,
+    or root) can write it — group/world-writable or foreign files, or a foreign or
+    group/world-writable directory, are ignored (next tests) — and that user could as
+    well run ``--security-opt seccomp=unconfined``: the filter guards the host against
+    the user's workload, not the user against themself."""
+    assert launch() == DEFAULT_RESULT
+    (entry,) = launch.entries()
+    other = seccomp.compile_program(EXDEV_MKDIR)
+    launch.plant(entry, other)
+    assert launch() == {"keyctl": errno.EOPNOTSUPP, "mkdir": errno.EXDEV}
+    assert entry.read_bytes() == other  # used as it was, not recompiled
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("junk", [b"garbage", b"", bytes(8 * 4097)], ids=["not-8-aligned", "empty", "too-long"])
+def test_a_damaged_cache_file_is_replaced(launch: Launcher, junk: bytes) -> None:
+    assert launch() == DEFAULT_RESULT
+    (entry,) = launch.entries()
+    good = entry.read_bytes()
+    launch.plant(entry, junk)
+    assert launch() == DEFAULT_RESULT
+    assert launch.entries() == [entry]
+    assert entry.read_bytes() == good and (entry.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "owned-by-root", "symlink"])
+def test_a_cache_file_others_could_write_is_not_used(launch: Launcher, how: str) -> None:
+    assert launch() == DEFAULT_RESULT
+    (entry,) = launch.entries()
+    good = entry.read_bytes()
+    other = seccomp.compile_program(EXDEV_MKDIR)
+    launch.plant(entry, other)
+    if how == "world-writable":
+        os.chmod(entry, 0o666)
+    elif how == "group-writable":
+        os.chmod(entry, 0o620)
+    elif how == "owned-by-root":
+        os.chown(entry, 0, 0)
+        os.chmod(entry, 0o644)
+    else:  # a link to a file of the user's that holds a valid program
+        target = launch.runtime / "elsewhere.bpf"
+        entry.rename(target)
+        entry.symlink_to(target)
+    assert launch() == DEFAULT_RESULT  # the default filter, compiled afresh
+    assert not entry.is_symlink() and entry.read_bytes() == good  # and put in its place
+
+
+@pytest.mark.userns
+def test_a_cache_dir_others_could_write_is_not_used(launch: Launcher) -> None:
+    assert launch() == DEFAULT_RESULT
+    (entry,) = launch.entries()
+    launch.plant(entry, seccomp.compile_program(EXDEV_MKDIR))
+    os.chmod(launch.cache, 0o777)
+    assert launch() == DEFAULT_RESULT
+    os.chmod(launch.cache, 0o700)
+    os.chown(launch.cache, 0, 0)  # someone else's directory
+    assert launch() == DEFAULT_RESULT
+
+
+@pytest.mark.userns
+def test_profiles_get_their_own_key_unconfined_none(launch: Launcher, world_tmp: Path) -> None:
+    profile = world_tmp / "exdev.json"
+    profile.write_text(json.dumps(EXDEV_MKDIR))
+    os.chmod(profile, 0o644)
+    assert launch() == DEFAULT_RESULT
+    assert launch("--security-opt", f"seccomp={profile}") == {"keyctl": errno.EOPNOTSUPP, "mkdir": errno.EXDEV}
+    names = [e.name for e in launch.entries()]
+    assert len(names) == 2 and {n.split("-")[0] for n in names} == {"default", "profile"}
+    # a profile that differs in one errno is another program, so another key
+    changed = {**EXDEV_MKDIR, "syscalls": [{**EXDEV_MKDIR["syscalls"][0], "errnoRet": errno.EACCES}]}
+    profile.write_text(json.dumps(changed))
+    assert launch("--security-opt", f"seccomp={profile}") == {"keyctl": errno.EOPNOTSUPP, "mkdir": errno.EACCES}
+    assert len(launch.entries()) == 3
+    assert launch() == DEFAULT_RESULT  # the default's entry is still its own
+
+
+@pytest.mark.userns
+def test_unconfined_writes_no_cache(launch: Launcher) -> None:
+    assert launch("--security-opt", "seccomp=unconfined") == {"keyctl": errno.EOPNOTSUPP, "mkdir": 0}
+    assert not launch.cache.exists()
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("how", ["file", "read-only"])
+def test_unwritable_cache_dir_still_filters(launch: Launcher, user: User, how: str) -> None:
+    launch.runtime.mkdir(mode=0o700)
+    os.chown(launch.runtime, user.uid, user.gid)
+    if how == "file":
+        launch.cache.write_text("in the way")
+    else:
+        # A read-only mount, as a nested container may see its runtime dir (mode bits
+        # would not do: in its user namespace the launcher has CAP_DAC_OVERRIDE over
+        # its own files).
+        launch.cache.mkdir(mode=0o700)
+        os.chown(launch.cache, user.uid, user.gid)
+        subprocess.run(["mount", "--bind", "-o", "ro", str(launch.cache), str(launch.cache)], check=True)
+    try:
+        for _ in range(2):
+            assert launch() == DEFAULT_RESULT
+        if how == "file":
+            assert launch.cache.read_text() == "in the way"
+        else:
+            assert launch.entries() == []
+    finally:
+        if how == "read-only":
+            subprocess.run(["umount", str(launch.cache)], check=True)

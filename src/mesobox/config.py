@@ -77,6 +77,9 @@ class Config:
         ("default_format", "squashfs"),
         # Per-user runtime state (instances, shared squashfs mounts).
         ("runtime_dir", None),
+        # Seconds a shared squashfs mount stays after its last user (0: unmount at once):
+        # the next run of the image then finds it mounted and its page cache warm.
+        ("squashfs_linger", 10.0),
         ("debug", False),
     )
     __slots__ = tuple(("_" + name) if name in _PATHY else name for name, _ in FIELDS)
@@ -89,6 +92,7 @@ class Config:
     keep_setuid_for_root: bool
     squashfs_compression: str
     default_format: str
+    squashfs_linger: float
     debug: bool
     _store: str
     _ro_stores: tuple[str, ...]
@@ -160,6 +164,7 @@ _TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources"}
 _INT_KEYS = {"max_image_bytes", "max_parallel_downloads"}
 _BOOL_KEYS = {"keep_setuid_for_root", "debug"}
 _STR_KEYS = {"squashfs_compression", "default_format"}
+_SECONDS_KEYS = {"squashfs_linger"}
 
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
@@ -190,6 +195,13 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             raise ValueError
         if key in _STR_KEYS:
             return str(value)
+        if key in _SECONDS_KEYS:
+            if isinstance(value, bool):
+                raise TypeError
+            seconds = float(value)
+            if not 0 <= seconds < float("inf"):  # also rejects nan
+                raise ValueError
+            return seconds
     except (TypeError, ValueError):
         raise ConfigError(
             f"{origin}: bad value for {key!r}: {value!r}", hint="see docs/admin.md for the expected types"

@@ -34,6 +34,9 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "overlay": ("mesobox.cli.overlay", "main_overlay", "create a disk-quota overlay image (--overlay FILE)"),
 }
 
+# Verbs that start a container in this process: signals are held from the first line.
+LAUNCH_VERBS = ("run", "exec", "shell")
+
 USAGE = """\
 usage: mesobox [--debug] [--version] VERB [ARGS...]
 
@@ -97,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "help":
         sys.stdout.write(_usage())
         return 0
+    if verb in LAUNCH_VERBS:
+        # From here on a walltime warning or scancel cannot kill a half-started
+        # container: it waits, pending, for the workload (runtime/launcher.py).
+        from mesobox.runtime import hold_signals
+
+        hold_signals()
     entry = VERBS.get(verb)
     if entry is None:
         sys.stderr.write(f"mesobox: error: unknown verb {verb!r}\nmesobox: hint: `mesobox --help` lists them\n")

@@ -142,8 +142,11 @@ def resolve_image(text: str, config: Config) -> Image:
     record = Store(config).lookup(text)
     if record is None and text.startswith("docker://"):
         from mesobox.image.pull import pull
+        from mesobox.runtime import hold_signals, release_signals
 
+        release_signals()  # a pull may take minutes: Ctrl-C must still stop it
         record = pull(config, text, fmt=config.default_format, quiet=False)
+        hold_signals()
     if record is None:
         raise ImageNotFound(f"image {text!r} is not in the store", hint=f"run `mesobox pull {text}` first")
     path = record.rootfs or record.squashfs
@@ -241,9 +244,10 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
               S.Mount(destination="/sys", type="bind", source="/sys", options=("rbind", "nosuid", "nodev", "ro")),
               S.Mount(destination="/dev", type="tmpfs", source="tmpfs",
                       options=("nosuid", "noexec", "mode=755", "size=65536k"))]
+    # Plain binds: nosuid/noexec would cost a remount each and mean nothing on a
+    # character device (execve(2) refuses it whatever the mount flags).
     for node in ("null", "zero", "full", "random", "urandom", "tty"):
-        mounts.append(S.Mount(destination=f"/dev/{node}", type="bind", source=f"/dev/{node}",
-                              options=("bind", "nosuid", "noexec")))
+        mounts.append(S.Mount(destination=f"/dev/{node}", type="bind", source=f"/dev/{node}", options=("bind",)))
     mounts.append(S.Mount(destination="/dev/pts", type="devpts", source="devpts",
                           options=("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=620")))
     mounts.append(S.Mount(destination="/dev/shm", type="tmpfs", source="shm",

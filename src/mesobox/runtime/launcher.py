@@ -16,8 +16,10 @@ Invariants:
 - Exit status is the workload's, or 128+N when signal N killed it; a failure in a
   forked child is reported as one ``mesobox: error:`` line with the error's exit code.
 - Signals never kill mesobox while it sets the container up: ``FORWARDED`` (and
-  SIGCHLD) are blocked from the start of ``launch`` (pthread_sigmask(3)), so one that
-  arrives early stays pending.  Forwarders take them with sigwaitinfo(2) only once the
+  SIGCHLD) are blocked (pthread_sigmask(3)) as soon as the CLI has read a launching
+  verb, and at the latest at the start of ``launch``, so one that arrives early stays
+  pending.  Only the interpreter's own start-up, before any mesobox code runs, is
+  unprotected.  Forwarders take them with sigwaitinfo(2) only once the
   workload has exec'd (EOF on a close-on-exec pipe) and, for the first ``HOLD_S``
   seconds, only once the workload catches, ignores or blocks that signal (its
   /proc/PID/status masks): an early Slurm ``--signal=USR1@T`` meets the job's trap
@@ -31,7 +33,9 @@ from __future__ import annotations
 import os
 import sys
 
+from mesobox import runtime
 from mesobox.errors import CommandNotExecutable, CommandNotFound, LaunchError, MesoboxError
+from mesobox.runtime import FORWARDED, SIGCHLD, hold_signals
 from mesobox.runtime import syscalls as sc
 from mesobox.runtime.spec import ANN_FORMAT, ANN_OVERLAY, ANN_OVERLAY_IMAGE, ANN_SUBIDS, ANN_WRITABLE_TMPFS, Spec
 
@@ -46,13 +50,10 @@ if TYPE_CHECKING:
 
     from mesobox.config import Config
 
-# Signals a batch system or a user sends to a job; SIGCONT too (scontrol resume).
-FORWARDED = (1, 2, 3, 10, 12, 15, 18, 28)  # HUP INT QUIT USR1 USR2 TERM CONT WINCH
-_SIGCHLD = 17
+_SIGCHLD = SIGCHLD
 _SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel (a tty) generated (sigaction(2))
 _TTY_SIGNALS = (2, 3, 28)  # ^C ^\ and resizes go to the whole foreground process group
 HOLD_S = 1.0  # longest an early signal waits for the workload's handler
-_saved_mask: set[int] | None = None  # the caller's signal mask, restored for the workload
 _exec_fd: int | None = None  # write end of the "workload exec'd" pipe (close-on-exec)
 ANN_NET = "org.mesobox.net"  # "none" | "slirp"
 ANN_PUBLISH = "org.mesobox.publish"  # "HOST:CONTAINER,…"
@@ -94,18 +95,19 @@ def launch(spec: Spec, config: Config) -> int:
 
 
 def _reap_stale_mounts(config: Config) -> None:
-    """A SIGKILLed launcher leaves its shared squashfs mount behind: the next launch of
-    any image reaps it.  Only a live or stale lease leaves a ``.refs`` file, so with none
-    this is one listdir."""
+    """A SIGKILLed launcher leaves its shared squashfs mount behind, a killed reaper a
+    lingering one: the next launch of any image reaps them.  Only a live or stale lease
+    leaves a ``.refs`` file and only a lingering mount an ``.idle`` stamp, so with
+    neither this is one listdir."""
     shared = os.path.join(config.runtime_dir_str, "mnt")
     try:
         names = os.listdir(shared)
     except OSError:
         return
-    if any(name.endswith(".refs") for name in names):
+    if any(name.endswith((".refs", ".idle")) for name in names):
         from mesobox.runtime.squashmount import reap_stale
 
-        reap_stale(shared)
+        reap_stale(shared, config.squashfs_linger)
 
 
 def _userns_last(spec: Spec) -> bool:
@@ -263,10 +265,7 @@ def _wait_status(pid: int) -> int:
 def block_signals() -> None:
     """Hold every forwarded signal (and SIGCHLD) pending from here on: none kills a
     half-built container; forwarders take them with sigwaitinfo(2)."""
-    global _saved_mask
-    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, (*FORWARDED, _SIGCHLD))
-    if _saved_mask is None:
-        _saved_mask = set(old)
+    hold_signals()
 
 
 def _exec_pipe() -> tuple[int, int]:
@@ -299,7 +298,7 @@ def _signals_for_exec() -> None:
             _close_exec_fd()
             os._exit(wait_forwarding(pid, r, queued=tuple(queued)))
         os.close(r)
-    _signal.pthread_sigmask(_signal.SIG_SETMASK, _saved_mask or set())
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, runtime.caller_sigmask or set())
 
 
 def _reaped(pid: int, everyone: bool) -> int | None:
@@ -396,38 +395,39 @@ def _in_child(body: Callable[[], Any]) -> NoReturn:
 # --- inside the namespaces -----------------------------------------------------------------
 
 
-def _preload(spec: Spec) -> object:
-    """Load, before pivot_root hides the host's files, what runs after it: libseccomp
-    (a later dlopen of the same soname finds the loaded copy instead of searching the
-    container's filesystem).  Signal handling needs only builtin modules."""
+def _preload(spec: Spec, config: Config) -> bytes | None:
+    """Load, before pivot_root hides the host's files, what runs after it; returns the
+    compiled seccomp program (read from the per-user cache, or compiled with libseccomp
+    and cached) for _exec.  Signal handling needs only builtin modules."""
     if spec.process.capabilities is not None:
         import mesobox.runtime.caps  # noqa: F401 - _exec uses it after pivot_root
     if spec.linux.seccomp is None:
         return None
-    from mesobox.runtime.seccomp import _libseccomp
+    from mesobox.runtime.seccomp import prepare
 
-    return _libseccomp()
+    profile = None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp
+    return prepare(profile, os.path.join(config.runtime_dir_str, "seccomp"))
 
 
 def _container(spec: Spec, config: Config, image_dir: str) -> NoReturn:
-    keep = _preload(spec)  # noqa: F841 - the handle must stay loaded until exec
+    program = _preload(spec, config)
     if "pid" in spec.linux.namespaces:
         # unshare(CLONE_NEWPID) puts the *next child* in the new pid namespace as pid 1.
         pid = os.fork()
         if pid:
             _close_exec_fd()  # only the workload holds it: its execve closes it
             os._exit(wait_forwarding(pid))
-        _in_child(lambda: _container_init(spec, config, image_dir))
+        _in_child(lambda: _container_init(spec, config, image_dir, program))
     _setup_root(spec, config, image_dir)
-    _exec(spec)
+    _exec(spec, program)
 
 
-def _container_init(spec: Spec, config: Config, image_dir: str) -> None:
+def _container_init(spec: Spec, config: Config, image_dir: str, program: bytes | None) -> None:
     sc.prctl(sc.PR_SET_PDEATHSIG, 9)
     _setup_root(spec, config, image_dir)
     workload = os.fork()
     if workload == 0:
-        _in_child(lambda: _exec(spec))
+        _in_child(lambda: _exec(spec, program))
     _close_exec_fd()
     _init(workload)
 
@@ -513,7 +513,7 @@ def _pivot(root: str) -> None:
     os.chdir("/")
 
 
-def _exec(spec: Spec) -> NoReturn:
+def _exec(spec: Spec, program: bytes | None) -> NoReturn:
     proc = spec.process
     env = dict(item.split("=", 1) for item in proc.env)
     path = _find_command(proc.args[0], env.get("PATH", ""))
@@ -532,11 +532,11 @@ def _exec(spec: Spec) -> NoReturn:
     if proc.no_new_privileges:
         # No setuid/file-capability gain across execve from here on (prctl(2)).
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-    if spec.linux.seccomp is not None:
-        from mesobox.runtime.seccomp import load_filter
+    if program is not None:
+        from mesobox.runtime.seccomp import install  # loaded by _preload: no file access
 
         # Last: the runtime's own setup syscalls are never filtered (runc, bubblewrap).
-        load_filter(None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp)
+        install(program)
     sys.stdout.flush()
     sys.stderr.flush()
     _signals_for_exec()

@@ -1,9 +1,31 @@
-"""System-call filter room: seccomp via libseccomp, loaded last before ``execve``.
+"""System-call filter room: seccomp, compiled once with libseccomp, installed last.
 
 Invariants:
-- ``load_filter`` runs in the container's process after ``no_new_privs`` and right
-  before ``execve`` (bubblewrap/runc order: seccomp last, so the runtime's own setup
-  syscalls are never filtered).  Once loaded a filter cannot be removed (seccomp(2)).
+- ``prepare`` runs in the launcher *before* pivot_root, while the host's files are
+  visible: it returns the filter as a classic-BPF program (the bytes libseccomp's
+  ``seccomp_export_bpf`` writes).  ``install`` loads those bytes in the container's
+  process after ``no_new_privs`` and right before ``execve`` (bubblewrap/runc order:
+  seccomp last, so the runtime's own setup syscalls are never filtered).  Once loaded
+  a filter cannot be removed (seccomp(2)).
+- Compiled programs are cached per user in ``<runtime_dir>/seccomp/<key>.bpf``
+  (``config.runtime_dir``: ``$XDG_RUNTIME_DIR/mesobox`` or ``/tmp/mesobox-UID``).  A
+  launch that finds its key reads one small file and never loads libseccomp or
+  ``ctypes`` (≈5 ms saved per rank); a miss compiles, writes the file atomically
+  (0600 temp file, fsync, rename) and goes on.  The key changes with everything that
+  changes the program: the rules (``DEFAULT_DENIED`` and its errno, or a profile's
+  full canonical JSON plus the kernel release its ``minKernel`` rules test), the
+  machine (``os.uname().machine``), the libseccomp file (size, mtime) and ``FORMAT``,
+  bumped whenever the compile code below changes what it emits.
+- Why a file the launcher installs as the filter is safe: it is read only if the
+  cache directory and the file are owned by the current euid and not writable by
+  group or others (opened with O_NOFOLLOW), i.e. only the user themself (or root) can
+  have put it there — and that user may drop the filter anyway with
+  ``--security-opt seccomp=unconfined``; the filter protects the host from the
+  user's workload, not the user from themself.  Anything else (another owner, a
+  group/world-writable file, a symlink, a size that is not a non-zero multiple of 8
+  bytes or over BPF_MAXINSNS) is ignored and recompiled.  Caching is an
+  optimisation, never a failure: an unwritable, read-only or foreign cache directory
+  (nested containers often have one) means compiling in memory for this launch.
 - The default filter allows everything except what Docker's default profile denies
   to a container without extra capabilities (kernel keyring, module loading, kexec,
   bpf, perf_event_open, clock setting, swap, reboot…), each answered with EPERM so
@@ -15,21 +37,35 @@ Invariants:
 - A Docker-format profile (``defaultAction``, ``syscalls[].names|name``, ``action``,
   ``errnoRet``, ``args``, ``architectures``/``archMap``, ``includes``/``excludes``)
   is translated rule by rule; unknown syscall names are skipped, as Docker does.
-- ``ctypes`` is allowed here (libseccomp has no stdlib binding); nothing else heavy.
+- ``ctypes`` (libseccomp has no stdlib binding) is imported only to compile, on a
+  cache miss; a cache hit costs an open, a read and ``zlib.crc32``.  The compiled
+  program is loaded by ``syscalls.seccomp_set_filter``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
+import stat
+import sys
+import zlib
 
 from mesobox.errors import LaunchError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ctypes
     from collections.abc import Sequence
     from typing import Any
+
+# Part of every cache key: bump it when the compile code changes the program it emits
+# for the same rules (arches added, rule translation, libseccomp attributes).
+FORMAT = 1
+_SONAME = "libseccomp.so.2"
+# Where the dynamic loader finds _SONAME on the distributions we know: its size and
+# mtime key the cache, so a libseccomp upgrade (new syscall names) recompiles.
+_LIB_DIRS = ("/lib/{multiarch}", "/usr/lib/{multiarch}", "/lib64", "/usr/lib64", "/usr/lib", "/lib")
+_MAX_PROGRAM = 4096 * 8  # BPF_MAXINSNS instructions of 8 bytes (struct sock_filter)
 
 # <seccomp.h> action values.
 SCMP_ACT_KILL_PROCESS = 0x80000000
@@ -110,19 +146,195 @@ DEFAULT_DENIED = (
 # container's own ASLR and gdb/valgrind rely on it.
 
 
-class _ArgCmp(ctypes.Structure):
-    _fields_ = [
-        ("arg", ctypes.c_uint),
-        ("op", ctypes.c_int),
-        ("datum_a", ctypes.c_uint64),
-        ("datum_b", ctypes.c_uint64),
-    ]
+# --- the launcher's two steps ------------------------------------------------------
 
 
-def _libseccomp() -> ctypes.CDLL:
+def prepare(profile: dict[str, Any] | None, cache_dir: str) -> bytes | None:
+    """The compiled filter for ``profile`` (None: mesobox's default; a dict: a
+    Docker-format profile), from ``cache_dir`` when a valid copy is there, else
+    compiled and cached; None for ``{"unconfined": True}``.  Runs before pivot_root."""
+    if profile is not None and profile.get("unconfined"):
+        return None
+    name = _cache_name(profile)
+    program = _read_cached(cache_dir, name)
+    if program is None:
+        program = compile_program(profile)
+        _store(cache_dir, name, program)
+    return program
+
+
+def install(program: bytes) -> None:
+    """Load a program from ``prepare`` into this process: last step before execve."""
+    from mesobox.runtime import syscalls as sc
+
+    try:
+        # libseccomp's seccomp_load set no_new_privs itself (SCMP_FLTATR_CTL_NNP is on
+        # by default, seccomp_attr_set(3)); the kernel demands it without CAP_SYS_ADMIN.
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        sc.seccomp_set_filter(program)
+    except OSError as err:
+        raise LaunchError(
+            f"cannot load the seccomp filter: {err.strerror}",
+            hint="the kernel needs CONFIG_SECCOMP_FILTER; set no_new_privs before loading",
+        ) from None
+
+
+def load_filter(profile: dict[str, Any] | None) -> None:
+    """Compile and install in one go, without the cache (test harnesses, tools)."""
+    program = None if profile is not None and profile.get("unconfined") else compile_program(profile)
+    if program is not None:
+        install(program)
+
+
+# --- the cache --------------------------------------------------------------------------
+
+
+def _cache_name(profile: dict[str, Any] | None) -> str:
+    machine = os.uname().machine
+    if profile is None:
+        # A crc of the rules is enough here: the input is our own constant, not chosen
+        # by anyone, and zlib is builtin (hashlib would load OpenSSL: ≈5 ms).
+        text = repr((FORMAT, machine, _library_stamp(), errno.EPERM, DEFAULT_DENIED))
+        return f"default-{machine}-{len(DEFAULT_DENIED)}-{len(text)}-{zlib.crc32(text.encode()):08x}.bpf"
+    import json  # already loaded: the profile was read (or the spec parsed) with it
+
+    try:
+        from _blake2 import blake2b  # hashlib's builtin half, without its OpenSSL load
+    except ImportError:
+        from hashlib import blake2b
+    canonical = json.dumps(profile, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    text = repr((FORMAT, machine, _library_stamp(), os.uname().release, canonical))
+    return f"profile-{machine}-{blake2b(text.encode(), digest_size=16).hexdigest()}.bpf"
+
+
+def _library_stamp() -> str:
+    """Size and mtime of the libseccomp a compile would load ("?" if not found in the
+    usual directories: then an upgrade needs ``rm -r <runtime_dir>/seccomp``)."""
+    multiarch = getattr(sys.implementation, "_multiarch", "")
+    for pattern in _LIB_DIRS:
+        try:
+            st = os.stat(os.path.join(pattern.format(multiarch=multiarch), _SONAME))
+        except OSError:
+            continue
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    return "?"
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by us and writable by nobody else: only we (or root) wrote what is in it."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _open_cache_dir(cache_dir: str) -> int | None:
+    try:
+        fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not _private(os.fstat(fd)):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read_cached(cache_dir: str, name: str) -> bytes | None:
+    """The cached program, or None if it is missing or anything about it is off."""
+    dir_fd = _open_cache_dir(cache_dir)
+    if dir_fd is None:
+        return None
+    try:
+        # O_NONBLOCK: a FIFO planted under the name must not hang the launch.
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and _private(st) and 0 < st.st_size <= _MAX_PROGRAM
+                and st.st_size % 8 == 0):
+            return None
+        program = os.read(fd, _MAX_PROGRAM + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return program if len(program) == st.st_size else None
+
+
+def _store(cache_dir: str, name: str, program: bytes) -> None:
+    """Best effort: write ``program`` under ``name`` atomically; any failure (read-only
+    or foreign directory, ENOSPC…) only means the next launch compiles again."""
+    for path in (os.path.dirname(cache_dir), cache_dir):  # the runtime dir, then ours
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return
+    dir_fd = _open_cache_dir(cache_dir)
+    if dir_fd is None:
+        return
+    from contextlib import suppress
+
+    temp = f".{name}.{os.getpid()}.tmp"
+    try:
+        with suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dir_fd)  # left by a killed launch that had our pid
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+        try:
+            view = memoryview(program)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)  # complete before it has its name, even after a crash
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        with suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --- compiling with libseccomp ------------------------------------------------------
+
+
+def compile_program(profile: dict[str, Any] | None) -> bytes:
+    """Build the filter for ``profile`` (None: the default) with libseccomp and return
+    it as exported BPF; LaunchError on any libseccomp failure."""
+    if profile is None:
+        flt = _Filter(SCMP_ACT_ALLOW)
+        try:
+            _add_native_and_compat(flt)
+            _default_rules(flt)
+            return flt.export()
+        finally:
+            flt.release()
+    flt = _Filter(_docker_action(profile.get("defaultAction", ""), profile.get("defaultErrnoRet")))
+    try:
+        _docker_arches(flt, profile)
+        _docker_rules(flt, profile)
+        return flt.export()
+    finally:
+        flt.release()
+
+
+def _libseccomp() -> tuple[ctypes.CDLL, type[ctypes.Structure]]:
+    """libseccomp with its argument types declared, and ``struct scmp_arg_cmp``."""
+    import ctypes
+
+    class ArgCmp(ctypes.Structure):
+        _fields_ = [
+            ("arg", ctypes.c_uint),
+            ("op", ctypes.c_int),
+            ("datum_a", ctypes.c_uint64),
+            ("datum_b", ctypes.c_uint64),
+        ]
+
     try:
         # A fixed soname: ctypes.util.find_library would fork ldconfig (tens of ms).
-        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+        lib = ctypes.CDLL(_SONAME, use_errno=True)
     except OSError:
         raise LaunchError(
             "seccomp filtering needs libseccomp, which is not installed",
@@ -133,31 +345,29 @@ def _libseccomp() -> ctypes.CDLL:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.restype = None
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
     lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
-    lib.seccomp_arch_native.argtypes = []
-    lib.seccomp_arch_native.restype = ctypes.c_uint32
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [
         ctypes.c_void_p,
         ctypes.c_uint32,
         ctypes.c_int,
         ctypes.c_uint,
-        ctypes.POINTER(_ArgCmp),
+        ctypes.POINTER(ArgCmp),
     ]
-    return lib
+    return lib, ArgCmp
 
 
 class _Filter:
     """A libseccomp context; every failure becomes LaunchError naming the rule."""
 
-    def __init__(self, lib: ctypes.CDLL, default_action: int) -> None:
-        self.lib = lib
+    def __init__(self, default_action: int) -> None:
+        self.lib, self.arg_cmp = _libseccomp()
         self.default_action = default_action
-        self.ctx = lib.seccomp_init(default_action)
+        self.ctx = self.lib.seccomp_init(default_action)
         if not self.ctx:
             raise LaunchError("seccomp_init failed", hint="libseccomp may be too old for this kernel")
 
@@ -175,18 +385,22 @@ class _Filter:
         number = self.lib.seccomp_syscall_resolve_name(syscall.encode())
         if number == _NR_SCMP_ERROR:
             return  # not a syscall on this architecture / libseccomp version
-        array = (_ArgCmp * max(1, len(args)))(*(_ArgCmp(*a) for a in args))
+        array = (self.arg_cmp * max(1, len(args)))(*(self.arg_cmp(*a) for a in args))
         rc = self.lib.seccomp_rule_add_array(self.ctx, action, number, len(args), array)
         if rc < 0:
             raise LaunchError(f"seccomp: cannot add rule for {syscall}: {os.strerror(-rc)}")
 
-    def load(self) -> None:
-        rc = self.lib.seccomp_load(self.ctx)
-        if rc < 0:
-            raise LaunchError(
-                f"cannot load the seccomp filter: {os.strerror(-rc)}",
-                hint="the kernel needs CONFIG_SECCOMP_FILTER; set no_new_privs before loading",
-            )
+    def export(self) -> bytes:
+        """The program as BPF, through a memfd (a pipe could fill up and block)."""
+        fd = os.memfd_create("mesobox-seccomp", os.MFD_CLOEXEC)
+        try:
+            rc = self.lib.seccomp_export_bpf(self.ctx, fd)
+            if rc < 0:
+                raise LaunchError(f"cannot export the seccomp filter: {os.strerror(-rc)}")
+            size = os.lseek(fd, 0, os.SEEK_CUR)
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         self.lib.seccomp_release(self.ctx)
@@ -210,29 +424,6 @@ def _default_rules(flt: _Filter) -> None:
     deny = _errno_action(None)
     for name in DEFAULT_DENIED:
         flt.add_rule(deny, name)
-
-
-def load_filter(profile: dict[str, Any] | None) -> None:
-    """Install the filter in this process: None → mesobox's default; unconfined → nothing."""
-    if profile is not None and profile.get("unconfined"):
-        return
-    lib = _libseccomp()
-    if profile is None:
-        flt = _Filter(lib, SCMP_ACT_ALLOW)
-        try:
-            _add_native_and_compat(flt)
-            _default_rules(flt)
-            flt.load()
-        finally:
-            flt.release()
-        return
-    flt = _Filter(lib, _docker_action(profile.get("defaultAction", ""), profile.get("defaultErrnoRet")))
-    try:
-        _docker_arches(flt, profile)
-        _docker_rules(flt, profile)
-        flt.load()
-    finally:
-        flt.release()
 
 
 # --- Docker-format profiles ---------------------------------------------------------

@@ -1,18 +1,33 @@
-"""Syscall leaf: the one module of the runtime that imports ``ctypes``.
+"""Syscall leaf: the one module of the runtime that calls libc directly.
 
 Invariants:
-- Imports only ``ctypes``, ``os`` and ``errno``: it runs on every ``mesobox run``.
-- One ``libc`` handle with ``argtypes`` declared once; each wrapper is named after the
-  syscall it makes and raises ``OSError(errno, strerror, path)`` on failure — never a
-  status code.  Constants are spelled as in the kernel headers so they grep against
-  the man pages (unshare(2), mount(2), umount(2), pivot_root(2), prctl(2), setns(2)).
-- ``seccomp.py`` (isolation room) is the only other ctypes user; nothing else is.
+- Imports only ``_ctypes`` (the C half of ``ctypes``) and ``os``: it runs on every
+  ``mesobox run``, and the ``ctypes`` package costs ≈2 ms of start-up for classes we do
+  not need.  The handful of C types used below are declared here the way ``ctypes``
+  itself declares them (``_SimpleCData`` subclasses with a type code).
+- One libc handle; every function has its argument and result types declared once;
+  each wrapper is named after the syscall it makes and raises ``OSError(errno,
+  strerror, path)`` on failure — never a status code.  Constants are spelled as in the
+  kernel headers so they grep against the man pages (unshare(2), mount(2), umount(2),
+  pivot_root(2), prctl(2), setns(2), seccomp(2)).
+- ``seccomp.py`` (isolation room) imports the full ``ctypes`` only to compile a
+  filter with libseccomp, once per profile; installing the compiled program happens
+  here (``seccomp_set_filter``).
 """
 
 from __future__ import annotations
 
-import ctypes
+import _ctypes
 import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    _Simple = _ctypes._SimpleCData[Any]
+else:
+    _Simple = _ctypes._SimpleCData
 
 # <linux/sched.h> namespace flags, unshare(2) / setns(2).
 CLONE_NEWNS = 0x00020000
@@ -58,21 +73,71 @@ _ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
 # pivot_root has no glibc wrapper: syscall(2) by number.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "riscv64": 41}
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-_libc.syscall.restype = ctypes.c_long
-_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+
+
+class c_int(_Simple):
+    _type_ = "i"
+
+
+class c_long(_Simple):
+    _type_ = "l"
+
+
+class c_ulong(_Simple):
+    _type_ = "L"
+
+
+class c_uint32(_Simple):
+    _type_ = "I"
+
+
+class c_uint64(_Simple):
+    _type_ = "Q"
+
+
+class c_char_p(_Simple):
+    _type_ = "z"
+
+
+class c_void_p(_Simple):
+    _type_ = "P"
+
+
+class _Libc:
+    """What ``ctypes.CDLL(None, use_errno=True)`` is, for the functions below: one
+    function-pointer class per result type (creating a class costs more than a call)."""
+
+    _handle = _ctypes.dlopen(None, os.RTLD_NOW)  # type: ignore[arg-type] # None: the program itself, dlopen(3)
+    _classes: dict[type, type] = {}
+
+    def function(self, name: str, restype: type, argtypes: list[type]) -> Any:
+        cls = self._classes.get(restype)
+        if cls is None:
+            cls = type(f"Function_{restype.__name__}", (_ctypes.CFuncPtr,),
+                       {"_flags_": _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO, "_restype_": restype})
+            self._classes[restype] = cls
+        fn = cls((name, self))
+        fn.argtypes = argtypes
+        return fn
+
+
+_lib = _Libc()
+_unshare = _lib.function("unshare", c_int, [c_int])
+_setns = _lib.function("setns", c_int, [c_int, c_int])
+_mount = _lib.function("mount", c_int, [c_char_p, c_char_p, c_char_p, c_ulong, c_char_p])
+_umount2 = _lib.function("umount2", c_int, [c_char_p, c_int])
+_prctl = _lib.function("prctl", c_int, [c_int, c_ulong, c_ulong, c_ulong, c_ulong])
+_prctl_ptr = _lib.function("prctl", c_int, [c_int, c_ulong, c_void_p, c_ulong, c_ulong])
+_sethostname = _lib.function("sethostname", c_int, [c_char_p, c_ulong])
+_syscall3 = _lib.function("syscall", c_long, [c_long, c_char_p, c_char_p])
+_syscall_openat2 = _lib.function("syscall", c_long, [c_long, c_int, c_char_p, c_void_p, c_ulong])
+_capget = _lib.function("capget", c_int, [c_void_p, c_void_p])
+_capset = _lib.function("capset", c_int, [c_void_p, c_void_p])
 
 
 def _check(result: int, path: str | None = None) -> None:
     if result < 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
 
 
@@ -81,45 +146,45 @@ def _b(text: str | None) -> bytes | None:
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags))
+    _check(_unshare(flags))
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype))
+    _check(_setns(fd, nstype))
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), target)
+    _check(_mount(_b(source), _b(target), _b(fstype), flags, _b(data)), target)
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(_b(target), flags), target)
+    _check(_umount2(_b(target), flags), target)
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
     number = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if number is None:
         raise OSError(38, f"pivot_root: unknown syscall number on {os.uname().machine}")
-    _check(_libc.syscall(number, _b(new_root), _b(put_old)), new_root)
+    _check(_syscall3(number, _b(new_root), _b(put_old)), new_root)
 
 
 def prctl(option: int, arg2: int = 0) -> None:
-    _check(_libc.prctl(option, arg2, 0, 0, 0))
+    _check(_prctl(option, arg2, 0, 0, 0))
 
 
 def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
-    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()
-    _check(_libc.capget(header, data))
+    header = (c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (c_uint32 * 6)()
+    _check(_capget(_ctypes.addressof(header), _ctypes.addressof(data)))
     return tuple(data[i] | (data[i + 3] << 32) for i in range(3))  # type: ignore[return-value]
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
-    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    header = (c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     masks = (effective, permitted, inheritable)
-    data = (ctypes.c_uint32 * 6)(*[m & 0xFFFFFFFF for m in masks], *[m >> 32 for m in masks])
-    _check(_libc.capset(header, data))
+    data = (c_uint32 * 6)(*[m & 0xFFFFFFFF for m in masks], *[m >> 32 for m in masks])
+    _check(_capset(_ctypes.addressof(header), _ctypes.addressof(data)))
 
 
 def drop_capabilities(keep: frozenset[int]) -> None:
@@ -131,12 +196,12 @@ def drop_capabilities(keep: frozenset[int]) -> None:
     inheritable) ⊆ ``keep``; a non-root uid keeps only its ambient set, now empty
     (capabilities(7), "Transformation of capabilities during execve()")."""
     last = 0
-    while _libc.prctl(PR_CAPBSET_READ, last + 1, 0, 0, 0) >= 0:
+    while _prctl(PR_CAPBSET_READ, last + 1, 0, 0, 0) >= 0:
         last += 1
     for cap in range(last + 1):
         if cap not in keep:
-            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0))
-    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: nothing to clear
+            _check(_prctl(PR_CAPBSET_DROP, cap, 0, 0, 0))
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: nothing to clear
     mask = sum(1 << c for c in keep)
     effective, permitted, inheritable = capget()
     capset(effective, permitted, inheritable & mask)
@@ -144,10 +209,52 @@ def drop_capabilities(keep: frozenset[int]) -> None:
 
 def sethostname(name: str) -> None:
     raw = name.encode()
-    _check(_libc.sethostname(raw, len(raw)))
+    _check(_sethostname(raw, len(raw)))
 
 
 def locked_flags(path: str) -> int:
     """Mount flags of the filesystem holding ``path`` that a bind remount must repeat."""
     f_flag = os.statvfs(path).f_flag
     return sum(ms for st, ms in _ST_TO_MS if f_flag & st)
+
+
+# <linux/seccomp.h>, prctl(2) PR_SET_SECCOMP
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+def seccomp_set_filter(program: bytes) -> None:
+    """Install a compiled classic-BPF seccomp program (an array of 8-byte
+    ``struct sock_filter``) in this thread; needs no_new_privs or CAP_SYS_ADMIN."""
+    if not program or len(program) % 8 or len(program) // 8 > 4096:  # BPF_MAXINSNS
+        raise OSError(22, "not a seccomp BPF program", None)
+    filters = (c_uint32 * (len(program) // 4)).from_buffer_copy(program)
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; } (64-bit ABI)
+    order = sys.byteorder
+    header = (len(program) // 8).to_bytes(2, order) + bytes(6) + _ctypes.addressof(filters).to_bytes(8, order)
+    fprog = (c_uint32 * 4).from_buffer_copy(header)
+    _check(_prctl_ptr(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, _ctypes.addressof(fprog), 0, 0))
+
+
+# openat2(2): one syscall to resolve a path with no symlink and no escape from dirfd
+# (Linux 5.6; the same number on every architecture).
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_openat2_missing = False  # ENOSYS once: an older kernel, do not ask again
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int | None:
+    """fd of ``path`` under ``dirfd``, resolved under ``resolve`` rules; None when the
+    kernel has no openat2 (callers then walk the path themselves)."""
+    global _openat2_missing
+    if _openat2_missing:
+        return None
+    how = (c_uint64 * 3)(flags, 0, resolve)  # struct open_how { flags, mode, resolve }
+    fd: int = _syscall_openat2(_SYS_OPENAT2, dirfd, os.fsencode(path), _ctypes.addressof(how), 24)
+    if fd < 0 and _ctypes.get_errno() == 38:  # ENOSYS
+        _openat2_missing = True
+        return None
+    _check(fd, path)
+    return fd

@@ -10,8 +10,10 @@ the node's cache before the job's tasks all mount it at the same moment.
 
 The epilog unmounts the FUSE mounts mesobox left under the job user's runtime dir
 (``/tmp/mesobox-UID/...``): squashfuse helpers outlive the container when a job is
-killed hard (shared/NOTES.md).  Hooks never fail the job: errors are logged to stderr
-and the exit status stays 0, because a failing prolog drains the node.
+killed hard (shared/NOTES.md), and shared squashfs mounts linger after their last
+user (``squashfs_linger``) for a next run that will not come once the job is over.
+Hooks never fail the job: errors are logged to stderr and the exit status stays 0,
+because a failing prolog drains the node.
 """
 
 from __future__ import annotations
@@ -89,11 +91,13 @@ def stale_mounts(runtime_root: Path, mountinfo: str) -> list[Path]:
 def epilog(config: Config) -> int:
     uid = os.environ.get("SLURM_JOB_UID")
     root = Path(f"/tmp/mesobox-{uid}") if uid else Path(config.runtime_dir)
-    # first the shared squashfs mounts whose launchers all died (refcounts say so) …
+    # first the shared squashfs mounts no live launcher uses (refcounts say so): those
+    # whose launchers all died and those lingering for a next run (linger 0: the job is
+    # over; their reaper may have died with the step's cgroup) …
     from mesobox.runtime.squashmount import reap_stale
 
-    for reaped in reap_stale(str(root / "mnt")):
-        _log(f"epilog: job {os.environ.get('SLURM_JOB_ID', '?')}: {reaped} reaped (its launchers died)")
+    for reaped in reap_stale(str(root / "mnt"), linger=0.0):
+        _log(f"epilog: job {os.environ.get('SLURM_JOB_ID', '?')}: {reaped} reaped (no container uses it)")
     # … then anything of the job's still mounted under its runtime dir
     mountinfo = Path("/proc/self/mountinfo").read_text()
     for point in stale_mounts(root, mountinfo):
