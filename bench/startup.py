@@ -3,8 +3,11 @@
 
 Rows: bare exec; a minimal Python launcher floor (``python3 -I -S``: unshare +
 uid_map + bind + pivot_root + exec, written below); ``ch-run`` on a directory and
-on a squashfs; rootless ``podman run`` (runc); mesobox on a directory and on a
-squashfs (default binds, and ``--contain``).  All on the same busybox image.
+on a squashfs; rootless ``podman run`` (runc); mesobox on a directory (default
+binds, ``--contain``, with a site config file, without seccomp, through
+``python -m``) and on a squashfs (warm: the shared mount lingers between runs;
+cold: every run mounts afresh).  All on the same busybox image; the rows run
+interleaved, round by round.
 
 Run as root it prepares the image and a world-readable, byte-compiled copy of
 mesobox, then re-executes itself as ``--user`` (default mbtest) with runuser.
@@ -73,6 +76,12 @@ def prepare(work: str) -> None:
                     "-quiet", "-noappend", "-all-root"], check=True, capture_output=True)
     with open(os.path.join(work, "floor.py"), "w") as f:
         f.write(FLOOR)
+    # A site config file, as a real site has: its parse is cached per user (docs/admin.md);
+    # dated an hour back, past the window in which a fresh file is parsed every time.
+    site = os.path.join(work, "site.toml")
+    with open(site, "w") as f:
+        f.write('default_binds = []\nallowed_bind_sources = []\nlock = ["allowed_bind_sources"]\n')
+    os.utime(site, (time.time() - 3600,) * 2)
     shutil.copytree(os.path.join(ROOT, "src"), os.path.join(work, "src"),
                     ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([VENV_PYTHON, "-m", "compileall", "-q", os.path.join(work, "src")], check=True)
@@ -125,6 +134,8 @@ def rows(work: str) -> list[tuple[str, list[str], dict[str, str]]]:
                 ("ch-run squashfs", ["ch-run", sqfs, "--", "/bin/true"], {})]
     out += [("mesobox dir", [*mesobox, rootfs, "/bin/true"], {}),
             ("mesobox dir --contain", [*mesobox, "--contain", rootfs, "/bin/true"], {}),
+            ("mesobox dir, site config", [*mesobox, rootfs, "/bin/true"],
+             {"MESOBOX_SITE_CONFIG": os.path.join(work, "site.toml")}),
             ("mesobox dir, no seccomp", [*mesobox, "--security-opt", "seccomp=unconfined", rootfs, "/bin/true"], {}),
             ("mesobox dir, python -m", [VENV_PYTHON, "-m", "mesobox", "exec", rootfs, "/bin/true"], {}),
             ("mesobox squashfs", [*mesobox, sqfs, "/bin/true"], {}),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import marshal
+import os
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,8 @@ from conftest import Mesobox
 from mesobox.cli import main
 from mesobox.config import Config, load_config
 from mesobox.errors import ConfigError
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,6 +47,7 @@ def test_precedence_site_user_env(tmp_path: Path) -> None:
         "HOME": str(tmp_path),
         "MESOBOX_INSECURE_REGISTRIES": "b:1,c:2",
         "MESOBOX_STORE": "/x/store",
+        "MESOBOX_RUNTIME_DIR": str(tmp_path / "rt"),
     }
     cfg = load_config(env)
     assert cfg.default_binds == ("/scratch",)  # site
@@ -53,7 +61,8 @@ def test_locked_keys_and_bad_values(tmp_path: Path) -> None:
     site.write_text('allowed_bind_sources = ["/home"]\nlock = ["allowed_bind_sources"]\n')
     user = tmp_path / "user.toml"
     user.write_text('allowed_bind_sources = ["/"]\n')
-    env = {"MESOBOX_SITE_CONFIG": str(site), "MESOBOX_CONFIG": str(user), "HOME": str(tmp_path)}
+    env = {"MESOBOX_SITE_CONFIG": str(site), "MESOBOX_CONFIG": str(user), "HOME": str(tmp_path),
+           "MESOBOX_RUNTIME_DIR": str(tmp_path / "rt")}
     with pytest.raises(ConfigError, match="set by the site"):
         load_config(env)
     # an environment variable cannot override a locked key either
@@ -69,6 +78,70 @@ def test_locked_keys_and_bad_values(tmp_path: Path) -> None:
     user.write_text("this is [not toml\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(env)
+
+
+def _aged(path: Path, text: str, age: float = 3600) -> None:
+    """Write ``path`` and date it ``age`` seconds back: older than the racy window."""
+    path.write_text(text)
+    when = time.time() - age
+    os.utime(path, (when, when))
+
+
+def _cache_env(tmp_path: Path, site: Path) -> dict[str, str]:
+    return {"MESOBOX_SITE_CONFIG": str(site), "MESOBOX_CONFIG": str(tmp_path / "none.toml"),
+            "HOME": str(tmp_path), "MESOBOX_RUNTIME_DIR": str(tmp_path / "rt")}
+
+
+def test_parsed_config_files_are_cached_and_revalidated(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    _aged(site, "max_parallel_downloads = 2\n")
+    env = _cache_env(tmp_path, site)
+    assert load_config(env).max_parallel_downloads == 2
+    (cached,) = (tmp_path / "rt" / "config").iterdir()
+    assert cached.stat().st_mode & 0o777 == 0o600
+    # The cache is what is read: change the parsed value it holds, keep its key.
+    fmt, signature, parsed = marshal.loads(cached.read_bytes())
+    cached.write_bytes(marshal.dumps((fmt, signature, {**parsed, "max_parallel_downloads": 7})))
+    assert load_config(env).max_parallel_downloads == 7
+    # An edited file is parsed again (its size, mtime and ctime are in the key).
+    _aged(site, "max_parallel_downloads = 3\n", age=1800)
+    assert load_config(env).max_parallel_downloads == 3
+    # Garbage in the cache is ignored and replaced.
+    cached.write_bytes(b"\x00not marshal")
+    assert load_config(env).max_parallel_downloads == 3
+    assert marshal.loads(cached.read_bytes())[2] == {"max_parallel_downloads": 3}
+
+
+def test_config_cache_must_be_private_and_files_must_settle(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    _aged(site, "max_parallel_downloads = 2\n")
+    env = _cache_env(tmp_path, site)
+    load_config(env)
+    (cached,) = (tmp_path / "rt" / "config").iterdir()
+    fmt, signature, _ = marshal.loads(cached.read_bytes())
+    cached.write_bytes(marshal.dumps((fmt, signature, {"max_parallel_downloads": 9})))
+    cached.chmod(0o666)  # writable by others: not trusted
+    assert load_config(env).max_parallel_downloads == 2
+    cached.write_bytes(marshal.dumps((fmt, signature, {"max_parallel_downloads": 9})))
+    cached.chmod(0o600)
+    os.chown(cached, 4242, 4242)  # someone else's file: not trusted either
+    assert load_config(env).max_parallel_downloads == 2
+    # A file written just now is parsed every time and never cached (racy timestamps).
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text("max_parallel_downloads = 5\n")
+    shutil.rmtree(tmp_path / "rt")
+    assert load_config(_cache_env(tmp_path, fresh)).max_parallel_downloads == 5
+    assert not list((tmp_path / "rt" / "config").glob("*fresh*"))
+
+
+def test_a_cached_config_does_not_import_tomllib(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    _aged(site, 'default_binds = ["/scratch"]\n')
+    probe = ("import sys; from mesobox.config import load_config; "
+             f"c = load_config({_cache_env(tmp_path, site)!r}); print(c.default_binds, 'tomllib' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={"PYTHONPATH": SRC}).stdout.strip() for _ in range(2)]
+    assert runs == ["('/scratch',) True", "('/scratch',) False"]
 
 
 def test_config_is_frozen() -> None:

@@ -245,6 +245,65 @@ def test_32_concurrent_squashfs_launches_share_one_mount(
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
 
 
+@pytest.mark.slow
+def test_32_concurrent_lingering_squashfs_launches_share_one_mount_and_one_watcher(
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], world_tmp: Path
+) -> None:
+    """With a linger no launcher supervises: each is its workload (its ref is its own
+    pid), one watcher serves the mount, and a linger after the last exit nothing is left."""
+    runtime = world_tmp / "rt"
+    marker = world_tmp / "go"
+    script = f"while [ ! -e {marker} ]; do sleep 0.05; done"
+    argv, env = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", script],
+                             env={"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_SQUASHFS_LINGER": "2"})
+    procs = [subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE) for _ in range(32)]
+    try:
+        deadline = time.monotonic() + 60
+        refs: list[str] = []
+        while time.monotonic() < deadline:
+            files = list((runtime / "mnt").glob("*.refs")) if (runtime / "mnt").exists() else []
+            refs = files[0].read_text().split() if files else []
+            if len(refs) == 32 and all(_cmdline(p.pid).startswith(b"sh\0") for p in procs):
+                break  # every launcher has exec'd into its workload: nobody stayed to supervise
+            time.sleep(0.1)
+        assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
+        assert sorted(int(ref.split(":")[0]) for ref in refs) == sorted(p.pid for p in procs)
+        assert all(_cmdline(p.pid).startswith(b"sh\0") for p in procs)
+        assert len(_watchers(runtime)) == 1
+    finally:
+        marker.touch()
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    deadline = time.monotonic() + 2 + 5
+    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or _watchers(runtime):
+        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), _watchers(runtime))
+        time.sleep(0.1)
+    assert not [p for p in (runtime / "mnt").iterdir() if not p.name.endswith((".lock", ".watcher"))]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _watchers(runtime: Path) -> list[int]:
+    """Live processes holding a squashfs watcher lock (``<key>.watcher``) of ``runtime`` open."""
+    prefix, found = str(runtime / "mnt") + "/", []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X") and any(x.startswith(prefix) and x.endswith(".watcher") for x in links):
+            found.append(int(pid))
+    return found
+
+
 def test_debug_prints_the_mount_plan_and_shell_falls_back_to_sh(
     mesobox: Mesobox, user: User, images: tuple[Path, Path]
 ) -> None:

@@ -1,22 +1,29 @@
 """A shared squashfs mount lingers ``squashfs_linger`` seconds after its last user, so
-the next run of the image finds it mounted and warm; then a forked reaper unmounts it.
+the next run of the image finds it mounted and warm; a forked watcher, which drops the
+refs of dead launchers, then unmounts it.  With a linger the launcher needs no
+supervisor: it execs into the workload, whose pid and start time are its ref.
 
 Real mounts and processes, as the ordinary user with a runtime dir per test:
 - within the window a second run reuses the same ``squashfuse_ll``; after it, the
-  mount, the daemon and the reaper are all gone;
-- ``squashfs_linger = 0`` unmounts at once (the behaviour before lingering);
-- a SIGKILLed reaper (Slurm's step cgroup) leaves the mount to the next launch;
-- ``mesobox slurm epilog`` reaps a lingering mount at once: the job is over;
-- concurrent releases never leave two reapers or a mount nobody will reap.
+  mount, the daemon and the watcher are all gone;
+- ``squashfs_linger = 0`` unmounts at once (supervised, as before lingering);
+- a SIGKILLed watcher (Slurm's step cgroup) leaves the mount to the next launch;
+- ``mesobox slurm epilog`` reaps a lingering mount at once: the job is over, and its
+  watcher leaves;
+- concurrent launches never leave two watchers or a mount nobody will reap;
+- with the default linger mesobox *is* the workload (same pid, signals meet its trap);
+  a SIGKILLed container's ref is dropped by the watcher, and a ref whose pid now
+  belongs to another process (another start time) counts as dead.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,10 +42,10 @@ def images(shared_tmp: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def runtime(world_tmp: Path) -> Iterator[Path]:
-    """The user's runtime dir; a reaper or mount a failing test left behind goes after."""
+    """The user's runtime dir; a watcher or mount a failing test left behind goes after."""
     path = world_tmp / "rt"
     yield path
-    for pid in _reapers(path):
+    for pid in _watchers(path):
         os.kill(pid, signal.SIGKILL)
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f if str(path) + "/" in line.split(" - ")[0]]
@@ -54,8 +61,8 @@ def _live(pid: str) -> bool:
         return False
 
 
-def _reapers(runtime: Path) -> list[int]:
-    """Live processes holding a ``<key>.reaper`` lock file of ``runtime`` open."""
+def _watchers(runtime: Path) -> list[int]:
+    """Live processes holding a ``<key>.watcher`` lock file of ``runtime`` open."""
     prefix = str(runtime / "mnt") + "/"
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -63,7 +70,7 @@ def _reapers(runtime: Path) -> list[int]:
             links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         except OSError:
             continue
-        if any(link.startswith(prefix) and link.endswith(".reaper") for link in links) and _live(pid):
+        if any(link.startswith(prefix) and link.endswith(".watcher") for link in links) and _live(pid):
             found.append(int(pid))
     return found
 
@@ -95,9 +102,26 @@ def _run(mesobox: Mesobox, user: User, image: Path, runtime: Path, linger: str) 
 
 def _wait_gone(user: User, runtime: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or _reapers(runtime):
-        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), _reapers(runtime))
+    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or _watchers(runtime):
+        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), _watchers(runtime))
         time.sleep(0.1)
+
+
+def _eventually(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+
+
+def _idle(runtime: Path) -> bool:
+    """The watcher has seen the last user go: no refs, an idle stamp."""
+    return _names(runtime, ".refs") == [] and len(_names(runtime, ".idle")) == 1
+
+
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
 
 
 @pytest.mark.slow
@@ -109,13 +133,14 @@ def test_a_lingering_mount_is_reused_then_reaped(
     first_end = time.monotonic()
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # still mounted, nobody uses it
     daemon = _squashfuse_pids(user.uid, runtime)
-    assert len(daemon) == 1 and len(_reapers(runtime)) == 1
-    assert _names(runtime, ".refs") == [] and len(_names(runtime, ".idle")) == 1
+    watchers = _watchers(runtime)
+    assert len(daemon) == 1 and len(watchers) == 1
+    _eventually(lambda: _idle(runtime), 1.5, "the watcher drops the exited launcher's ref")
     time.sleep(1)
     _run(mesobox, user, images[1], runtime, "3")  # within the window: no new mount
     assert _squashfuse_pids(user.uid, runtime) == daemon
-    assert len(_reapers(runtime)) == 1
-    # The second release restarted the clock: later than 3 s after the first run, but
+    assert _watchers(runtime) == watchers  # the same watcher serves the second run
+    # The second run restarted the clock: later than 3 s after the first run, but
     # earlier than 3 s after the second, the mount is still there.
     time.sleep(max(0.0, first_end + 3.3 - time.monotonic()))
     assert _squashfuse_pids(user.uid, runtime) == daemon
@@ -130,24 +155,25 @@ def test_b_linger_zero_unmounts_at_once(
 ) -> None:
     _run(mesobox, user, images[1], runtime, "0")
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
-    assert _reapers(runtime) == [] and _names(runtime, ".idle") == []
+    assert _watchers(runtime) == [] and _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
 
 
 @pytest.mark.slow
 @pytest.mark.userns
-def test_c_a_killed_reapers_mount_is_reaped_by_the_next_launch(
+def test_c_a_killed_watchers_mount_is_reaped_by_the_next_launch(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
 ) -> None:
     _run(mesobox, user, images[1], runtime, "1")
-    reapers = _reapers(runtime)
-    assert len(reapers) == 1
-    os.kill(reapers[0], signal.SIGKILL)  # what Slurm's step cgroup does at the step's end
+    watchers = _watchers(runtime)
+    assert len(watchers) == 1
+    _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
+    os.kill(watchers[0], signal.SIGKILL)  # what Slurm's step cgroup does at the step's end
     time.sleep(1.5)
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # nobody left to unmount it
     # The next launch, of another image (a directory), reaps it: its stamp is too old.
     _run(mesobox, user, images[0], runtime, "1")
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
-    assert _names(runtime, ".idle") == [] and _reapers(runtime) == []
+    assert _names(runtime, ".idle") == [] and _watchers(runtime) == []
 
 
 @pytest.mark.userns
@@ -156,12 +182,35 @@ def test_c_a_launch_leaves_a_young_lingering_mount_and_deletes_leftover_files(
 ) -> None:
     _run(mesobox, user, images[1], runtime, "30")
     mnt = runtime / "mnt"
-    # Leftovers of launchers long gone: refs of a dead pid and a stamp, with no mount point.
-    for name, text in (("0-0-0-0.refs", "999999999\n"), ("1-1-1-1.idle", "")):
+    # Leftovers of launchers long gone: refs of dead pids (an older mesobox wrote bare
+    # pids) and a stamp, with no mount point.
+    for name, text in (("0-0-0-0.refs", "999999999:1\\n999999998\\n"), ("1-1-1-1.idle", "")):
         user.run(["sh", "-c", f"printf '{text}' > {mnt / name}"], check=True)
     _run(mesobox, user, images[0], runtime, "30")  # a directory image
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # still lingering
-    assert len(_names(runtime, ".idle")) == 1 and _names(runtime, ".refs") == []
+    assert not (mnt / "0-0-0-0.refs").exists() and not (mnt / "1-1-1-1.idle").exists()
+    _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
+    assert len(_watchers(runtime)) == 1
+
+
+@pytest.mark.userns
+def test_c_a_launch_leaves_a_watched_mount_to_its_watcher(
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
+) -> None:
+    """A stamp older than the linger alone does not let a launch reap the mount while
+    the key's watcher lives (here: stopped): the watcher decides, once it runs again."""
+    _run(mesobox, user, images[1], runtime, "30")
+    _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
+    [watcher] = _watchers(runtime)
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        stamp = runtime / "mnt" / _names(runtime, ".idle")[0]
+        os.utime(stamp, (time.time() - 3600, time.time() - 3600))  # idle for an hour
+        _run(mesobox, user, images[0], runtime, "30")  # a directory image: reap_stale runs
+        assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    _wait_gone(user, runtime, timeout=3)  # resumed, it finds the stamp old and unmounts
 
 
 @pytest.mark.root
@@ -177,6 +226,10 @@ def test_d_the_epilog_reaps_a_lingering_mount_at_once(
     assert "job 78: " in result.stderr.decode() and "reaped (no container uses it)" in result.stderr.decode()
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
     assert _names(runtime, ".idle") == []
+    # The watcher finds the mount gone and leaves, leaving nothing behind.
+    _eventually(lambda: _watchers(runtime) == [], 2, "the watcher exits")
+    assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
+    assert not [p for p in (runtime / "mnt").iterdir() if p.is_dir()]
 
 
 @pytest.mark.userns
@@ -212,11 +265,11 @@ def test_linger_config_values(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.userns
-def test_concurrent_releases_leave_one_reaper_and_nothing_after(
+def test_concurrent_launches_leave_one_watcher_and_nothing_after(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
 ) -> None:
-    """Rounds of launches ending at nearly the same moment, each round inside the
-    previous one's window: one mount throughout, at most one reaper, none after."""
+    """Rounds of launches starting and ending at nearly the same moment, each round
+    inside the previous one's window: one mount and one watcher throughout, none after."""
     env = {"MESOBOX_RUNTIME_DIR": str(runtime), LINGER_VAR: "1"}
     argv, full = mesobox_argv(mesobox, user, ["exec", str(images[1]), "true"], env=env)
     for _ in range(3):
@@ -225,6 +278,115 @@ def test_concurrent_releases_leave_one_reaper_and_nothing_after(
         errors = [p.communicate(timeout=60)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errors
         assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
-        assert len(_reapers(runtime)) <= 1
+        assert len(_watchers(runtime)) == 1
     _wait_gone(user, runtime, timeout=1 + 10)
     assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
+
+
+@pytest.mark.userns
+def test_f_with_the_default_linger_mesobox_is_the_workload(
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
+) -> None:
+    """No supervisor, as for a directory image: the workload runs as mesobox's own pid
+    (setpriv execs, so the Popen pid is mesobox's), the ref is that pid and its start
+    time, and a SIGTERM sent to it meets the workload's trap with nobody forwarding."""
+    script = "trap 'echo got-term; exit 7' TERM; echo $$; i=0; while [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done"
+    argv, env = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", script],
+                             env={"MESOBOX_RUNTIME_DIR": str(runtime)})  # no linger set: the default
+    proc = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the trap is set before the echo
+        assert line == f"{proc.pid}\n".encode(), (line, proc.pid)
+        assert squashfuse_state(user.uid, str(runtime)) == (1, 1) and len(_watchers(runtime)) == 1
+        refs = [(runtime / "mnt" / name).read_text() for name in _names(runtime, ".refs")]
+        assert refs == [f"{proc.pid}:{_start_time(proc.pid)}\n"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out) == (7, b"got-term\n"), err.decode()[-500:]
+    _eventually(lambda: _idle(runtime), 1.5, "the watcher drops the ref of the ended workload")
+    assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # lingering for the next run
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_g_a_killed_containers_mount_goes_a_linger_later(
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
+) -> None:
+    """SIGKILL the workload (which is the launcher: nothing runs a release): the
+    watcher notices within a second, and the mount goes once it has lingered."""
+    argv, env = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", "echo $$; exec sleep 60"],
+                             env={"MESOBOX_RUNTIME_DIR": str(runtime), LINGER_VAR: "2"})
+    proc = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == f"{proc.pid}\n".encode()
+    assert _names(runtime, ".refs") and not _names(runtime, ".idle")
+    proc.kill()
+    proc.communicate(timeout=10)
+    killed = time.monotonic()
+    _eventually(lambda: _idle(runtime), 1.0, "the watcher notices the killed container")
+    assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # lingering, not dropped
+    _wait_gone(user, runtime, timeout=2 + 3)
+    assert time.monotonic() - killed >= 2.0  # not before the linger was over
+    assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_h_a_ref_with_a_recycled_pid_counts_as_dead(
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
+) -> None:
+    """A ref naming a live process of the user keeps the mount; the same pid with
+    another start time (the pid was recycled after its launcher died) does not."""
+    other = subprocess.Popen(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
+                              "sleep", "60"])
+    try:
+        _run(mesobox, user, images[1], runtime, "1")
+        key = _names(runtime, ".lock")[0][: -len(".lock")]
+        start = _start_time(other.pid)
+        _set_refs(runtime, key, user, f"{other.pid}:{start}\n")  # as an acquire by `other` would
+        time.sleep(1 + 1)  # past the linger: the mount stays, its user lives
+        assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
+        assert _names(runtime, ".refs") == [key + ".refs"] and _names(runtime, ".idle") == []
+        _set_refs(runtime, key, user, f"{other.pid}:{int(start) + 1}\n")  # same pid, another process
+        _eventually(lambda: _idle(runtime), 1.0, "the watcher drops the recycled pid's ref")
+        _wait_gone(user, runtime, timeout=1 + 3)
+        assert other.poll() is None  # the mount went while that pid still ran
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _set_refs(runtime: Path, key: str, user: User, text: str) -> None:
+    """Write ``<key>.refs`` under the key lock, and remove the idle stamp, as acquire does."""
+    mnt = runtime / "mnt"
+    fd = os.open(mnt / (key + ".lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        (mnt / (key + ".refs.tmp")).write_text(text)
+        os.chown(mnt / (key + ".refs.tmp"), user.uid, user.gid)
+        os.replace(mnt / (key + ".refs.tmp"), mnt / (key + ".refs"))
+        (mnt / (key + ".idle")).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def test_alive_compares_pid_and_start_time() -> None:
+    from mesobox.runtime.squashmount import _alive
+
+    me, start = os.getpid(), _start_time(os.getpid())
+    assert _alive(f"{me}:{start}")
+    assert not _alive(f"{me}:{int(start) + 1}")  # a recycled pid: another process
+    assert _alive(str(me))  # a bare pid (an older mesobox's ref): alive while it runs
+    zombie = subprocess.Popen(["true"])
+    try:
+        _eventually(lambda: not _live(str(zombie.pid)), 5, "the child exits")
+        assert not _alive(f"{zombie.pid}:{_start_time(zombie.pid)}")  # not reaped yet: a zombie
+    finally:
+        zombie.wait()
+    for ref in ("999999999:1", "999999999", "", "abc", "12:x", f"{me}:", f":{start}"):
+        assert not _alive(ref), ref

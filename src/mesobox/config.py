@@ -209,23 +209,158 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     raise ConfigError(f"{origin}: unknown setting {key!r}", hint="see docs/admin.md for the known keys")
 
 
-def _read_toml(path: str) -> dict[str, Any]:
+def _read_toml(path: str, cache_dir: str | None = None) -> dict[str, Any]:
+    """The parsed TOML file at ``path`` ({} if there is none), through the parse cache
+    in ``cache_dir`` when one is given."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return {}
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror}") from None
     try:
+        st = os.fstat(fd)
+        signature = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        # A file changed in the last seconds may change again within one timestamp tick
+        # at the same size (git's "racy" files): parse it, cache it only once it is older.
+        if cache_dir and _racy(st.st_mtime_ns):
+            cache_dir = None
+        cached = _cache_load(cache_dir, signature) if cache_dir else None
+        if cached is not None:
+            return cached
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
     try:
-        parsed: dict[str, Any] = tomllib.loads(data.decode())
+        parsed: dict[str, Any] = tomllib.loads(b"".join(chunks).decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    if cache_dir:
+        _cache_store(cache_dir, signature, parsed)
     return parsed
+
+
+# --- parse cache ---------------------------------------------------------------------------
+# Importing tomllib costs ≈25 ms here (it pulls in re, typing, datetime, string): more
+# than a whole `mesobox run`, paid by every MPI rank on a site with a config file.  So
+# each file's parse is cached, per user, as marshal data keyed by the file's identity
+# (device, inode, size, mtime, ctime): an edited file is parsed again (and a file edited
+# in the last 2 s is never cached: see _racy).  The cache
+# lives in the per-user runtime directory and is used only if that directory and the
+# file are the user's own and writable by nobody else.  A user who rewrites their own
+# cache gains nothing they could not get with MESOBOX_SITE_CONFIG=/dev/null: site
+# policy in an unprivileged tool binds the cooperative, not the determined.
+
+_CACHE_FORMAT = 1
+_CACHE_MAX = 1 << 20
+_RACY_NS = 2_000_000_000
+
+
+def parse_cache_dir(env: dict[str, str]) -> str:
+    """Where parsed config files are cached: the runtime dir as far as the environment
+    alone says (a runtime_dir set *in* a config file cannot move its own cache)."""
+    base = env.get("MESOBOX_RUNTIME_DIR")
+    if not base:
+        xdg = env.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "mesobox") if xdg and os.path.isabs(xdg) else f"/tmp/mesobox-{os.getuid()}"
+    return os.path.join(os.path.expanduser(base), "config")
+
+
+def _racy(mtime_ns: int) -> bool:
+    import time
+
+    return abs(time.time_ns() - mtime_ns) < _RACY_NS
+
+
+def _own(st: os.stat_result) -> bool:
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _cache_name(signature: tuple[Any, ...]) -> str | None:
+    name = signature[0].replace("%", "%25").replace("/", "%2F") + ".marshal"
+    return name if len(name) < 250 else None
+
+
+def _cache_load(cache_dir: str, signature: tuple[Any, ...]) -> dict[str, Any] | None:
+    import marshal
+    import stat
+
+    name = _cache_name(signature)
+    if name is None:
+        return None
+    try:
+        dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not _own(os.fstat(dir_fd)):
+            return None
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) and _own(st) and st.st_size <= _CACHE_MAX):
+                return None
+            # Our own file (checked above), plain data we wrote: see the note above.
+            record = marshal.loads(os.read(fd, _CACHE_MAX))  # noqa: S302
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    finally:
+        os.close(dir_fd)
+    if (isinstance(record, tuple) and len(record) == 3 and record[0] == _CACHE_FORMAT
+            and record[1] == signature and isinstance(record[2], dict)):
+        return record[2]
+    return None
+
+
+def _cache_store(cache_dir: str, signature: tuple[Any, ...], parsed: dict[str, Any]) -> None:
+    """Best effort: a cache that cannot be written (full, read-only, someone else's
+    directory, TOML dates that marshal cannot hold) only means parsing next time."""
+    import marshal
+
+    name = _cache_name(signature)
+    try:
+        data = marshal.dumps((_CACHE_FORMAT, signature, parsed))
+    except ValueError:
+        return
+    if name is None or len(data) > _CACHE_MAX:
+        return
+    try:
+        for path in (os.path.dirname(cache_dir), cache_dir):
+            try:  # noqa: SIM105 - contextlib costs an import on the launch path
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+        dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    temp = f".{name}.{os.getpid()}.tmp"
+    try:
+        if not _own(os.fstat(dir_fd)):
+            return
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        try:  # noqa: SIM105 - contextlib costs an import on the launch path
+            os.unlink(temp, dir_fd=dir_fd)
+        except OSError:
+            pass
+    finally:
+        os.close(dir_fd)
 
 
 def load_config(env: dict[str, str] | None = None) -> Config:
@@ -236,15 +371,16 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         "store": default_store(),
         "runtime_dir": default_runtime_dir(),
     }
+    cache = parse_cache_dir(env)
     site_path = env.get("MESOBOX_SITE_CONFIG", SITE_CONFIG)
-    site = _read_toml(site_path)
+    site = _read_toml(site_path, cache)
     locked = set(site.pop("lock", []) or [])
     for key, value in site.items():
         values[key] = _coerce(key, value, str(site_path))
     user_path = os.path.join(_xdg("XDG_CONFIG_HOME", "~/.config"), "mesobox", "mesobox.toml")
     if env.get("MESOBOX_CONFIG"):
         user_path = env["MESOBOX_CONFIG"]
-    for key, value in _read_toml(user_path).items():
+    for key, value in _read_toml(user_path, cache).items():
         if key in locked:
             raise ConfigError(f"{user_path}: {key!r} is set by the site and cannot be changed")
         values[key] = _coerce(key, value, str(user_path))

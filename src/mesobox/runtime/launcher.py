@@ -6,9 +6,11 @@ slave → tmpfs workspace → root → mounts → pivot_root → drop the old ro
 hostname/loopback → user switch → no_new_privs → seccomp (last) → exec.
 
 Invariants:
-- Without a reason to stay (no shared squashfs lease, cgroup, slirp4netns or
-  newuidmap helper), mesobox *becomes* the workload by exec: signals sent to mesobox
-  (Slurm's walltime warning, scancel) reach it with no forwarding at all.
+- Without a reason to stay (a cgroup, slirp4netns, a newuidmap helper, real root's
+  maps, or a shared squashfs lease that no watcher looks after: squashfs_linger = 0),
+  mesobox *becomes* the workload by exec: signals sent to mesobox (Slurm's walltime
+  warning, scancel) reach it with no forwarding at all.  A squashfs lease with a
+  watcher is held by the workload's own pid and start time (squashmount.py).
 - Otherwise the supervising parent stays outside every namespace, forwards
   ``FORWARDED`` signals, and cleans up (lease, cgroup, slirp) after the child exits;
   the child dies with it (PR_SET_PDEATHSIG).  With ``--pid`` the container's pid 1 is
@@ -77,10 +79,14 @@ def launch(spec: Spec, config: Config) -> int:
         # Mounted in the initial mount namespace so every rank on the node shares it.
         lease = squashmount.acquire(config, spec.root.path)
         image_dir = lease.mountpoint
+    # A watched lease needs nobody to wait: its ref is this pid and start time, which
+    # the workload keeps across execve, and the key's watcher drops it once the
+    # workload is gone.  Without a linger there is no watcher: the supervisor releases.
     # A map of more than one's own id must be written from the parent user namespace
     # (user_namespaces(7)): root's full identity map needs the supervisor too.
-    supervised = (lease is not None or spec.linux.resources is not None or os.getuid() == 0
-                  or spec.annotations.get(ANN_NET) == "slirp" or spec.annotations.get(ANN_SUBIDS) == "1")
+    supervised = ((lease is not None and not lease.watched) or spec.linux.resources is not None
+                  or os.getuid() == 0 or spec.annotations.get(ANN_NET) == "slirp"
+                  or spec.annotations.get(ANN_SUBIDS) == "1")
     if not supervised:
         _unshare(spec)
         from mesobox.runtime.identity import write_own_maps
@@ -95,10 +101,10 @@ def launch(spec: Spec, config: Config) -> int:
 
 
 def _reap_stale_mounts(config: Config) -> None:
-    """A SIGKILLed launcher leaves its shared squashfs mount behind, a killed reaper a
-    lingering one: the next launch of any image reaps them.  Only a live or stale lease
-    leaves a ``.refs`` file and only a lingering mount an ``.idle`` stamp, so with
-    neither this is one listdir."""
+    """A SIGKILLed supervisor leaves its shared squashfs mount behind, a killed watcher
+    a lingering one: the next launch of any image reaps them (a key whose watcher lives
+    is left to it).  Only a live or stale lease leaves a ``.refs`` file and only a
+    lingering mount an ``.idle`` stamp, so with neither this is one listdir."""
     shared = os.path.join(config.runtime_dir_str, "mnt")
     try:
         names = os.listdir(shared)

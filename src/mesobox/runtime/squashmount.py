@@ -9,30 +9,38 @@ root it is a kernel ``mount -t squashfs -o loop`` (faster reads, no FUSE daemon)
 
 Invariants:
 - ``<key>.lock`` (fcntl.flock) serialises every mount, attach, detach and unmount of
-  one key; ``<key>.refs`` holds one line per user of the mount: the pid of the
-  launcher process that stays alive for the container's life.  An empty refs list is
-  no file at all.
-- A ref whose pid no longer exists is stale (killed launcher) and is dropped by the
-  next acquire/release.
+  one key; ``<key>.refs`` holds one line ``PID:STARTTIME`` per user of the mount: the
+  launcher process that lives exactly as long as the container's main process (it
+  execs into the workload, which keeps both, or supervises it).  STARTTIME is field 22
+  of /proc/PID/stat (proc(5)), so a recycled pid is never taken for a live user.  An
+  empty refs list is no file at all.
+- A ref whose process is gone (or a zombie, or has another start time) is dead and is
+  dropped by the next acquire, release or watcher look.
 - The last live user leaves the mount *lingering* for ``config.squashfs_linger``
   seconds (0: unmount at once): a warm mount saves the next run of the image the
   mount (≈6 ms), the unmount (≈4 ms) and, above all, the cold first exec through a
   fresh FUSE mount (≈34 ms, its page cache dies with the mount).  A lingering mount
   has no ``.refs`` and an idle stamp ``<key>.idle`` whose mtime is when it went idle;
   ``acquire`` removes the stamp, so "no live ref, no stamp" means "not lingering".
-- Exactly one reaper serves a key: a process forked (not exec'd) by a releaser, which
-  holds ``<key>.reaper`` (flock) for its whole life.  The releaser takes that lock
-  *itself*, under the key lock, before forking; the reaper inherits it, so "reaper
-  lock held" always means "a live reaper will look at the stamp again".  The reaper
-  decides only under the key lock, and drops the reaper lock before the key lock
-  when it exits, so a release never counts on a reaper that is leaving.  It unmounts
-  once the stamp is ``linger`` seconds old and nobody uses the mount; it exits when
-  someone does (their last release starts the next reaper).
-- A mount with no live user that is not lingering (every launcher SIGKILLed), or whose
-  stamp is older than the linger (its reaper killed: Slurm's step cgroup), is reaped
-  by the next launch of any image (``reap_stale``: one listdir when nothing is there)
-  and, lingering or not, by ``mesobox slurm epilog`` (the job is over).  Leftover
-  ``.refs``/``.idle`` files without a mount point are deleted the same way.
+- With a linger, exactly one *watcher* serves a key: a process forked (not exec'd) by
+  ``acquire`` (or a ``release``) that holds ``<key>.watcher`` (flock) for its whole
+  life.  The forker takes that lock *itself*, under the key lock, and keeps the key
+  lock until the watcher exists; the watcher inherits the lock, so "watcher lock held"
+  always means "a live watcher will look at this key again".  Every ``WATCH_S`` it
+  drops dead refs, keeps the stamp (none while refs live, made when the last one
+  dies) and, once the stamp is ``linger`` old, unmounts and exits.  It decides only
+  under the key lock, and drops the watcher lock before the key lock when it exits,
+  so an acquire never counts on a watcher that is leaving.  Because the watcher
+  notices dead launchers, a lease that has one needs no supervisor: the launcher
+  execs into the workload.  Without a linger (or a watcher) the launcher supervises
+  and its ``release`` detaches, unmounting at once when it was the last.
+- A mount with no live user and no watcher (every launcher SIGKILLed without linger,
+  or the watcher killed: Slurm's step cgroup) is reaped by the next launch of any
+  image once it is not lingering or its stamp is older than the linger
+  (``reap_stale``: one listdir when nothing is there); a key whose watcher lives is
+  left to it.  ``mesobox slurm epilog`` (linger 0: the job is over) reaps every mount
+  with no live user, watched or not; its watcher then finds the mount gone and exits.
+  Leftover ``.refs``/``.idle`` files without a mount point are deleted the same way.
 - The key is the image's device, inode, size and mtime: a rebuilt image gets a fresh
   mount, never stale content.
 """
@@ -48,6 +56,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mesobox.config import Config
+
+WATCH_S = 0.25  # a watcher's look interval: a dead launcher's ref is dropped this long after
 
 
 def _quietly(fn: Callable[[str], object], path: str) -> None:
@@ -78,11 +88,14 @@ def _spawn(argv: list[str]) -> int:
 
 
 class Lease:
-    """One user's hold on a shared mount; ``release()`` once the container is gone."""
+    """One user's hold on a shared mount.  ``watched``: the key's watcher drops the ref
+    once this process is gone, nobody need wait for the container; otherwise
+    ``release()`` once the container is gone."""
 
-    def __init__(self, base: str, key: str, mountpoint: str, pid: int, linger: float = 0.0) -> None:
-        self.base, self.key, self.mountpoint, self.pid = base, key, mountpoint, pid
+    def __init__(self, base: str, key: str, mountpoint: str, ref: str, linger: float = 0.0) -> None:
+        self.base, self.key, self.mountpoint, self.ref = base, key, mountpoint, ref
         self.linger = linger
+        self.watched = False
 
     def _path(self, suffix: str) -> str:
         return os.path.join(self.base, self.key + suffix)
@@ -99,22 +112,25 @@ class Lease:
             raise
         return fd
 
-    def _refs(self) -> list[int]:
+    def _entries(self) -> list[str]:
+        """Every ref in the refs file, live or dead."""
         try:
             with open(self._path(".refs")) as f:
-                pids = [int(x) for x in f.read().split() if x.isdigit()]
+                return f.read().split()
         except FileNotFoundError:
             return []
-        return [p for p in pids if _alive(p)]
 
-    def _write_refs(self, pids: list[int]) -> None:
+    def _refs(self) -> list[str]:
+        return [ref for ref in self._entries() if _alive(ref)]
+
+    def _write_refs(self, refs: list[str]) -> None:
         path = self._path(".refs")
-        if not pids:  # no file at all: the next launcher's stale check stays one listdir
+        if not refs:  # no file at all: the next launcher's stale check stays one listdir
             _quietly(os.unlink, path)
             return
         with open(path + ".tmp", "w") as f:
-            f.write("".join(f"{p}\n" for p in pids))
-        os.replace(path + ".tmp", path)
+            f.write("".join(f"{ref}\n" for ref in refs))
+        os.replace(path + ".tmp", path)  # atomic: a watcher reads refs without the lock
 
     def _idle_since(self) -> float | None:
         """When the mount went idle (the stamp's mtime), or None when it is not lingering."""
@@ -126,33 +142,33 @@ class Lease:
     def acquire(self, image: str) -> None:
         fd = self._locked()
         try:
-            refs = [p for p in self._refs() if p != self.pid]
+            refs = [ref for ref in self._refs() if ref != self.ref]
             if not _healthy(self.mountpoint):
                 _unmount(self.mountpoint)  # broken (daemon killed) or absent: start afresh
                 os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
                 _mount(image, self.mountpoint)
-            self._write_refs([*refs, self.pid])
+            self._write_refs([*refs, self.ref])
             _quietly(os.unlink, self._path(".idle"))  # a lingering mount is in use again
+            self.watched = self.linger > 0 and self._ensure_watcher(fd)
         finally:
             os.close(fd)
 
     def release(self) -> None:
-        reaper = None
+        """Drop this ref now (a supervisor, after the container); the last one out
+        leaves the mount lingering for the watcher, or unmounts it without a linger."""
         fd = self._locked()
         try:
-            refs = [p for p in self._refs() if p != self.pid]
+            refs = [ref for ref in self._refs() if ref != self.ref]
             self._write_refs(refs)
             if refs:
                 return
             if self.linger > 0 and _healthy(self.mountpoint):
                 _touch(self._path(".idle"))
-                reaper = self._claim_reaper()
-            else:
-                self._drop()
+                if self._ensure_watcher(fd):
+                    return
+            self._drop()  # no linger, a broken mount, or no watcher possible
         finally:
             os.close(fd)
-        if reaper is not None:  # forked outside the key lock: no child inherits it
-            self._start_reaper(reaper)
 
     def _drop(self) -> None:
         """Under the key lock: unmount and forget the mount (the daemon exits with it)."""
@@ -161,84 +177,119 @@ class Lease:
         _quietly(os.unlink, self._path(".idle"))
         _quietly(os.unlink, self._path(".refs"))
 
-    def _expire(self, linger: float) -> float:
-        """Under the key lock: drop the mount if nobody uses it and it has been idle for
-        ``linger`` seconds.  Returns the seconds left to wait, or 0 when there is nothing
-        more to wait for (in use again, dropped now, or dropped by someone else)."""
-        if self._refs():
-            return 0.0
-        idle = self._idle_since()
-        if idle is not None:
-            import time
-
-            left = idle + linger - time.time()
-            if left > 0:
-                return left
-        self._drop()  # also when not lingering: nobody uses it, nobody will drop it
-        return 0.0
-
-    def _claim_reaper(self) -> int | None:
-        """Under the key lock: the reaper lock's fd, held, when no reaper is alive; None
-        when one is (it will see the fresh stamp and wait again)."""
+    def _claim_watcher(self) -> int | None:
+        """Under the key lock: the watcher lock's fd, held, when no watcher is alive; None
+        when one is (it will look at the key again)."""
         import fcntl
 
-        rfd = os.open(self._path(".reaper"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        wfd = os.open(self._path(".watcher"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(rfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(wfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(rfd)
+            os.close(wfd)
             return None
-        return rfd
+        return wfd
 
-    def _start_reaper(self, rfd: int) -> None:
-        """Fork the reaper, which inherits the held reaper lock ``rfd``.  Double fork and
-        setsid(2): the launcher reaps only the short-lived middle child and never waits
-        for the reaper; no exec, the launcher's Python is already loaded."""
+    def _watched(self) -> bool:
+        """Under the key lock: is a watcher alive?"""
+        wfd = self._claim_watcher()
+        if wfd is None:
+            return True
+        os.close(wfd)  # still under the key lock: nobody saw it held
+        return False
+
+    def _ensure_watcher(self, keyfd: int) -> bool:
+        """Under the key lock ``keyfd``: True when a watcher serves the key, forking one
+        if none is alive; False when none can be forked.  Double fork and setsid(2),
+        all before the key lock is dropped, so nobody sees the claimed watcher lock
+        before its watcher exists; the forker waits only for the short-lived middle
+        child.  No exec: the launcher's Python is already loaded."""
+        wfd = self._claim_watcher()
+        if wfd is None:
+            return True
         try:
             pid = os.fork()
-        except OSError:  # no reaper possible: do not linger
-            os.close(rfd)
-            fd = self._locked()
-            try:
-                self._expire(0.0)
-            finally:
-                os.close(fd)
-            return
+        except OSError:
+            os.close(wfd)
+            return False
         if pid == 0:
+            code = 1
             try:
+                os.close(keyfd)  # the key lock stays the forker's alone
                 os.setsid()
                 if os.fork() == 0:
-                    self._reaper(rfd)
+                    self._watch(wfd)
+                code = 0
             finally:
-                os._exit(0)  # never back into the launcher's code, whatever happened
-        os.close(rfd)
-        os.waitpid(pid, 0)
+                os._exit(code)  # never back into the launcher's code, whatever happened
+        os.close(wfd)  # the watcher holds its own copy; if the middle child failed, none does
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
-    def _reaper(self, rfd: int) -> None:
-        """The reaper's life: detached, wait until the stamp is ``linger`` old, decide
-        under the key lock, exit."""
-        _detach(keep=rfd)
+    def _watch(self, wfd: int) -> None:
+        """The watcher's life: detached, look at the key every ``WATCH_S``; act only
+        under the key lock; exit once the mount is gone."""
+        _detach(keep=wfd)
         import time
 
         while True:
-            left = 0.0
+            time.sleep(WATCH_S)
+            if self._calm():
+                continue
+            done = True
             fd = self._locked()
             try:
-                left = self._expire(self.linger)
+                done = self._tend()
             finally:
-                if left <= 0:  # leaving (an error too): the reaper lock goes before the key lock
-                    os.close(rfd)
+                if done:  # leaving (an error too): the watcher lock goes before the key lock
+                    os.close(wfd)
                 os.close(fd)
-            if left <= 0:
+            if done:
                 return
-            time.sleep(left)
+
+    def _calm(self) -> bool:
+        """Without the lock (refs are replaced atomically): nothing to do, because every
+        ref is alive, or there is none and the stamp is younger than the linger."""
+        refs = self._entries()
+        if refs:
+            return all(_alive(ref) for ref in refs)
+        idle = self._idle_since()
+        if idle is None:
+            return False
+        import time
+
+        return time.time() - idle < self.linger
+
+    def _tend(self) -> bool:
+        """Under the key lock: drop dead refs and keep the stamp — none while a ref lives,
+        made when the last one has died — and unmount once it is ``linger`` old.  True
+        when the watcher's work is over: unmounted, or the mount is gone (the epilog)."""
+        entries = self._entries()
+        refs = [ref for ref in entries if _alive(ref)]
+        if len(refs) != len(entries):
+            self._write_refs(refs)
+        if refs:
+            _quietly(os.unlink, self._path(".idle"))
+            return False
+        if not _exists(self.mountpoint):
+            self._drop()  # litter only
+            return True
+        idle = self._idle_since()
+        if idle is None:
+            _touch(self._path(".idle"))  # idle since now
+            return False
+        import time
+
+        if time.time() - idle < self.linger:
+            return False
+        self._drop()
+        return True
 
 
 def _detach(keep: int) -> None:
     """Make a forked child a quiet daemon: every signal unblocked and default (the
     launcher blocks the ones it forwards), stdio on /dev/null and every other fd but
     ``keep`` closed (a caller reading the launcher's stdout/stderr to EOF must not wait
-    for the reaper), cwd ``/`` (no test directory or filesystem kept busy)."""
+    for the watcher), cwd ``/`` (no test directory or filesystem kept busy)."""
     if TYPE_CHECKING:
         import signal as _signal
     else:
@@ -252,7 +303,7 @@ def _detach(keep: int) -> None:
         os.dup2(null, std)
     os.closerange(3, keep)
     os.closerange(keep + 1, 1 << 30)  # close_range(2): one syscall
-    _quietly(lambda p: _write(p, "mesobox-reaper"), "/proc/self/comm")  # ps shows what it is
+    _quietly(lambda p: _write(p, "mesobox-watcher"), "/proc/self/comm")  # ps shows what it is
 
 
 def _touch(path: str) -> None:
@@ -270,21 +321,29 @@ def _write(path: str, text: str) -> None:
 
 
 def acquire(config: Config, image: str) -> Lease:
-    """Attach to (or make) the node's shared mount of ``image`` for this process."""
+    """Attach this process (its pid and start time) to the node's shared mount of
+    ``image``, making it if need be; with a linger, make sure a watcher serves it."""
     base = os.path.join(config.runtime_dir_str, "mnt")  # not config.runtime_dir: pathlib is ≈6 ms
     os.makedirs(base, mode=0o700, exist_ok=True)
     key = image_key(image)
-    lease = Lease(base, key, os.path.join(base, key), os.getpid(), config.squashfs_linger)
+    pid = os.getpid()
+    start = _start_time(str(pid))
+    ref = f"{pid}:{start}" if start else str(pid)  # both survive execve(2) into the workload
+    lease = Lease(base, key, os.path.join(base, key), ref, config.squashfs_linger)
     lease.acquire(image)
     return lease
 
 
-def reap_stale(base: str, linger: float = 0.0) -> list[str]:
+def reap_stale(base: str, linger: float = 0.0, job_over: bool = False) -> list[str]:
     """Unmount every shared mount under ``base`` that no live launcher uses and that has
-    lingered ``linger`` seconds or more (a launch passes ``config.squashfs_linger``: a
-    younger one still has its reaper; ``mesobox slurm epilog`` passes 0: the job is over,
-    reap them all); returns the mount points reaped.  Leftover ``.refs``/``.idle`` files
+    lingered ``linger`` seconds or more; returns the mount points reaped.  A launch
+    passes ``config.squashfs_linger`` and leaves a key whose watcher lives to it (even
+    with its own linger at 0: another launch's setting is not this one's to cut short);
+    ``mesobox slurm epilog`` passes ``job_over``: reap them all, watched or not (the
+    watcher then finds the mount gone and exits).  Leftover ``.refs``/``.idle`` files
     without a mount point go too.  A key busy under its lock is left to its holder."""
+    if job_over:
+        linger = 0.0
     try:
         names = os.listdir(base)
     except OSError:
@@ -292,7 +351,7 @@ def reap_stale(base: str, linger: float = 0.0) -> list[str]:
     keys = sorted({name[:-5] for name in names if name.endswith((".refs", ".idle"))})
     reaped = []
     for key in keys:
-        lease = Lease(base, key, os.path.join(base, key), 0, linger)
+        lease = Lease(base, key, os.path.join(base, key), "", linger)
         if not _unused(lease, linger):  # cheap look without the lock first
             continue
         try:
@@ -301,7 +360,8 @@ def reap_stale(base: str, linger: float = 0.0) -> list[str]:
             continue
         try:
             mounted = _exists(lease.mountpoint)
-            if _unused(lease, linger):  # still so, now that we hold the lock
+            # Still unused, now that we hold the lock, and nobody else's to decide.
+            if _unused(lease, linger) and (job_over or not lease._watched()):
                 lease._drop()
                 if mounted:
                     reaped.append(lease.mountpoint)
@@ -323,19 +383,25 @@ def _unused(lease: Lease, linger: float) -> bool:
     return time.time() - idle >= linger
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still "exists" for kill(2); its launcher is gone all the same.
+def _start_time(pid: str) -> str | None:
+    """Field 22 of /proc/PID/stat, starttime (clock ticks after boot; proc(5)), or None
+    when the process is gone or a zombie (whose launcher has ended all the same)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[1].split()  # comm, in parentheses, may hold anything
+        return None if fields[0] in ("Z", "X") else fields[19]
     except (OSError, IndexError):
+        return None
+
+
+def _alive(ref: str) -> bool:
+    """Is the launcher of ``ref`` (``PID:STARTTIME``) still running?  A recycled pid has
+    another start time.  A bare PID (mesobox before start times) is alive if it runs."""
+    pid, colon, start = ref.partition(":")
+    if not pid.isdigit() or (colon and not start.isdigit()):
         return False
+    now = _start_time(pid)
+    return now is not None and (now == start or not colon)
 
 
 def _healthy(mountpoint: str) -> bool:

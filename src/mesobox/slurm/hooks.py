@@ -93,10 +93,10 @@ def epilog(config: Config) -> int:
     root = Path(f"/tmp/mesobox-{uid}") if uid else Path(config.runtime_dir)
     # first the shared squashfs mounts no live launcher uses (refcounts say so): those
     # whose launchers all died and those lingering for a next run (linger 0: the job is
-    # over; their reaper may have died with the step's cgroup) …
+    # over, even if their watcher still lives; it may also have died with the step's cgroup) …
     from mesobox.runtime.squashmount import reap_stale
 
-    for reaped in reap_stale(str(root / "mnt"), linger=0.0):
+    for reaped in reap_stale(str(root / "mnt"), job_over=True):
         _log(f"epilog: job {os.environ.get('SLURM_JOB_ID', '?')}: {reaped} reaped (no container uses it)")
     # … then anything of the job's still mounted under its runtime dir
     mountinfo = Path("/proc/self/mountinfo").read_text()
