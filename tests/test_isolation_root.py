@@ -174,6 +174,9 @@ def test_resolve_follows_docker_rules() -> None:
 
     assert resolve(True, (), ())["bounding"] == tuple(f"CAP_{n}" for n in caps_in_kernel_order(DEFAULT))
     assert resolve(False, (), ())["bounding"] == ()
+    from mesobox.runtime.build import NO_CAPABILITIES  # build's shortcut for a plain user
+
+    assert resolve(False, (), ()) == NO_CAPABILITIES
     assert resolve(True, ("cap_sys_admin",), ("ALL",))["bounding"] == ("CAP_SYS_ADMIN",)
     assert "CAP_CHOWN" not in resolve(True, ("CHOWN",), ("CHOWN",))["effective"]
     assert len(resolve(True, ("ALL",), ())["permitted"]) == 41

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from mesobox.config import Config
 
 SQUASHFS_MAGIC = b"hsqs"
+NO_CAPABILITIES: dict[str, tuple[str, ...]] = {"bounding": (), "effective": (), "permitted": ()}
 # Working directories never bound over the image: the image's own software lives there.
 SYSTEM_DIRS = ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "opt", "proc", "run", "sbin",
                "sys", "usr", "var")
@@ -400,9 +401,12 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     ann = {S.ANN_FORMAT: image.format, "org.mesobox.user": "root" if inside[0] == 0 else name,
            "org.mesobox.group": group, "org.mesobox.home": home, "org.mesobox.shell": shell}
     ann.update(_option_annotations(opts, subids))
-    from mesobox.runtime.caps import resolve
+    if inside[0] != 0 and not opts.cap_add and not opts.cap_drop:
+        caps = dict(NO_CAPABILITIES)  # what caps.resolve says for a non-root uid, without its import
+    else:
+        from mesobox.runtime.caps import resolve
 
-    caps = resolve(inside[0] == 0, opts.cap_add, opts.cap_drop)
+        caps = resolve(inside[0] == 0, opts.cap_add, opts.cap_drop)
     process = S.Process(args=args, env=env, cwd=_cwd(opts, mounts, image.config),
                         user=S.User(uid=inside[0], gid=inside[1]), terminal=os.isatty(0), capabilities=caps)
     linux = S.Linux(namespaces=_namespaces(opts), uid_mappings=uid_maps, gid_mappings=gid_maps,

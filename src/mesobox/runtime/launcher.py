@@ -405,7 +405,7 @@ def _preload(spec: Spec, config: Config) -> bytes | None:
     """Load, before pivot_root hides the host's files, what runs after it; returns the
     compiled seccomp program (read from the per-user cache, or compiled with libseccomp
     and cached) for _exec.  Signal handling needs only builtin modules."""
-    if spec.process.capabilities is not None:
+    if spec.process.capabilities and spec.process.capabilities.get("bounding"):
         import mesobox.runtime.caps  # noqa: F401 - _exec uses it after pivot_root
     if spec.linux.seccomp is None:
         return None
@@ -529,10 +529,13 @@ def _exec(spec: Spec, program: bytes | None) -> NoReturn:
         identity.enter_userns(spec.linux.uid_mappings, spec.linux.gid_mappings, sc.unshare,
                                       sc.CLONE_NEWUSER)
     if proc.capabilities is not None:
-        from mesobox.runtime.caps import numbers
+        keep = frozenset[int]()
+        if proc.capabilities.get("bounding"):
+            from mesobox.runtime.caps import numbers
 
+            keep = numbers(proc.capabilities["bounding"])
         # Before the user switch: dropping from the bounding set needs CAP_SETPCAP.
-        sc.drop_capabilities(numbers(proc.capabilities.get("bounding", ())))
+        sc.drop_capabilities(keep)
     if (proc.user.uid, proc.user.gid) != (os.getuid(), os.getgid()):
         _switch_user(proc.user.uid, proc.user.gid, proc.user.additional_gids)
     if proc.no_new_privileges:

@@ -36,17 +36,16 @@ def open_beneath(root: str, rel: str, create: str | None = None) -> int:
     makes a missing last component (and missing parent directories)."""
     fd = os.open(root, O_PATH_FLAGS | os.O_DIRECTORY)
     try:
-        # The common case in one syscall; any refusal (missing, symlink, not a
-        # directory) is walked again below, component by component, for its message.
-        found = sc.openat2(fd, rel.strip("/") or ".", O_PATH_FLAGS, _BENEATH)
+        # The common case in one syscall; any refusal (missing, a symlink anywhere,
+        # the last component included: no O_NOFOLLOW here, so RESOLVE_NO_SYMLINKS
+        # refuses it with ELOOP; not a directory) is walked again below, component by
+        # component, for its message.
+        found = sc.openat2(fd, rel.strip("/") or ".", os.O_PATH | os.O_CLOEXEC, _BENEATH)
     except OSError:
         found = None
     if found is not None:
-        # O_PATH|O_NOFOLLOW opens a trailing symlink itself (openat2(2)): walk for the refusal.
-        if not stat.S_ISLNK(os.fstat(found).st_mode):
-            os.close(fd)
-            return found
-        os.close(found)
+        os.close(fd)
+        return found
     parts = [p for p in rel.split("/") if p and p != "."]
     try:
         for i, name in enumerate(parts):

@@ -172,19 +172,26 @@ def prctl(option: int, arg2: int = 0) -> None:
     _check(_prctl(option, arg2, 0, 0, 0))
 
 
+def _words(*values: int) -> Any:
+    """Eight zero-filled 32-bit words: the one array type used here (each new array
+    type costs a class creation at start-up)."""
+    return (c_uint32 * 8)(*values)
+
+
 def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
-    header = (c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (c_uint32 * 6)()
-    _check(_capget(_ctypes.addressof(header), _ctypes.addressof(data)))
+    words = _words(_LINUX_CAPABILITY_VERSION_3, 0)  # header (2 words), then data (6)
+    address = _ctypes.addressof(words)
+    _check(_capget(address, address + 8))
+    data = words[2:]
     return tuple(data[i] | (data[i + 3] << 32) for i in range(3))  # type: ignore[return-value]
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
-    header = (c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     masks = (effective, permitted, inheritable)
-    data = (c_uint32 * 6)(*[m & 0xFFFFFFFF for m in masks], *[m >> 32 for m in masks])
-    _check(_capset(_ctypes.addressof(header), _ctypes.addressof(data)))
+    words = _words(_LINUX_CAPABILITY_VERSION_3, 0, *[m & 0xFFFFFFFF for m in masks], *[m >> 32 for m in masks])
+    address = _ctypes.addressof(words)
+    _check(_capset(address, address + 8))
 
 
 def drop_capabilities(keep: frozenset[int]) -> None:
@@ -227,12 +234,13 @@ def seccomp_set_filter(program: bytes) -> None:
     ``struct sock_filter``) in this thread; needs no_new_privs or CAP_SYS_ADMIN."""
     if not program or len(program) % 8 or len(program) // 8 > 4096:  # BPF_MAXINSNS
         raise OSError(22, "not a seccomp BPF program", None)
-    filters = (c_uint32 * (len(program) // 4)).from_buffer_copy(program)
+    filters = c_char_p(program)  # a pointer to program's own bytes, kept alive by it
+    address = c_void_p.from_buffer(filters).value or 0
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; } (64-bit ABI)
-    order = sys.byteorder
-    header = (len(program) // 8).to_bytes(2, order) + bytes(6) + _ctypes.addressof(filters).to_bytes(8, order)
-    fprog = (c_uint32 * 4).from_buffer_copy(header)
+    raw = (len(program) // 8).to_bytes(2, sys.byteorder) + bytes(6) + address.to_bytes(8, sys.byteorder)
+    fprog = (c_uint32 * 8).from_buffer_copy(raw + bytes(16))
     _check(_prctl_ptr(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, _ctypes.addressof(fprog), 0, 0))
+    del filters  # only now may program's pointer go
 
 
 # openat2(2): one syscall to resolve a path with no symlink and no escape from dirfd
