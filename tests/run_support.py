@@ -77,6 +77,21 @@ def squashfuse_state(uid: int, runtime_dir: str) -> tuple[int, int]:
     return mounts, live
 
 
+def squashfs_watchers(runtime: Path) -> list[int]:
+    """Live processes holding a squashfs watcher lock (``<key>.watcher``) of ``runtime`` open."""
+    prefix, found = str(runtime / "mnt") + "/", []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X") and any(x.startswith(prefix) and x.endswith(".watcher") for x in links):
+            found.append(int(pid))
+    return found
+
+
 def podman(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
     """Root podman with its own storage under ``root`` (shared/NOTES.md: runc, no network)."""
     need_tool("podman", "runc")

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User, make_busybox_rootfs
-from run_support import make_squashfs, mesobox_argv, one_error_line, setuid_rootfs, squashfuse_state
+from run_support import (
+    make_squashfs,
+    mesobox_argv,
+    one_error_line,
+    setuid_rootfs,
+    squashfs_watchers,
+    squashfuse_state,
+)
 
 pytestmark = pytest.mark.userns
 WHO = [pytest.param("user", id="user"), pytest.param("root", id="root", marks=pytest.mark.root)]
@@ -269,14 +276,14 @@ def test_32_concurrent_lingering_squashfs_launches_share_one_mount_and_one_watch
         assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
         assert sorted(int(ref.split(":")[0]) for ref in refs) == sorted(p.pid for p in procs)
         assert all(_cmdline(p.pid).startswith(b"sh\0") for p in procs)
-        assert len(_watchers(runtime)) == 1
+        assert len(squashfs_watchers(runtime)) == 1
     finally:
         marker.touch()
         errors = [p.communicate(timeout=60)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     deadline = time.monotonic() + 2 + 5
-    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or _watchers(runtime):
-        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), _watchers(runtime))
+    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or squashfs_watchers(runtime):
+        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), squashfs_watchers(runtime))
         time.sleep(0.1)
     assert not [p for p in (runtime / "mnt").iterdir() if not p.name.endswith((".lock", ".watcher"))]
 
@@ -287,21 +294,6 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
-
-
-def _watchers(runtime: Path) -> list[int]:
-    """Live processes holding a squashfs watcher lock (``<key>.watcher``) of ``runtime`` open."""
-    prefix, found = str(runtime / "mnt") + "/", []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state not in ("Z", "X") and any(x.startswith(prefix) and x.endswith(".watcher") for x in links):
-            found.append(int(pid))
-    return found
 
 
 def test_debug_prints_the_mount_plan_and_shell_falls_back_to_sh(

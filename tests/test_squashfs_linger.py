@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User, make_busybox_rootfs
-from run_support import make_squashfs, mesobox_argv, one_error_line, squashfuse_state
+from run_support import make_squashfs, mesobox_argv, one_error_line, squashfs_watchers, squashfuse_state
 
 LINGER_VAR = "MESOBOX_SQUASHFS_LINGER"
 
@@ -45,7 +45,7 @@ def runtime(world_tmp: Path) -> Iterator[Path]:
     """The user's runtime dir; a watcher or mount a failing test left behind goes after."""
     path = world_tmp / "rt"
     yield path
-    for pid in _watchers(path):
+    for pid in squashfs_watchers(path):
         os.kill(pid, signal.SIGKILL)
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f if str(path) + "/" in line.split(" - ")[0]]
@@ -59,20 +59,6 @@ def _live(pid: str) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def _watchers(runtime: Path) -> list[int]:
-    """Live processes holding a ``<key>.watcher`` lock file of ``runtime`` open."""
-    prefix = str(runtime / "mnt") + "/"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            continue
-        if any(link.startswith(prefix) and link.endswith(".watcher") for link in links) and _live(pid):
-            found.append(int(pid))
-    return found
 
 
 def _squashfuse_pids(uid: int, runtime: Path) -> list[int]:
@@ -102,8 +88,8 @@ def _run(mesobox: Mesobox, user: User, image: Path, runtime: Path, linger: str) 
 
 def _wait_gone(user: User, runtime: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or _watchers(runtime):
-        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), _watchers(runtime))
+    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or squashfs_watchers(runtime):
+        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), squashfs_watchers(runtime))
         time.sleep(0.1)
 
 
@@ -133,13 +119,13 @@ def test_a_lingering_mount_is_reused_then_reaped(
     first_end = time.monotonic()
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # still mounted, nobody uses it
     daemon = _squashfuse_pids(user.uid, runtime)
-    watchers = _watchers(runtime)
+    watchers = squashfs_watchers(runtime)
     assert len(daemon) == 1 and len(watchers) == 1
     _eventually(lambda: _idle(runtime), 1.5, "the watcher drops the exited launcher's ref")
     time.sleep(1)
     _run(mesobox, user, images[1], runtime, "3")  # within the window: no new mount
     assert _squashfuse_pids(user.uid, runtime) == daemon
-    assert _watchers(runtime) == watchers  # the same watcher serves the second run
+    assert squashfs_watchers(runtime) == watchers  # the same watcher serves the second run
     # The second run restarted the clock: later than 3 s after the first run, but
     # earlier than 3 s after the second, the mount is still there.
     time.sleep(max(0.0, first_end + 3.3 - time.monotonic()))
@@ -155,7 +141,7 @@ def test_b_linger_zero_unmounts_at_once(
 ) -> None:
     _run(mesobox, user, images[1], runtime, "0")
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
-    assert _watchers(runtime) == [] and _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
+    assert squashfs_watchers(runtime) == [] and _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
 
 
 @pytest.mark.slow
@@ -164,7 +150,7 @@ def test_c_a_killed_watchers_mount_is_reaped_by_the_next_launch(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
 ) -> None:
     _run(mesobox, user, images[1], runtime, "1")
-    watchers = _watchers(runtime)
+    watchers = squashfs_watchers(runtime)
     assert len(watchers) == 1
     _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
     os.kill(watchers[0], signal.SIGKILL)  # what Slurm's step cgroup does at the step's end
@@ -173,7 +159,7 @@ def test_c_a_killed_watchers_mount_is_reaped_by_the_next_launch(
     # The next launch, of another image (a directory), reaps it: its stamp is too old.
     _run(mesobox, user, images[0], runtime, "1")
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
-    assert _names(runtime, ".idle") == [] and _watchers(runtime) == []
+    assert _names(runtime, ".idle") == [] and squashfs_watchers(runtime) == []
 
 
 @pytest.mark.userns
@@ -190,7 +176,7 @@ def test_c_a_launch_leaves_a_young_lingering_mount_and_deletes_leftover_files(
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # still lingering
     assert not (mnt / "0-0-0-0.refs").exists() and not (mnt / "1-1-1-1.idle").exists()
     _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
-    assert len(_watchers(runtime)) == 1
+    assert len(squashfs_watchers(runtime)) == 1
 
 
 @pytest.mark.userns
@@ -201,7 +187,7 @@ def test_c_a_launch_leaves_a_watched_mount_to_its_watcher(
     the key's watcher lives (here: stopped): the watcher decides, once it runs again."""
     _run(mesobox, user, images[1], runtime, "30")
     _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
-    [watcher] = _watchers(runtime)
+    [watcher] = squashfs_watchers(runtime)
     os.kill(watcher, signal.SIGSTOP)
     try:
         stamp = runtime / "mnt" / _names(runtime, ".idle")[0]
@@ -227,7 +213,7 @@ def test_d_the_epilog_reaps_a_lingering_mount_at_once(
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
     assert _names(runtime, ".idle") == []
     # The watcher finds the mount gone and leaves, leaving nothing behind.
-    _eventually(lambda: _watchers(runtime) == [], 2, "the watcher exits")
+    _eventually(lambda: squashfs_watchers(runtime) == [], 2, "the watcher exits")
     assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
     assert not [p for p in (runtime / "mnt").iterdir() if p.is_dir()]
 
@@ -278,7 +264,7 @@ def test_concurrent_launches_leave_one_watcher_and_nothing_after(
         errors = [p.communicate(timeout=60)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errors
         assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
-        assert len(_watchers(runtime)) == 1
+        assert len(squashfs_watchers(runtime)) == 1
     _wait_gone(user, runtime, timeout=1 + 10)
     assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
 
@@ -298,7 +284,7 @@ def test_f_with_the_default_linger_mesobox_is_the_workload(
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the trap is set before the echo
         assert line == f"{proc.pid}\n".encode(), (line, proc.pid)
-        assert squashfuse_state(user.uid, str(runtime)) == (1, 1) and len(_watchers(runtime)) == 1
+        assert squashfuse_state(user.uid, str(runtime)) == (1, 1) and len(squashfs_watchers(runtime)) == 1
         refs = [(runtime / "mnt" / name).read_text() for name in _names(runtime, ".refs")]
         assert refs == [f"{proc.pid}:{_start_time(proc.pid)}\n"]
         proc.send_signal(signal.SIGTERM)
