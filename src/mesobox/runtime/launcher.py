@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
     from mesobox.config import Config
 
-_SIGCHLD = SIGCHLD
 _SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel (a tty) generated (sigaction(2))
 _TTY_SIGNALS = (2, 3, 28)  # ^C ^\ and resizes go to the whole foreground process group
 HOLD_S = 1.0  # longest an early signal waits for the workload's handler
@@ -359,9 +358,9 @@ def wait_forwarding(pid: int, exec_r: int | None = None, everyone: bool = False,
         status = _reaped(pid, everyone)
         if status is not None:
             return status
-        info = _signal.sigwaitinfo((*FORWARDED, _SIGCHLD))
+        info = _signal.sigwaitinfo((*FORWARDED, SIGCHLD))
         signum = info.si_signo
-        if signum == _SIGCHLD or (info.si_code == _SI_KERNEL and signum in _TTY_SIGNALS):
+        if signum == SIGCHLD or (info.si_code == _SI_KERNEL and signum in _TTY_SIGNALS):
             continue  # a tty signal: the container, in the same foreground group, has it
         _ready_for(pid, signum, hold_until)
         _kill(pid, signum)

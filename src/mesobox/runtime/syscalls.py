@@ -74,7 +74,7 @@ _ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "riscv64": 41}
 
 
-
+# The C types the calls below take, declared as the ctypes package declares them.
 class c_int(_Simple):
     _type_ = "i"
 
