@@ -296,6 +296,22 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+@pytest.mark.userns
+def test_the_runtime_dir_is_private(
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], world_tmp: Path
+) -> None:
+    """Every directory a launch makes for its state (mounts, workspace, caches) is 0700,
+    the parents it had to make too (os.makedirs would leave them 0755)."""
+    runtime = world_tmp / "new" / "rt"
+    for image in images:
+        proc = mesobox("exec", str(image), "true", as_user=user,
+                       env={"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_SQUASHFS_LINGER": "0"})
+        assert proc.returncode == 0, proc.stderr
+    made = [world_tmp / "new", runtime, *[p for p in runtime.rglob("*") if p.is_dir()]]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o700" for p in made}
+    assert {"mnt", "ws", "seccomp"} <= {p.name for p in made}
+
+
 def test_debug_prints_the_mount_plan_and_shell_falls_back_to_sh(
     mesobox: Mesobox, user: User, images: tuple[Path, Path]
 ) -> None:

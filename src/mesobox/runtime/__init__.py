@@ -8,6 +8,8 @@ calls libc through ``_ctypes``; ``seccomp`` imports ``ctypes`` only to compile a
 once per MPI rank.
 """
 
+import os
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
@@ -35,3 +37,18 @@ def release_signals() -> None:
     signal held until now is delivered at once."""
     if caller_sigmask is not None:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, caller_sigmask)
+
+
+def private_dirs(path: str) -> None:
+    """``mkdir -p`` where every directory made is 0700 (os.makedirs gives the parents
+    0755): the runtime dir holds each user's mounts, workspace and caches."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        private_dirs(os.path.dirname(path))
+        try:  # noqa: SIM105 - contextlib costs an import on the launch path
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass  # another launch made it meanwhile

@@ -60,7 +60,9 @@ def instance_dir(config: Config, name: str) -> Path:
 def claim(config: Config, name: str) -> Path:
     """Create the instance directory; a taken name is a clear error."""
     top = instances_dir(config)
-    top.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from mesobox.runtime import private_dirs
+
+    private_dirs(str(top))
     path = instance_dir(config, name)
     try:
         path.mkdir(mode=0o700)

@@ -472,7 +472,7 @@ def _workspace(spec: Spec, config: Config, image_dir: str) -> str:
     """A tmpfs private to this mount namespace: new root mount point, passwd/group,
     overlay upper layers.  The same path serves every container (each sees its own)."""
     workspace = os.path.join(config.runtime_dir_str, "ws")
-    os.makedirs(workspace, mode=0o700, exist_ok=True)
+    runtime.private_dirs(workspace)
     sc.mount("tmpfs", workspace, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=755,size=16m")
     for sub in ("root", "etc"):
         os.makedirs(os.path.join(workspace, sub))

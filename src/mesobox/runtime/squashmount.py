@@ -324,7 +324,9 @@ def acquire(config: Config, image: str) -> Lease:
     """Attach this process (its pid and start time) to the node's shared mount of
     ``image``, making it if need be; with a linger, make sure a watcher serves it."""
     base = os.path.join(config.runtime_dir_str, "mnt")  # not config.runtime_dir: pathlib is ≈6 ms
-    os.makedirs(base, mode=0o700, exist_ok=True)
+    from mesobox.runtime import private_dirs
+
+    private_dirs(base)
     key = image_key(image)
     pid = os.getpid()
     start = _start_time(str(pid))
