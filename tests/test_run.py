@@ -226,17 +226,23 @@ def test_image_symlinks_cannot_redirect_runtime_mounts(mesobox: Mesobox, user: U
     assert not os.path.ismount("/etc")
 
 
+def _launch_32(mesobox: Mesobox, user: User, image: Path, world_tmp: Path, linger: str
+               ) -> tuple[Path, Path, list[subprocess.Popen[bytes]]]:
+    """32 launches of ``image`` that each wait for a marker file: (runtime dir, marker, processes)."""
+    runtime = world_tmp / "rt"
+    marker = world_tmp / "go"
+    script = f"while [ ! -e {marker} ]; do sleep 0.05; done"
+    argv, env = mesobox_argv(mesobox, user, ["exec", str(image), "sh", "-c", script],
+                             env={"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_SQUASHFS_LINGER": linger})
+    return runtime, marker, [subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE) for _ in range(32)]
+
+
 @pytest.mark.slow
 def test_32_concurrent_squashfs_launches_share_one_mount(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], world_tmp: Path
 ) -> None:
-    runtime = world_tmp / "rt"
-    marker = world_tmp / "go"
-    script = f"while [ ! -e {marker} ]; do sleep 0.05; done"
     # No linger: the last launcher out unmounts (tests/test_squashfs_linger.py lingers).
-    argv, env = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", script],
-                             env={"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_SQUASHFS_LINGER": "0"})
-    procs = [subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE) for _ in range(32)]
+    runtime, marker, procs = _launch_32(mesobox, user, images[1], world_tmp, linger="0")
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -258,12 +264,7 @@ def test_32_concurrent_lingering_squashfs_launches_share_one_mount_and_one_watch
 ) -> None:
     """With a linger no launcher supervises: each is its workload (its ref is its own
     pid), one watcher serves the mount, and a linger after the last exit nothing is left."""
-    runtime = world_tmp / "rt"
-    marker = world_tmp / "go"
-    script = f"while [ ! -e {marker} ]; do sleep 0.05; done"
-    argv, env = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", script],
-                             env={"MESOBOX_RUNTIME_DIR": str(runtime), "MESOBOX_SQUASHFS_LINGER": "2"})
-    procs = [subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE) for _ in range(32)]
+    runtime, marker, procs = _launch_32(mesobox, user, images[1], world_tmp, linger="2")
     try:
         deadline = time.monotonic() + 60
         refs: list[str] = []
