@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -100,11 +101,15 @@ def prepare(work: str) -> None:
 def time_rows(rows: list[tuple[str, list[str], dict[str, str]]], runs: int, env: dict[str, str]
               ) -> dict[str, list[float]]:
     """Wall-clock ms of each row, interleaved round by round (a load spike on this
-    shared machine then hits every row alike), after 3 warm-up rounds."""
+    shared machine then hits every row alike), after 3 warm-up rounds.  Each round
+    runs the rows in a new (seeded) order: a command's tail — namespaces torn down,
+    FUSE daemons exiting, podman's conmon — then falls on every row alike instead of
+    always on the row after it."""
     times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     failed: set[str] = set()
+    order = random.Random(1)
     for round_ in range(runs + 3):
-        for name, argv, extra in rows:
+        for name, argv, extra in order.sample(rows, len(rows)):
             if name in failed:
                 continue
             start = time.perf_counter()

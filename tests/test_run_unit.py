@@ -140,7 +140,8 @@ def test_identity_files_and_subids(tmp_path: os.PathLike[str]) -> None:
 def test_run_import_cost_stays_small() -> None:
     """The hot path imports no argparse, json, dataclasses or HTTP code."""
     code = ("import sys; import mesobox.cli.run, mesobox.runtime.launcher, mesobox.runtime.build, "
-            "mesobox.runtime.plan, mesobox.runtime.mounts, mesobox.runtime.identity, mesobox.runtime.environ; "
+            "mesobox.runtime.plan, mesobox.runtime.mounts, mesobox.runtime.identity, mesobox.runtime.environ, "
+            "mesobox.runtime.plancache, mesobox.runtime.probe, mesobox.runtime.execute; "
             "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); {code}"],

@@ -296,7 +296,9 @@ def py_image(shared_tmp: Path) -> Path:
 
 
 class Launcher:
-    """``mesobox exec`` of the probe as the test user, with its own runtime dir."""
+    """``mesobox exec`` of the probe as the test user, with its own runtime dir, and no
+    plan cache: a saved launch program carries its filter, and these tests are about
+    the seccomp cache under it (tests/test_plancache.py has the plan cache's own)."""
 
     def __init__(self, mesobox: Mesobox, user: User, image: Path, python: str, runtime: Path) -> None:
         self.mesobox, self.user, self.image, self.python, self.runtime = mesobox, user, image, python, runtime
@@ -306,7 +308,7 @@ class Launcher:
         venv = Path(self.python).parents[1]
         proc = self.mesobox("exec", "--contain", *opts, "-B", str(venv), "-B", "/usr", str(self.image),
                             self.python, "-I", "-c", INSIDE, as_user=self.user,
-                            env={"MESOBOX_RUNTIME_DIR": str(self.runtime)}, timeout=60)
+                            env={"MESOBOX_RUNTIME_DIR": str(self.runtime), "MESOBOX_PLAN_CACHE": "0"}, timeout=60)
         assert proc.returncode == 0, proc.stderr.decode()
         result: dict[str, int] = json.loads(proc.stdout.decode().splitlines()[-1])
         return result

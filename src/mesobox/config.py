@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from mesobox import paths, privcache
 from mesobox.errors import ConfigError
 
 # typing and pathlib cost ≈15 ms of `mesobox run` start-up (pathlib pulls in re,
@@ -24,26 +25,16 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-SITE_CONFIG = "/etc/mesobox/mesobox.toml"
-
-
-def _xdg(var: str, default: str) -> str:
-    value = os.environ.get(var)
-    if value and os.path.isabs(value):
-        return value
-    return os.path.expanduser(default)
+SITE_CONFIG = paths.SITE_CONFIG
 
 
 def default_store() -> str:
-    return os.path.join(_xdg("XDG_DATA_HOME", "~/.local/share"), "mesobox")
+    return paths.default_store(os.environ)
 
 
 def default_runtime_dir() -> str:
     """Per-user runtime state (instances, shared mounts): never on a shared filesystem."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return os.path.join(base, "mesobox")
-    return f"/tmp/mesobox-{os.getuid()}"
+    return paths.default_runtime_dir(os.environ)
 
 
 _PATHY = ("store", "ro_stores", "runtime_dir")
@@ -80,6 +71,9 @@ class Config:
         # Seconds a shared squashfs mount stays after its last user (0: unmount at once):
         # the next run of the image then finds it mounted and its page cache warm.
         ("squashfs_linger", 10.0),
+        # Reuse the launch program of an identical command line while nothing it depends
+        # on has changed (runtime/plancache.py); false: compile every launch.
+        ("plan_cache", True),
         ("debug", False),
     )
     __slots__ = tuple(("_" + name) if name in _PATHY else name for name, _ in FIELDS)
@@ -93,6 +87,7 @@ class Config:
     squashfs_compression: str
     default_format: str
     squashfs_linger: float
+    plan_cache: bool
     debug: bool
     _store: str
     _ro_stores: tuple[str, ...]
@@ -162,7 +157,7 @@ _PATH_KEYS = {"store", "runtime_dir"}
 _PATHS_KEYS = {"ro_stores"}
 _TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources"}
 _INT_KEYS = {"max_image_bytes", "max_parallel_downloads"}
-_BOOL_KEYS = {"keep_setuid_for_root", "debug"}
+_BOOL_KEYS = {"keep_setuid_for_root", "plan_cache", "debug"}
 _STR_KEYS = {"squashfs_compression", "default_format"}
 _SECONDS_KEYS = {"squashfs_linger"}
 
@@ -223,7 +218,7 @@ def _read_toml(path: str, cache_dir: str | None = None) -> dict[str, Any]:
         signature = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         # A file changed in the last seconds may change again within one timestamp tick
         # at the same size (git's "racy" files): parse it, cache it only once it is older.
-        if cache_dir and _racy(st.st_mtime_ns):
+        if cache_dir and racy(st.st_mtime_ns):
             cache_dir = None
         cached = _cache_load(cache_dir, signature) if cache_dir else None
         if cached is not None:
@@ -253,35 +248,24 @@ def _read_toml(path: str, cache_dir: str | None = None) -> dict[str, Any]:
 # than a whole `mesobox run`, paid by every MPI rank on a site with a config file.  So
 # each file's parse is cached, per user, as marshal data keyed by the file's identity
 # (device, inode, size, mtime, ctime): an edited file is parsed again (and a file edited
-# in the last 2 s is never cached: see _racy).  The cache
-# lives in the per-user runtime directory and is used only if that directory and the
-# file are the user's own and writable by nobody else.  A user who rewrites their own
-# cache gains nothing they could not get with MESOBOX_SITE_CONFIG=/dev/null: site
-# policy in an unprivileged tool binds the cooperative, not the determined.
+# in the last 2 s is never cached: see racy).  The cache lives in the per-user runtime
+# directory and is used only if that directory and the file are the user's own and
+# writable by nobody else (privcache.py, which says why that is enough).
 
 _CACHE_FORMAT = 1
-_CACHE_MAX = 1 << 20
 _RACY_NS = 2_000_000_000
 
 
 def parse_cache_dir(env: dict[str, str]) -> str:
-    """Where parsed config files are cached: the runtime dir as far as the environment
-    alone says (a runtime_dir set *in* a config file cannot move its own cache)."""
-    base = env.get("MESOBOX_RUNTIME_DIR")
-    if not base:
-        xdg = env.get("XDG_RUNTIME_DIR")
-        base = os.path.join(xdg, "mesobox") if xdg and os.path.isabs(xdg) else f"/tmp/mesobox-{os.getuid()}"
-    return os.path.join(os.path.expanduser(base), "config")
+    """Where parsed config files are cached (paths.cache_root: the environment alone)."""
+    return os.path.join(paths.cache_root(env), "config")
 
 
-def _racy(mtime_ns: int) -> bool:
+def racy(mtime_ns: int) -> bool:
+    """Changed so recently that another change could keep the same timestamp and size."""
     import time
 
     return abs(time.time_ns() - mtime_ns) < _RACY_NS
-
-
-def _own(st: os.stat_result) -> bool:
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def _cache_name(signature: tuple[Any, ...]) -> str | None:
@@ -290,77 +274,16 @@ def _cache_name(signature: tuple[Any, ...]) -> str | None:
 
 
 def _cache_load(cache_dir: str, signature: tuple[Any, ...]) -> dict[str, Any] | None:
-    import marshal
-    import stat
-
     name = _cache_name(signature)
-    if name is None:
-        return None
-    try:
-        dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not _own(os.fstat(dir_fd)):
-            return None
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) and _own(st) and st.st_size <= _CACHE_MAX):
-                return None
-            # Our own file (checked above), plain data we wrote: see the note above.
-            record = marshal.loads(os.read(fd, _CACHE_MAX))  # noqa: S302
-        finally:
-            os.close(fd)
-    except (OSError, ValueError, EOFError, TypeError):
-        return None
-    finally:
-        os.close(dir_fd)
-    if (isinstance(record, tuple) and len(record) == 3 and record[0] == _CACHE_FORMAT
-            and record[1] == signature and isinstance(record[2], dict)):
-        return record[2]
-    return None
+    parsed = privcache.load(cache_dir, name, _CACHE_FORMAT, signature) if name else None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _cache_store(cache_dir: str, signature: tuple[Any, ...], parsed: dict[str, Any]) -> None:
-    """Best effort: a cache that cannot be written (full, read-only, someone else's
-    directory, TOML dates that marshal cannot hold) only means parsing next time."""
-    import marshal
-
+    """Best effort: TOML dates, which marshal cannot hold, are parsed again next time."""
     name = _cache_name(signature)
-    try:
-        data = marshal.dumps((_CACHE_FORMAT, signature, parsed))
-    except ValueError:
-        return
-    if name is None or len(data) > _CACHE_MAX:
-        return
-    try:
-        for path in (os.path.dirname(cache_dir), cache_dir):
-            try:  # noqa: SIM105 - contextlib costs an import on the launch path
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                pass
-        dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    temp = f".{name}.{os.getpid()}.tmp"
-    try:
-        if not _own(os.fstat(dir_fd)):
-            return
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dir_fd)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError:
-        try:  # noqa: SIM105 - contextlib costs an import on the launch path
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass
-    finally:
-        os.close(dir_fd)
+    if name is not None:
+        privcache.store(cache_dir, name, _CACHE_FORMAT, signature, parsed)
 
 
 def load_config(env: dict[str, str] | None = None) -> Config:
@@ -372,14 +295,12 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         "runtime_dir": default_runtime_dir(),
     }
     cache = parse_cache_dir(env)
-    site_path = env.get("MESOBOX_SITE_CONFIG", SITE_CONFIG)
+    site_path = paths.site_config(env)
     site = _read_toml(site_path, cache)
     locked = set(site.pop("lock", []) or [])
     for key, value in site.items():
         values[key] = _coerce(key, value, str(site_path))
-    user_path = os.path.join(_xdg("XDG_CONFIG_HOME", "~/.config"), "mesobox", "mesobox.toml")
-    if env.get("MESOBOX_CONFIG"):
-        user_path = env["MESOBOX_CONFIG"]
+    user_path = paths.user_config(env)
     for key, value in _read_toml(user_path, cache).items():
         if key in locked:
             raise ConfigError(f"{user_path}: {key!r} is set by the site and cannot be changed")

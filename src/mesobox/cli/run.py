@@ -142,7 +142,10 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
 
     image = resolve_image(values["image"], config)
     if mpi is not None:
+        from mesobox.runtime import probe
         from mesobox.slurm.mpihost import with_host_mpi
+
+        probe.untracked()  # the host's MPI libraries are not recorded (plancache.py)
 
         values = with_host_mpi(values, mpi, image.path)
     opts = RunOptions(**values)

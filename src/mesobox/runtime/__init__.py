@@ -22,6 +22,7 @@ else:
 FORWARDED = (1, 2, 3, 10, 12, 15, 18, 28)  # HUP INT QUIT USR1 USR2 TERM CONT WINCH
 SIGCHLD = 17
 caller_sigmask: set[int] | None = None  # the mask mesobox started with: the workload's at exec
+REAP_EVERY_S = 1.0  # reap_stale_mounts looks at other keys' mounts at most this often
 
 
 def hold_signals() -> None:
@@ -52,3 +53,37 @@ def private_dirs(path: str) -> None:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass  # another launch made it meanwhile
+
+
+def reap_stale_mounts(runtime_dir: str, linger: float) -> None:
+    """A SIGKILLed supervisor leaves its shared squashfs mount behind, a killed watcher
+    a lingering one: the next launch of any image reaps them (a key whose watcher lives
+    is left to it).  Only a live or stale lease leaves a ``.refs`` file and only a
+    lingering mount an ``.idle`` stamp, so with neither this is one listdir.  With
+    them, it looks at most once every ``REAP_EVERY_S`` (the ``.reaped`` stamp): a mount
+    lingering under its watcher is the common case, and the look costs ≈1.5 ms
+    (squashmount's import) that every rank would pay."""
+    shared = os.path.join(runtime_dir, "mnt")
+    try:
+        names = os.listdir(shared)
+    except OSError:
+        return
+    if not any(name.endswith((".refs", ".idle")) for name in names):
+        return
+    import time
+
+    stamp = os.path.join(shared, ".reaped")
+    try:
+        if 0 <= time.time() - os.stat(stamp).st_mtime < REAP_EVERY_S:
+            return
+        os.utime(stamp)
+    except FileNotFoundError:
+        try:  # noqa: SIM105 - contextlib costs an import on the launch path
+            os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError:
+            pass
+    except OSError:
+        pass
+    from mesobox.runtime.squashmount import reap_stale
+
+    reap_stale(shared, linger)

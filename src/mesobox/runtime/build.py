@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import ImageNotFound, PolicyError, UsageError
+from mesobox.runtime import probe
 from mesobox.runtime import spec as S
 
 TYPE_CHECKING = False
@@ -130,8 +131,9 @@ def is_squashfs(path: str) -> bool:
 
 def resolve_image(text: str, config: Config) -> Image:
     """A directory, a squashfs file, a stored reference, or docker://… (pulled if missing)."""
-    if os.path.isdir(text):
-        return Image(format="dir", path=os.path.abspath(text), config={}, reference=text)
+    if probe.isdir(text):
+        return Image(format="dir", path=probe.abspath(text), config={}, reference=text)
+    probe.untracked()  # a plan records directory images only (plancache.py)
     if os.path.isfile(text):
         if not is_squashfs(text):
             raise UsageError(f"{text} is neither a directory nor a squashfs image")
@@ -203,10 +205,10 @@ def parse_bind(text: str) -> list[tuple[str, str, bool]]:
 
 
 def check_source(src: str, allowed: tuple[str, ...], user_bind: bool) -> str:
-    if not os.path.exists(src):
+    if not probe.exists(src):
         raise UsageError(f"bind source {src} does not exist")
-    real = os.path.realpath(src)
-    if user_bind and allowed and not any(_under(real, os.path.realpath(a)) for a in allowed):
+    real = probe.realpath(src)
+    if user_bind and allowed and not any(_under(real, probe.realpath(a)) for a in allowed):
         raise PolicyError(f"bind source {src} is outside the allowed sources",
                           hint="the site allows: " + ", ".join(allowed))
     return real
@@ -220,7 +222,7 @@ def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[
     binds: list[tuple[str, str, bool, bool]] = []
     if not opts.contain:
         for path in (home, "/tmp"):
-            if path and os.path.isdir(path):
+            if path and probe.isdir(path):
                 binds.append((path, path, False, False))
         if cwd != "/" and cwd.split("/")[1] not in SYSTEM_DIRS and not any(_under(cwd, b[1]) for b in binds):
             binds.append((cwd, cwd, False, False))
@@ -257,8 +259,8 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
         mounts.append(S.Mount(destination="/tmp", type="tmpfs", source="tmpfs",
                               options=("nosuid", "nodev", "mode=1777")))
     for name in ("/etc/hosts", "/etc/resolv.conf"):
-        if os.path.isfile(name):
-            mounts.append(S.Mount(destination=name, type="bind", source=os.path.realpath(name),
+        if probe.isfile(name):
+            mounts.append(S.Mount(destination=name, type="bind", source=probe.realpath(name),
                                   options=("bind", "nosuid", "nodev", "ro")))
     return tuple(mounts)
 
@@ -300,9 +302,7 @@ def _lookup(text: str, name: str, column: int, what: str) -> int:
 
 def _image_file(image: Image, rel: str) -> str:
     if image.format == "dir":
-        from mesobox.runtime.mounts import read_beneath
-
-        return read_beneath(image.path, rel)
+        return probe.image_text(image.path, rel)
     import subprocess
 
     proc = subprocess.run(["unsquashfs", "-cat", image.path, rel], capture_output=True, check=False)
@@ -311,9 +311,7 @@ def _image_file(image: Image, rel: str) -> str:
 
 def _shell(opts: RunOptions, image: Image) -> tuple[str, ...]:
     if image.format == "dir":
-        from mesobox.runtime.mounts import exists_beneath
-
-        return command(opts, image.config, exists_beneath(image.path, "bin/bash"))
+        return command(opts, image.config, probe.image_exists(image.path, "bin/bash"))
     # Not mounted yet: let the container's own sh pick bash when it has one.
     pick = 'if [ -x /bin/bash ]; then exec /bin/bash "$@"; fi; exec /bin/sh "$@"'
     return ("/bin/sh", "-c", pick, "sh", *opts.args)
@@ -322,10 +320,7 @@ def _shell(opts: RunOptions, image: Image) -> tuple[str, ...]:
 def _cwd(opts: RunOptions, mounts: tuple[S.Mount, ...], image_config: dict[str, Any]) -> str:
     if opts.workdir:
         return opts.workdir
-    try:
-        here = os.getcwd()
-    except OSError:
-        here = ""
+    here = probe.getcwd()
     if here and any(m.type == "bind" and m.source == m.destination and _under(here, m.destination)
                     for m in mounts):
         return here
@@ -353,6 +348,8 @@ def _seccomp(opts: RunOptions) -> dict[str, Any] | None:
         return {"mesobox.builtin": True}
     from mesobox.runtime.seccomp import profile_from_option
 
+    if value not in ("default", "unconfined"):
+        probe.untracked()  # a profile file's content is not recorded (plancache.py)
     profile = profile_from_option(value)
     if profile is None:
         return {"mesobox.builtin": True}
@@ -375,10 +372,12 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
 
     uid, gid = os.getuid(), os.getgid()
     name, group, home, shell = identity.host_names(uid, gid)
-    home = os.environ.get("HOME") or home
+    home = probe.environ("HOME") or home
     if opts.host_root and not identity.is_real_root():
         raise UsageError("--host-root is only for the real root user",
                          hint="an ordinary user's container root (--fakeroot) is always their own uid")
+    if opts.fakeroot:
+        probe.untracked()  # reads /etc/subuid and /etc/subgid: not recorded (plancache.py)
     uid_maps, gid_maps, subids = identity.id_maps(uid, gid, opts.fakeroot, name, opts.host_root)
     # The image's User can only be honoured where ids other than one's own are mapped:
     # --fakeroot (with a sub-id range) and root; otherwise the caller keeps their ids.
@@ -390,14 +389,11 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     # unreadable to it anyway); it uses the image's own $HOME directory.
     shifted = identity.is_shifted(uid_maps)
     mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home)
-    extra: list[tuple[str, str]] = []
-    for path in opts.env_files:
-        extra += environ.read_env_file(path)
-    for item in opts.env:
-        pair = environ.parse_env_option(item, dict(os.environ))
-        if pair:
-            extra.append(pair)
-    env = environ.merge(dict(os.environ), image.config.get("Env") or [], opts.cleanenv, extra, home)
+    # The recipe, not the values: a launch plan merges this launch's environment anew.
+    file_pairs = tuple(pair for path in opts.env_files for pair in probe.env_file(path))
+    recipe = (tuple(image.config.get("Env") or ()), opts.cleanenv, file_pairs, tuple(opts.env), home)
+    probe.note_environment(recipe)
+    env = environ.compose(dict(os.environ), recipe)
     ann = {S.ANN_FORMAT: image.format, "org.mesobox.user": "root" if inside[0] == 0 else name,
            "org.mesobox.group": group, "org.mesobox.home": home, "org.mesobox.shell": shell}
     ann.update(_option_annotations(opts, subids))
@@ -425,6 +421,8 @@ def _option_annotations(opts: RunOptions, subids: bool) -> dict[str, str]:
     if opts.overlay:
         from mesobox.runtime import identity, quota
 
+        probe.untracked()  # an overlay's state is not recorded (plancache.py)
+
         if quota.is_image(opts.overlay):
             ann[S.ANN_OVERLAY_IMAGE] = quota.check_can_mount(opts.overlay, identity.is_real_root())
         else:
@@ -439,7 +437,4 @@ def _option_annotations(opts: RunOptions, subids: bool) -> dict[str, str]:
 
 
 def _here() -> str:
-    try:
-        return os.getcwd()
-    except OSError:
-        return "/"
+    return probe.getcwd() or "/"

@@ -13,7 +13,9 @@ Precedence, lowest first (docs/running.md, "Environment"):
 
 from __future__ import annotations
 
-from mesobox.errors import UsageError
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CLEANENV_KEEP = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "LC_ALL", "TZ")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -26,7 +28,7 @@ def parse_env_option(text: str, host: dict[str, str]) -> tuple[str, str] | None:
     """``-e K=V`` → (K, V); ``-e K`` → host value of K, or None when unset there."""
     key, sep, value = text.partition("=")
     if not key or not _valid_key(key):
-        raise UsageError(f"bad --env value {text!r}", hint="use --env KEY=VALUE")
+        raise _usage_error(f"bad --env value {text!r}", hint="use --env KEY=VALUE")
     if not sep:
         return (key, host[key]) if key in host else None
     return key, value
@@ -38,9 +40,9 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as err:
-        raise UsageError(f"cannot read env file {path}: {err.strerror}") from None
+        raise _usage_error(f"cannot read env file {path}: {err.strerror}") from None
     except UnicodeDecodeError:
-        raise UsageError(f"env file {path} is not UTF-8 text") from None
+        raise _usage_error(f"env file {path} is not UTF-8 text") from None
     out = []
     for number, line in enumerate(lines, 1):
         stripped = line.strip()
@@ -48,9 +50,35 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
             continue
         key, sep, value = stripped.partition("=")
         if not sep or not _valid_key(key):
-            raise UsageError(f"{path}:{number}: expected KEY=VALUE, got {stripped[:40]!r}")
+            raise _usage_error(f"{path}:{number}: expected KEY=VALUE, got {stripped[:40]!r}")
         out.append((key, value))
     return out
+
+
+def compose(host: dict[str, str], recipe: tuple[Any, ...]) -> tuple[str, ...]:
+    """The container's environment from this launch's host environment and the recipe
+    make_spec decided: (image Env, cleanenv, --env-file pairs, -e options, home).  A
+    launch plan keeps the recipe and composes each launch's environment anew."""
+    image_env, cleanenv, file_pairs, options, home = recipe
+    extra = list(file_pairs)
+    for item in options:
+        pair = parse_env_option(item, host)
+        if pair:
+            extra.append(pair)
+    return merge(host, image_env, cleanenv, extra, home)
+
+
+def check(env: tuple[str, ...]) -> None:
+    """UsageError for an entry that is not KEY=VALUE."""
+    for item in env:
+        if "=" not in item or item.startswith("=") or "\0" in item:
+            raise _usage_error(f"bad environment entry {item!r}", hint="use KEY=VALUE")
+
+
+def _usage_error(message: str, hint: str | None = None) -> Exception:
+    from mesobox.errors import UsageError  # only on failure: the launch path skips its import
+
+    return UsageError(message, hint=hint)
 
 
 def _valid_key(key: str) -> bool:

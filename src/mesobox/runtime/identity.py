@@ -2,7 +2,7 @@
 
 Invariants:
 - mesobox never runs setuid: real, effective and saved ids must be equal
-  (``check_ids``), as ch-run does.
+  (``execute.check_ids``), as ch-run does.
 - Default map is identity: the caller's uid/gid map to themselves (a single id for
   an ordinary user, user_namespaces(7)), so files on Lustre/GPFS/NFS keep their real
   owner.  ``--fakeroot`` maps the caller to 0; with a range in /etc/subuid and
@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import LaunchError
+from mesobox.runtime.execute import write_file
 from mesobox.runtime.spec import IdMap
 
 TYPE_CHECKING = False
@@ -39,18 +40,6 @@ FULL_RANGE = 4294967295  # every id but (uid_t)-1, user_namespaces(7)
 ROOT_DEFAULT_RANGE = (100_000_000, 65536)
 HOST_ROOT_WARNING = ("mesobox: WARNING: --host-root: container root is the host's root; a break-out owns "
                      "this machine. Use it only for trusted images.\n")
-
-
-def check_ids() -> tuple[int, int]:
-    """Return (uid, gid); refuse to run with differing real/effective/saved ids."""
-    ruid, euid, suid = os.getresuid()
-    rgid, egid, sgid = os.getresgid()
-    if not (ruid == euid == suid and rgid == egid == sgid):
-        raise LaunchError(
-            "refusing to run setuid or setgid: real, effective and saved ids differ",
-            hint="mesobox is unprivileged by design; install it without the setuid bit",
-        )
-    return ruid, rgid
 
 
 def subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
@@ -115,8 +104,8 @@ def enter_userns(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], unsha
         code = 1
         try:
             if os.read(go_r, 1) == b"m":
-                _write(f"/proc/{me}/uid_map", map_text(uid_maps))
-                _write(f"/proc/{me}/gid_map", map_text(gid_maps))
+                write_file(f"/proc/{me}/uid_map", map_text(uid_maps))
+                write_file(f"/proc/{me}/gid_map", map_text(gid_maps))
                 code = 0
         finally:
             os._exit(code)
@@ -158,34 +147,11 @@ def map_text(maps: tuple[IdMap, ...]) -> str:
     return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in maps)
 
 
-def write_own_maps(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], privileged: bool) -> None:
-    """Write /proc/self/{setgroups,uid_map,gid_map} right after unshare(CLONE_NEWUSER).
-
-    An unprivileged writer must deny setgroups(2) before writing gid_map
-    (user_namespaces(7), since Linux 3.19), or anyone could drop supplementary groups
-    used as negative permissions."""
-    try:
-        if not privileged:
-            _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", map_text(uid_maps))
-        _write("/proc/self/gid_map", map_text(gid_maps))
-    except OSError as err:
-        raise LaunchError(f"cannot write the user namespace id maps: {err.strerror}") from None
-
-
 def newidmap_argv(tool: str, pid: int, maps: tuple[IdMap, ...]) -> list[str]:
     argv = [f"/usr/bin/{tool}", str(pid)]
     for m in maps:
         argv += [str(m.container_id), str(m.host_id), str(m.size)]
     return argv
-
-
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 # --- passwd / group --------------------------------------------------------------------
@@ -215,20 +181,7 @@ def _clashes(line: str, name: str, uid: int) -> bool:
 
 
 def host_names(uid: int, gid: int) -> tuple[str, str, str, str]:
-    """(user name, group name, home, shell) from the host, with fallbacks for
-    batch nodes whose NSS (LDAP/SSSD) does not answer."""
-    import pwd
+    """(user name, group name, home, shell) from the host (probe.host_names)."""
+    from mesobox.runtime import probe
 
-    try:
-        entry = pwd.getpwuid(uid)
-        name, home, shell = entry.pw_name, entry.pw_dir, entry.pw_shell
-    except KeyError:
-        name = os.environ.get("USER") or f"user{uid}"
-        home, shell = os.environ.get("HOME", "/"), "/bin/sh"
-    import grp
-
-    try:
-        group = grp.getgrgid(gid).gr_name
-    except KeyError:
-        group = f"group{gid}"
-    return name, group, home, shell
+    return probe.host_names(uid, gid)

@@ -1,9 +1,9 @@
-"""Launcher room: one linear, commented sequence from a validated Spec to execve.
+"""Launcher room: from a validated Spec to a running container, supervised or not.
 
-The order follows bubblewrap's: check ids → (shared squashfs mount, supervisor fork
-when something must outlive the container's start) → unshare → id maps → make /
-slave → tmpfs workspace → root → mounts → pivot_root → drop the old root → chdir →
-hostname/loopback → user switch → no_new_privs → seccomp (last) → exec.
+The order follows bubblewrap's: check ids → (shared squashfs mount) → compile the
+launch program (execute.py: every decision taken, as plain data) → (supervisor fork
+when something must outlive the container's start) → unshare → id maps → execute the
+program (root, mounts, pivot_root, capabilities, no_new_privs, seccomp, execve).
 
 Invariants:
 - Without a reason to stay (a cgroup, slirp4netns, a newuidmap helper, real root's
@@ -15,6 +15,10 @@ Invariants:
   ``FORWARDED`` signals, and cleans up (lease, cgroup, slirp) after the child exits;
   the child dies with it (PR_SET_PDEATHSIG).  With ``--pid`` the container's pid 1 is
   mesobox's minimal init: it reaps every orphan and forwards the same signals.
+- The program is compiled before the first namespace exists: a planning error (a mount
+  point missing in a bind, an unreadable profile) is one ``mesobox: error:`` line from
+  the CLI, and an unsupervised launch hands the program to the plan cache
+  (plancache.py) so that the next identical launch skips the compiling.
 - Exit status is the workload's, or 128+N when signal N killed it; a failure in a
   forked child is reported as one ``mesobox: error:`` line with the error's exit code.
 - Signals never kill mesobox while it sets the container up: ``FORWARDED`` (and
@@ -36,8 +40,8 @@ import os
 import sys
 
 from mesobox import runtime
-from mesobox.errors import CommandNotExecutable, CommandNotFound, LaunchError, MesoboxError
-from mesobox.runtime import FORWARDED, SIGCHLD, hold_signals
+from mesobox.errors import LaunchError
+from mesobox.runtime import FORWARDED, SIGCHLD, execute, hold_signals
 from mesobox.runtime import syscalls as sc
 from mesobox.runtime.spec import ANN_FORMAT, ANN_OVERLAY, ANN_OVERLAY_IMAGE, ANN_SUBIDS, ANN_WRITABLE_TMPFS, Spec
 
@@ -48,14 +52,14 @@ else:
     import _signal  # the C half of `signal`: the same calls, without its enum import (≈3 ms)
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, NoReturn
+    from typing import NoReturn
 
     from mesobox.config import Config
+    from mesobox.runtime.execute import Program
 
 _SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel (a tty) generated (sigaction(2))
 _TTY_SIGNALS = (2, 3, 28)  # ^C ^\ and resizes go to the whole foreground process group
 HOLD_S = 1.0  # longest an early signal waits for the workload's handler
-_exec_fd: int | None = None  # write end of the "workload exec'd" pipe (close-on-exec)
 ANN_NET = "org.mesobox.net"  # "none" | "slirp"
 ANN_PUBLISH = "org.mesobox.publish"  # "HOST:CONTAINER,…"
 _NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
@@ -64,14 +68,12 @@ _NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_
 
 def launch(spec: Spec, config: Config) -> int:
     """Run the container; returns the exit status (or never returns: exec)."""
-    from mesobox.runtime.identity import check_ids
-
     spec.validate()  # the whole spec, before the first syscall
     block_signals()
-    check_ids()  # never setuid: real == effective == saved
+    execute.check_ids()  # never setuid: real == effective == saved
     lease = None
     image_dir = spec.root.path
-    _reap_stale_mounts(config)
+    runtime.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
     if spec.annotations.get(ANN_FORMAT) == "squashfs":
         from mesobox.runtime import squashmount
 
@@ -86,71 +88,120 @@ def launch(spec: Spec, config: Config) -> int:
     supervised = ((lease is not None and not lease.watched) or spec.linux.resources is not None
                   or os.getuid() == 0 or spec.annotations.get(ANN_NET) == "slirp"
                   or spec.annotations.get(ANN_SUBIDS) == "1")
-    if not supervised:
-        _unshare(spec)
-        from mesobox.runtime.identity import write_own_maps
-
-        write_own_maps(spec.linux.uid_mappings, spec.linux.gid_mappings, privileged=os.getuid() == 0)
-        _container(spec, config, image_dir)  # never returns
     try:
-        return _supervise(spec, config, image_dir)
+        program = compile_program(spec, config, image_dir)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    if not supervised:
+        from mesobox.runtime import plancache
+
+        plancache.save(program, config)
+        execute.run(program)  # never returns
+    try:
+        return _supervise(spec, program)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _reap_stale_mounts(config: Config) -> None:
-    """A SIGKILLed supervisor leaves its shared squashfs mount behind, a killed watcher
-    a lingering one: the next launch of any image reaps them (a key whose watcher lives
-    is left to it).  Only a live or stale lease leaves a ``.refs`` file and only a
-    lingering mount an ``.idle`` stamp, so with neither this is one listdir."""
-    shared = os.path.join(config.runtime_dir_str, "mnt")
-    try:
-        names = os.listdir(shared)
-    except OSError:
-        return
-    if any(name.endswith((".refs", ".idle")) for name in names):
-        from mesobox.runtime.squashmount import reap_stale
-
-        reap_stale(shared, config.squashfs_linger)
+# --- compiling the program ----------------------------------------------------------------
 
 
-def _userns_last(spec: Spec) -> bool:
-    """Real root: set up with real privileges, enter the user namespace last (identity.py)."""
-    from mesobox.runtime.identity import enters_userns_last
+def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
+    """Every decision of the launch, as plain data for execute.py: the mount plan,
+    passwd/group, capabilities, the compiled seccomp filter.  Reads the host (bind
+    sources, the image's /etc files) through probe.py, so a recording plan cache sees
+    every question asked; makes no change anywhere but the per-user seccomp cache."""
+    from mesobox.runtime import identity, plan
 
-    return enters_userns_last()
-
-
-def _unshare(spec: Spec) -> None:
+    userns_last = identity.enters_userns_last()
     flags = 0
     for ns in spec.linux.namespaces:
         flags |= _NS_FLAGS.get(ns, 0)
-    if _userns_last(spec):
-        flags &= ~sc.CLONE_NEWUSER  # entered last, in _exec: set-up runs as real root
-    try:
-        sc.unshare(flags)
-    except OSError as err:
-        hint = None
-        if err.errno in (1, 28, 38):  # EPERM, ENOSPC, ENOSYS
-            hint = ("unprivileged user namespaces are restricted on this host: ask the admin to set "
-                    "kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0")
-        raise LaunchError(f"cannot create namespaces: {err.strerror}", hint=hint) from None
+    if userns_last:
+        flags &= ~sc.CLONE_NEWUSER  # entered last, in execute: set-up runs as real root
+    workspace = os.path.join(config.runtime_dir_str, "ws")
+    overlay_image = spec.annotations.get(ANN_OVERLAY_IMAGE)
+    if overlay_image:  # disk-quota overlay: loop-mounted on ws/ovl by execute.setup_root
+        spec = spec.replace(annotations={**spec.annotations, ANN_OVERLAY: os.path.join(workspace, "ovl")})
+    ops = plan.mount_ops(spec, workspace)
+    before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir))
+    ops = [*before, *ops, *after]
+    if config.debug:
+        for op in ops:
+            sys.stderr.write(f"mesobox: mount: {op.describe()}\n")
+    proc = spec.process
+    keep_caps: tuple[int, ...] | None = None
+    if proc.capabilities is not None:
+        keep_caps = ()
+        if proc.capabilities.get("bounding"):
+            from mesobox.runtime.caps import numbers
+
+            keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
+    return {
+        "flags": flags,
+        "uid_map": identity.map_text(spec.linux.uid_mappings),
+        "gid_map": identity.map_text(spec.linux.gid_mappings),
+        "pid": "pid" in spec.linux.namespaces,
+        "workspace": workspace,
+        "scratch": spec.annotations.get(ANN_WRITABLE_TMPFS),
+        "persistent": None if overlay_image else spec.annotations.get(ANN_OVERLAY),
+        "overlay_image": overlay_image,
+        "files": _identity_files(spec, image_dir),
+        "steps": tuple(op.step() for op in ops),
+        "loopback": "network" in spec.linux.namespaces,
+        "hostname": spec.hostname,
+        "cwd": proc.cwd,
+        "enter_userns": (spec.linux.uid_mappings, spec.linux.gid_mappings) if userns_last else None,
+        "keep_caps": keep_caps,
+        "user": (proc.user.uid, proc.user.gid, tuple(proc.user.additional_gids)),
+        "no_new_privs": proc.no_new_privileges,
+        "seccomp": _seccomp_program(spec, config),
+        "args": tuple(proc.args),
+        "env": tuple(proc.env),
+    }
+
+
+def _identity_files(spec: Spec, image: str) -> tuple[tuple[str, str], ...]:
+    """/etc/passwd and /etc/group: the image's entries plus the caller's."""
+    from mesobox.runtime import identity, probe
+
+    ann = spec.annotations
+    user = spec.process.user
+    passwd = identity.passwd_text(probe.image_text(image, "etc/passwd"), ann.get("org.mesobox.user", "user"),
+                                  user.uid, user.gid, ann.get("org.mesobox.home", "/"),
+                                  ann.get("org.mesobox.shell", "/bin/sh"))
+    group = identity.group_text(probe.image_text(image, "etc/group"), ann.get("org.mesobox.group", "group"),
+                                user.gid, ann.get("org.mesobox.user", "user"))
+    return (("passwd", passwd), ("group", group))
+
+
+def _seccomp_program(spec: Spec, config: Config) -> bytes | None:
+    """The compiled filter, read from the per-user cache or compiled with libseccomp
+    and cached (seccomp.py)."""
+    if spec.linux.seccomp is None:
+        return None
+    from mesobox.runtime.seccomp import prepare
+
+    profile = None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp
+    return prepare(profile, os.path.join(config.runtime_dir_str, "seccomp"))
 
 
 # --- supervisor (outside every namespace) ------------------------------------------------
 
 
-def _supervise(spec: Spec, config: Config, image_dir: str) -> int:
+def _supervise(spec: Spec, program: Program) -> int:
     ready_r, ready_w = os.pipe()  # child → parent: "namespaces exist"
     go_r, go_w = os.pipe()  # parent → child: "maps written, cgroup joined, network up"
-    exec_r, exec_w = _exec_pipe()  # EOF here: the workload has exec'd (or died)
+    exec_r, exec_w = execute.exec_pipe()  # EOF here: the workload has exec'd (or died)
     pid = os.fork()
     if pid == 0:
         os.close(ready_r)
         os.close(go_w)
         os.close(exec_r)
-        _in_child(lambda: _supervised_child(spec, config, image_dir, ready_w, go_r))
+        execute.in_child(lambda: _supervised_child(program, ready_w, go_r))
     os.close(ready_w)
     os.close(go_r)
     os.close(exec_w)
@@ -158,7 +209,7 @@ def _supervise(spec: Spec, config: Config, image_dir: str) -> int:
     try:
         if os.read(ready_r, 1) != b"u":  # the child failed before unsharing: it said why
             return _wait_status(pid)
-        cleanups = _outside_setup(spec, pid)
+        cleanups = _outside_setup(spec, program, pid)
         os.write(go_w, b"g")
     except BaseException:
         os.kill(pid, 9)
@@ -176,26 +227,26 @@ def _supervise(spec: Spec, config: Config, image_dir: str) -> int:
     return status
 
 
-def _supervised_child(spec: Spec, config: Config, image_dir: str, ready_w: int, go_r: int) -> NoReturn:
+def _supervised_child(program: Program, ready_w: int, go_r: int) -> NoReturn:
     sc.prctl(sc.PR_SET_PDEATHSIG, 9)  # the container never outlives its supervisor
-    _unshare(spec)
+    execute.unshare(program["flags"])
     os.write(ready_w, b"u")
     os.close(ready_w)
     if os.read(go_r, 1) != b"g":
         os._exit(125)  # the supervisor failed and has reported it
     os.close(go_r)
-    _container(spec, config, image_dir)
+    execute.container(program)
 
 
-def _outside_setup(spec: Spec, pid: int) -> list[Callable[[int], None]]:
+def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int], None]]:
     """Id maps (newuidmap for sub-id ranges), cgroup, slirp4netns for ``pid``."""
     from mesobox.runtime import identity
 
     if spec.annotations.get(ANN_SUBIDS) == "1":
         for tool, maps in (("newuidmap", spec.linux.uid_mappings), ("newgidmap", spec.linux.gid_mappings)):
             _run_helper(identity.newidmap_argv(tool, pid, maps))
-    elif not _userns_last(spec):
-        _write_child_maps(spec, pid)
+    elif program["enter_userns"] is None:
+        _write_child_maps(program, pid)
     cleanups: list[Callable[[int], None]] = []
     if spec.linux.resources is not None:
         cleanups.append(_join_cgroup(spec, pid))
@@ -208,17 +259,12 @@ def _outside_setup(spec: Spec, pid: int) -> list[Callable[[int], None]]:
     return cleanups
 
 
-def _write_child_maps(spec: Spec, pid: int) -> None:
-    from mesobox.runtime.identity import map_text
-
+def _write_child_maps(program: Program, pid: int) -> None:
     try:
         if os.getuid() != 0:
-            with open(f"/proc/{pid}/setgroups", "w") as f:
-                f.write("deny")
-        with open(f"/proc/{pid}/uid_map", "w") as f:
-            f.write(map_text(spec.linux.uid_mappings))
-        with open(f"/proc/{pid}/gid_map", "w") as f:
-            f.write(map_text(spec.linux.gid_mappings))
+            execute.write_file(f"/proc/{pid}/setgroups", "deny")
+        execute.write_file(f"/proc/{pid}/uid_map", program["uid_map"])
+        execute.write_file(f"/proc/{pid}/gid_map", program["gid_map"])
     except OSError as err:
         raise LaunchError(f"cannot write the container's id maps: {err.strerror}") from None
 
@@ -272,38 +318,6 @@ def block_signals() -> None:
     half-built container; forwarders take them with sigwaitinfo(2)."""
     hold_signals()
 
-
-def _exec_pipe() -> tuple[int, int]:
-    global _exec_fd
-    r, w = os.pipe()  # both close-on-exec (PEP 446)
-    _exec_fd = w
-    return r, w
-
-
-def _close_exec_fd() -> None:
-    global _exec_fd
-    if _exec_fd is not None:
-        os.close(_exec_fd)
-        _exec_fd = None
-
-
-def _signals_for_exec() -> None:
-    """Right before execve: give the workload the caller's mask.  A signal already
-    pending here (only if nobody supervises) would hit the workload before its own
-    handlers exist, so a forwarder is forked first: the child starts with none pending
-    (fork(2)) and the parent delivers them once the workload is ready — even a tty's
-    ^C, which came before the workload existed to get its own copy."""
-    if _exec_fd is None and set(FORWARDED) & _signal.sigpending():
-        queued = []
-        while (info := _signal.sigtimedwait(FORWARDED, 0)) is not None:
-            queued.append(info.si_signo)
-        r, _w = _exec_pipe()
-        pid = os.fork()
-        if pid:
-            _close_exec_fd()
-            os._exit(wait_forwarding(pid, r, queued=tuple(queued)))
-        os.close(r)
-    _signal.pthread_sigmask(_signal.SIG_SETMASK, runtime.caller_sigmask or set())
 
 
 def _reaped(pid: int, everyone: bool) -> int | None:
@@ -372,214 +386,3 @@ def _kill(pid: int, signum: int) -> None:
     except ProcessLookupError:
         pass
 
-
-def _init(workload: int) -> NoReturn:
-    """pid 1 of a --pid container: forward signals, reap orphans, exit like the workload."""
-    os._exit(wait_forwarding(workload, everyone=True))
-
-
-def _in_child(body: Callable[[], Any]) -> NoReturn:
-    """Run a forked child's body; any error becomes one line and its exit code."""
-    code = 125
-    try:
-        body()
-    except MesoboxError as err:
-        sys.stderr.write(f"mesobox: error: {err.message}\n")
-        if err.hint:
-            sys.stderr.write(f"mesobox: hint: {err.hint}\n")
-        code = err.exit_code
-    except OSError as err:
-        sys.stderr.write(f"mesobox: error: {err}\n")
-    except Exception as err:  # a bug: still one line (the parent has its own --debug)
-        sys.stderr.write(f"mesobox: error: internal: {type(err).__name__}: {err}\n")
-    finally:
-        sys.stderr.flush()
-        os._exit(code)
-
-
-# --- inside the namespaces -----------------------------------------------------------------
-
-
-def _preload(spec: Spec, config: Config) -> bytes | None:
-    """Load, before pivot_root hides the host's files, what runs after it; returns the
-    compiled seccomp program (read from the per-user cache, or compiled with libseccomp
-    and cached) for _exec.  Signal handling needs only builtin modules."""
-    if spec.process.capabilities and spec.process.capabilities.get("bounding"):
-        import mesobox.runtime.caps  # noqa: F401 - _exec uses it after pivot_root
-    if spec.linux.seccomp is None:
-        return None
-    from mesobox.runtime.seccomp import prepare
-
-    profile = None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp
-    return prepare(profile, os.path.join(config.runtime_dir_str, "seccomp"))
-
-
-def _container(spec: Spec, config: Config, image_dir: str) -> NoReturn:
-    program = _preload(spec, config)
-    if "pid" in spec.linux.namespaces:
-        # unshare(CLONE_NEWPID) puts the *next child* in the new pid namespace as pid 1.
-        pid = os.fork()
-        if pid:
-            _close_exec_fd()  # only the workload holds it: its execve closes it
-            os._exit(wait_forwarding(pid))
-        _in_child(lambda: _container_init(spec, config, image_dir, program))
-    _setup_root(spec, config, image_dir)
-    _exec(spec, program)
-
-
-def _container_init(spec: Spec, config: Config, image_dir: str, program: bytes | None) -> None:
-    sc.prctl(sc.PR_SET_PDEATHSIG, 9)
-    _setup_root(spec, config, image_dir)
-    workload = os.fork()
-    if workload == 0:
-        _in_child(lambda: _exec(spec, program))
-    _close_exec_fd()
-    _init(workload)
-
-
-def _setup_root(spec: Spec, config: Config, image_dir: str) -> None:
-    from mesobox.runtime import mounts, plan
-
-    # Slave, not private: host mounts made later (automounted home, Lustre) still show up,
-    # and nothing we mount leaks back (mount_namespaces(7), bubblewrap does the same).
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
-    workspace = _workspace(spec, config, image_dir)
-    image = spec.annotations.get(ANN_OVERLAY_IMAGE)
-    if image:  # disk-quota overlay: loop-mounted here, gone with this mount namespace
-        from mesobox.runtime.quota import mount_image
-
-        mount_image(image, os.path.join(workspace, "ovl"))
-        spec = spec.replace(annotations={**spec.annotations, ANN_OVERLAY: os.path.join(workspace, "ovl")})
-    ops = plan.mount_ops(spec, workspace)
-    before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir))
-    root = os.path.join(workspace, "root")
-    mounts.apply_all([*before, *ops, *after], root, config.debug)
-    if "network" in spec.linux.namespaces:
-        from mesobox.runtime.network import setup_loopback
-
-        setup_loopback()  # before pivot_root: it imports socket/fcntl from the host's stdlib
-    _pivot(root)
-    if spec.hostname is not None:
-        sc.sethostname(spec.hostname)
-    try:
-        os.chdir(spec.process.cwd)
-    except OSError:
-        raise LaunchError(f"working directory {spec.process.cwd} does not exist in the container",
-                          hint="choose another with -w/--workdir") from None
-
-
-def _workspace(spec: Spec, config: Config, image_dir: str) -> str:
-    """A tmpfs private to this mount namespace: new root mount point, passwd/group,
-    overlay upper layers.  The same path serves every container (each sees its own)."""
-    workspace = os.path.join(config.runtime_dir_str, "ws")
-    runtime.private_dirs(workspace)
-    sc.mount("tmpfs", workspace, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=755,size=16m")
-    for sub in ("root", "etc"):
-        os.makedirs(os.path.join(workspace, sub))
-    size = spec.annotations.get(ANN_WRITABLE_TMPFS)
-    if size is not None:
-        scratch = os.path.join(workspace, "rw")
-        os.mkdir(scratch)
-        # The size cap is the disk quota of --writable-tmpfs: writes past it get ENOSPC.
-        sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-                 "mode=755" + (f",size={size}" if size != "0" else ""))
-        os.makedirs(scratch + "/upper", mode=0o755)
-        os.makedirs(scratch + "/work")
-    persistent = spec.annotations.get(ANN_OVERLAY)
-    if persistent:
-        for sub in ("upper", "work"):
-            os.makedirs(os.path.join(persistent, sub), exist_ok=True)
-    _write_identity(spec, workspace, image_dir)
-    return workspace
-
-
-def _write_identity(spec: Spec, workspace: str, image: str) -> None:
-    from mesobox.runtime import identity
-    from mesobox.runtime.mounts import read_beneath
-
-    ann = spec.annotations
-    user = spec.process.user
-    passwd = identity.passwd_text(read_beneath(image, "etc/passwd"), ann.get("org.mesobox.user", "user"),
-                                  user.uid, user.gid, ann.get("org.mesobox.home", "/"),
-                                  ann.get("org.mesobox.shell", "/bin/sh"))
-    group = identity.group_text(read_beneath(image, "etc/group"), ann.get("org.mesobox.group", "group"),
-                                user.gid, ann.get("org.mesobox.user", "user"))
-    for name, text in (("passwd", passwd), ("group", group)):
-        with open(os.path.join(workspace, "etc", name), "w") as f:
-            f.write(text)
-
-
-def _pivot(root: str) -> None:
-    # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops
-    # it without needing a put_old directory in the image (pivot_root(2), NOTES).
-    os.chdir(root)
-    sc.pivot_root(".", ".")
-    sc.umount2(".", sc.MNT_DETACH)
-    os.chdir("/")
-
-
-def _exec(spec: Spec, program: bytes | None) -> NoReturn:
-    proc = spec.process
-    env = dict(item.split("=", 1) for item in proc.env)
-    path = _find_command(proc.args[0], env.get("PATH", ""))
-    if _userns_last(spec):
-        from mesobox.runtime import identity
-
-        identity.enter_userns(spec.linux.uid_mappings, spec.linux.gid_mappings, sc.unshare,
-                                      sc.CLONE_NEWUSER)
-    if proc.capabilities is not None:
-        keep = frozenset[int]()
-        if proc.capabilities.get("bounding"):
-            from mesobox.runtime.caps import numbers
-
-            keep = numbers(proc.capabilities["bounding"])
-        # Before the user switch: dropping from the bounding set needs CAP_SETPCAP.
-        sc.drop_capabilities(keep)
-    if (proc.user.uid, proc.user.gid) != (os.getuid(), os.getgid()):
-        _switch_user(proc.user.uid, proc.user.gid, proc.user.additional_gids)
-    if proc.no_new_privileges:
-        # No setuid/file-capability gain across execve from here on (prctl(2)).
-        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-    if program is not None:
-        from mesobox.runtime.seccomp import install  # loaded by _preload: no file access
-
-        # Last: the runtime's own setup syscalls are never filtered (runc, bubblewrap).
-        install(program)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    _signals_for_exec()
-    try:
-        os.execve(path, list(proc.args), env)  # noqa: S606 - exec'ing the user's command is the point
-    except FileNotFoundError:  # e.g. a script whose #! interpreter is missing
-        raise CommandNotFound(f"{proc.args[0]}: cannot execute: interpreter or loader not found") from None
-    except OSError as err:
-        raise CommandNotExecutable(f"{proc.args[0]}: cannot execute: {err.strerror}") from None
-
-
-def _find_command(name: str, search: str) -> str:
-    if "/" in name:
-        if not os.path.lexists(name):
-            raise CommandNotFound(f"{name}: no such file in the container")
-        return name
-    for directory in search.split(":"):
-        candidate = os.path.join(directory or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    for directory in search.split(":"):
-        candidate = os.path.join(directory or ".", name)
-        if os.path.exists(candidate):
-            raise CommandNotExecutable(f"{name}: found {candidate} but it is not executable")
-    raise CommandNotFound(f"{name}: command not found in the container", hint=f"PATH inside is {search}")
-
-
-def _switch_user(uid: int, gid: int, groups: tuple[int, ...]) -> None:
-    try:
-        try:  # noqa: SIM105
-            os.setgroups(list(groups))
-        except PermissionError:
-            pass  # setgroups is denied in a single-id user namespace; nothing to drop
-        os.setgid(gid)
-        os.setuid(uid)
-    except OSError as err:
-        raise LaunchError(f"cannot switch to uid {uid} gid {gid} inside: {err.strerror}",
-                          hint="that id is not mapped: configure a range in /etc/subuid and /etc/subgid") from None

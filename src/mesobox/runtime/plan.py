@@ -19,6 +19,7 @@ import os
 
 from mesobox.errors import LaunchError
 from mesobox.runtime import mounts as M
+from mesobox.runtime import probe
 from mesobox.runtime import syscalls as sc
 from mesobox.runtime.spec import ANN_OVERLAY, ANN_WRITABLE_TMPFS, Spec
 
@@ -46,7 +47,7 @@ def mount_ops(spec: Spec, workspace: str) -> list[M.Op]:
     for m in sorted(spec.mounts, key=lambda m: m.destination.rstrip("/").count("/")):
         rel = m.destination.strip("/")
         if m.type == "bind":
-            kind = "dir" if os.path.isdir(m.source) else "file"
+            kind = "dir" if probe.isdir(m.source) else "file"
             recursive = "rbind" in m.options
             # A non-recursive bind of a directory with host submounts is refused (EINVAL:
             # it would reveal what they cover), so bind recursively and detach the copy
@@ -78,11 +79,11 @@ def skeletons(ops: list[M.Op], image_dir: str) -> list[str]:
     for op in ops:
         target = op.link if isinstance(op, M.Symlink) else str(getattr(op, "target", ""))
         inner = next(((t, o) for t, o in reversed(covered) if t and _under(target, t)), None)
-        if inner is None and not M.exists_beneath(image_dir, target):
+        if inner is None and not probe.image_exists(image_dir, target):
             found.add(_deepest_existing(image_dir, target))
         elif isinstance(inner, tuple) and isinstance(inner[1], M.Bind):
             rest = os.path.relpath(target, inner[0])
-            if not os.path.lexists(os.path.join(inner[1].source, rest)):
+            if not probe.lexists(os.path.join(inner[1].source, rest)):
                 raise LaunchError(f"cannot mount on /{target}: it does not exist in the bind of {inner[1].source}",
                                   hint=f"create {os.path.join(inner[1].source, rest)} on the host first")
         if not isinstance(op, M.Symlink):
@@ -95,7 +96,7 @@ def _deepest_existing(image_dir: str, target: str) -> str:
     while parts:
         parts.pop()
         candidate = "/".join(parts)
-        if M.exists_beneath(image_dir, candidate):
+        if probe.image_exists(image_dir, candidate):
             return candidate
     return ""
 

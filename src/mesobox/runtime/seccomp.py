@@ -3,8 +3,8 @@
 Invariants:
 - ``prepare`` runs in the launcher *before* pivot_root, while the host's files are
   visible: it returns the filter as a classic-BPF program (the bytes libseccomp's
-  ``seccomp_export_bpf`` writes).  ``install`` loads those bytes in the container's
-  process after ``no_new_privs`` and right before ``execve`` (bubblewrap/runc order:
+  ``seccomp_export_bpf`` writes).  ``execute.install_seccomp`` loads those bytes in the
+  container's process after ``no_new_privs`` and right before ``execve`` (runc order:
   seccomp last, so the runtime's own setup syscalls are never filtered).  Once loaded
   a filter cannot be removed (seccomp(2)).
 - Compiled programs are cached per user in ``<runtime_dir>/seccomp/<key>.bpf``
@@ -163,27 +163,13 @@ def prepare(profile: dict[str, Any] | None, cache_dir: str) -> bytes | None:
     return program
 
 
-def install(program: bytes) -> None:
-    """Load a program from ``prepare`` into this process: last step before execve."""
-    from mesobox.runtime import syscalls as sc
-
-    try:
-        # libseccomp's seccomp_load set no_new_privs itself (SCMP_FLTATR_CTL_NNP is on
-        # by default, seccomp_attr_set(3)); the kernel demands it without CAP_SYS_ADMIN.
-        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        sc.seccomp_set_filter(program)
-    except OSError as err:
-        raise LaunchError(
-            f"cannot load the seccomp filter: {err.strerror}",
-            hint="the kernel needs CONFIG_SECCOMP_FILTER; set no_new_privs before loading",
-        ) from None
-
-
 def load_filter(profile: dict[str, Any] | None) -> None:
     """Compile and install in one go, without the cache (test harnesses, tools)."""
     program = None if profile is not None and profile.get("unconfined") else compile_program(profile)
     if program is not None:
-        install(program)
+        from mesobox.runtime.execute import install_seccomp
+
+        install_seccomp(program)
 
 
 # --- the cache --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import UsageError
+from mesobox.runtime import environ
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -172,9 +173,7 @@ def _validate_process(p: Process) -> None:
         raise UsageError("no command to run", hint="the image has no Entrypoint/Cmd: give a command")
     if not os.path.isabs(p.cwd):
         raise UsageError(f"working directory must be absolute: {p.cwd!r}")
-    for item in p.env:
-        if "=" not in item or item.startswith("=") or "\0" in item:
-            raise UsageError(f"bad environment entry {item!r}", hint="use KEY=VALUE")
+    environ.check(p.env)
 
 
 def _validate_destination(dest: str) -> None:

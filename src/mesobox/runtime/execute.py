@@ -1,0 +1,630 @@
+"""Execute room: run a launch *program* — the container side of a launch.
+
+A program is plain data (a dict of str, int, bytes and tuples) that
+``launcher.compile_program`` derives from a validated Spec.  Every decision is already
+taken in it: mount steps, passwd/group text, the capabilities to keep, the compiled
+seccomp filter.  This module only makes the syscalls, in bubblewrap's order:
+unshare → id maps → make / slave → workspace tmpfs → root and mount steps →
+pivot_root → chdir → hostname/loopback → capabilities → user switch → no_new_privs →
+seccomp (last) → execve.  Being plain data, a program can be reused by the next
+launch of the same command line (plancache.py); only the environment is made anew.
+
+Program keys:
+  flags              unshare(2) flags (without CLONE_NEWUSER when the user namespace
+                     is entered last: real root, identity.enter_userns)
+  uid_map, gid_map   text for /proc/PID/uid_map and gid_map
+  pid                a new pid namespace: a minimal init forks the workload
+  workspace          the private tmpfs directory (root/, etc/, rw/ below it)
+  scratch            --writable-tmpfs size in bytes as text ("0": tmpfs default), or None
+  persistent         --overlay directory (upper/ and work/ are made in it), or None
+  overlay_image      ext4 image to loop-mount on workspace/ovl (real root), or None
+  files              ((name, text), …) written to workspace/etc (passwd, group)
+  steps              mount steps (below), applied in order below workspace/root
+  loopback           bring up lo (a new network namespace)
+  hostname, cwd      set after pivot_root
+  enter_userns       (uid maps, gid maps) for real root, or None
+  keep_caps          capability numbers left in the bounding set, or None: leave them
+  user               (uid, gid, additional gids) inside
+  no_new_privs       prctl(PR_SET_NO_NEW_PRIVS) before execve
+  seccomp            compiled BPF program, or None
+  args, env          argv and "K=V" strings
+
+Mount steps (``step[0]``, then its fields; targets are relative to the new root):
+  ("bind", source, target, kind, recursive, hide, flags)   kind "dir"/"file": the mount
+        point to create; hide: the workspace's path below source, detached after an
+        rbind; flags: MS_RDONLY/NOSUID/… for the remount that follows (0: none)
+  ("mount", fstype, source, target, flags, data)           tmpfs, proc, devpts
+  ("overlay", lower, upper, work, target)
+  ("remount", target, flags, source)    source: whose locked flags to keep ("" if ours)
+  ("skeleton", target)                  tmpfs + binds of the image directory's entries
+  ("symlink", link, target)
+
+Invariants:
+- Every target is reached with ``open_beneath``: one ``openat2`` with
+  RESOLVE_BENEATH|NO_SYMLINKS|NO_MAGICLINKS (or, on older kernels, one component at a
+  time, each opened ``O_PATH|O_NOFOLLOW``), and the mount is made on
+  ``/proc/self/fd/N`` of the final fd.  An image-provided symlink (``/proc -> /``,
+  ``/dev/null -> /etc/shadow``…) can never redirect the runtime's own mounts outside
+  the new root (runc CVE-2019-16884, CVE-2025-31133 family): it is refused.
+- Mount points are created only in filesystems mesobox owns (the workspace tmpfs, a
+  skeleton tmpfs, the tmpfs upper of the root overlay), never in a host bind.
+- A read-only or nosuid bind is remounted repeating the source's locked flags
+  (mount_namespaces(7): a user namespace may not clear nosuid/nodev/noexec/atime
+  flags of a mount it inherited).  Those are read when the step runs.
+- The workload execs with the caller's signal mask; a forwarded signal already
+  pending is passed on once the workload is ready (``_signals_for_exec``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+from mesobox import runtime
+from mesobox.runtime import FORWARDED
+from mesobox.runtime import syscalls as sc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+else:
+    import _signal  # the C half of `signal`: the same calls, without its enum import (≈3 ms)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+    Program = dict[str, Any]
+
+O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_BENEATH = sc.RESOLVE_BENEATH | sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS
+_exec_fd: int | None = None  # write end of the "workload exec'd" pipe (close-on-exec)
+_held: dict[str, int] = {}  # root directory -> its O_PATH fd (hold_root)
+
+
+# mesobox.errors (14 classes) is imported only when something fails: ≈0.5 ms of every
+# launch that does not.
+def _launch_error(message: str, hint: str | None = None) -> Exception:
+    from mesobox.errors import LaunchError
+
+    return LaunchError(message, hint=hint)
+
+
+def _not_found(message: str, hint: str | None = None) -> Exception:
+    from mesobox.errors import CommandNotFound
+
+    return CommandNotFound(message, hint=hint)
+
+
+def _not_executable(message: str, hint: str | None = None) -> Exception:
+    from mesobox.errors import CommandNotExecutable
+
+    return CommandNotExecutable(message, hint=hint)
+
+
+def run(program: Program) -> NoReturn:
+    """Unshare, write one's own id maps, set the container up and exec (unsupervised)."""
+    unshare(program["flags"])
+    write_own_maps(program["uid_map"], program["gid_map"], privileged=os.getuid() == 0)
+    container(program)
+
+
+def check_ids() -> tuple[int, int]:
+    """Return (uid, gid); refuse to run with differing real/effective/saved ids."""
+    ruid, euid, suid = os.getresuid()
+    rgid, egid, sgid = os.getresgid()
+    if not (ruid == euid == suid and rgid == egid == sgid):
+        raise _launch_error(
+            "refusing to run setuid or setgid: real, effective and saved ids differ",
+            hint="mesobox is unprivileged by design; install it without the setuid bit",
+        )
+    return ruid, rgid
+
+
+def unshare(flags: int) -> None:
+    try:
+        sc.unshare(flags)
+    except OSError as err:
+        hint = None
+        if err.errno in (1, 28, 38):  # EPERM, ENOSPC, ENOSYS
+            hint = ("unprivileged user namespaces are restricted on this host: ask the admin to set "
+                    "kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0")
+        raise _launch_error(f"cannot create namespaces: {err.strerror}", hint=hint) from None
+
+
+def write_own_maps(uid_map: str, gid_map: str, privileged: bool) -> None:
+    """Write /proc/self/{setgroups,uid_map,gid_map} right after unshare(CLONE_NEWUSER).
+
+    An unprivileged writer must deny setgroups(2) before writing gid_map
+    (user_namespaces(7), since Linux 3.19), or anyone could drop supplementary groups
+    used as negative permissions."""
+    try:
+        if not privileged:
+            write_file("/proc/self/setgroups", "deny")
+        write_file("/proc/self/uid_map", uid_map)
+        write_file("/proc/self/gid_map", gid_map)
+    except OSError as err:
+        raise _launch_error(f"cannot write the user namespace id maps: {err.strerror}") from None
+
+
+def write_file(path: str, text: str) -> None:
+    """One write(2) of ``text``: what /proc's map files demand."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def container(program: Program) -> NoReturn:
+    """Inside the new namespaces: the root, then the workload (or, with a pid
+    namespace, an init that forks it)."""
+    if program["pid"]:
+        # unshare(CLONE_NEWPID) puts the *next child* in the new pid namespace as pid 1.
+        pid = os.fork()
+        if pid:
+            close_exec_fd()  # only the workload holds it: its execve closes it
+            from mesobox.runtime.launcher import wait_forwarding
+
+            os._exit(wait_forwarding(pid))
+        in_child(lambda: _container_init(program))
+    setup_root(program)
+    exec_workload(program)
+
+
+def _container_init(program: Program) -> None:
+    """pid 1 of a --pid container: forward signals, reap orphans, exit like the workload."""
+    sc.prctl(sc.PR_SET_PDEATHSIG, 9)
+    setup_root(program)
+    workload = os.fork()
+    if workload == 0:
+        in_child(lambda: exec_workload(program))
+    close_exec_fd()
+    from mesobox.runtime.launcher import wait_forwarding
+
+    os._exit(wait_forwarding(workload, everyone=True))
+
+
+def in_child(body: Callable[[], Any]) -> NoReturn:
+    """Run a forked child's body; any error becomes one line and its exit code."""
+    code = 125
+    try:
+        body()
+    except Exception as err:
+        from mesobox.errors import MesoboxError
+
+        if isinstance(err, MesoboxError):
+            sys.stderr.write(f"mesobox: error: {err.message}\n")
+            if err.hint:
+                sys.stderr.write(f"mesobox: hint: {err.hint}\n")
+            code = err.exit_code
+        elif isinstance(err, OSError):
+            sys.stderr.write(f"mesobox: error: {err}\n")
+        else:  # a bug: still one line (the parent has its own --debug)
+            sys.stderr.write(f"mesobox: error: internal: {type(err).__name__}: {err}\n")
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# --- the root ----------------------------------------------------------------------------
+
+
+def setup_root(program: Program) -> None:
+    # Slave, not private: host mounts made later (automounted home, Lustre) still show up,
+    # and nothing we mount leaks back (mount_namespaces(7), bubblewrap does the same).
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    workspace = program["workspace"]
+    make_workspace(program)
+    if program["overlay_image"]:  # disk-quota overlay: loop-mounted here, gone with this mount namespace
+        from mesobox.runtime.quota import mount_image
+
+        mount_image(program["overlay_image"], os.path.join(workspace, "ovl"))
+    root = os.path.join(workspace, "root")
+    run_steps(program["steps"], root)
+    if program["loopback"]:
+        from mesobox.runtime.network import setup_loopback
+
+        setup_loopback()  # before pivot_root: it imports socket/fcntl from the host's stdlib
+    pivot(root)
+    if program["hostname"] is not None:
+        sc.sethostname(program["hostname"])
+    try:
+        os.chdir(program["cwd"])
+    except OSError:
+        raise _launch_error(f"working directory {program['cwd']} does not exist in the container",
+                          hint="choose another with -w/--workdir") from None
+
+
+def make_workspace(program: Program) -> None:
+    """A tmpfs private to this mount namespace: new root mount point, passwd/group,
+    overlay upper layers.  The same path serves every container (each sees its own)."""
+    workspace = program["workspace"]
+    runtime.private_dirs(workspace)
+    sc.mount("tmpfs", workspace, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=755,size=16m")
+    os.mkdir(os.path.join(workspace, "root"), 0o755)
+    os.mkdir(os.path.join(workspace, "etc"), 0o755)
+    size = program["scratch"]
+    if size is not None:
+        scratch = os.path.join(workspace, "rw")
+        os.mkdir(scratch, 0o755)
+        # The size cap is the disk quota of --writable-tmpfs: writes past it get ENOSPC.
+        sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                 "mode=755" + (f",size={size}" if size != "0" else ""))
+        os.mkdir(scratch + "/upper", 0o755)
+        os.mkdir(scratch + "/work", 0o755)
+    persistent = program["persistent"]
+    if persistent:
+        for sub in ("upper", "work"):
+            os.makedirs(os.path.join(persistent, sub), exist_ok=True)
+    for name, text in program["files"]:
+        fd = os.open(os.path.join(workspace, "etc", name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def pivot(root: str) -> None:
+    # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops
+    # it without needing a put_old directory in the image (pivot_root(2), NOTES).
+    os.chdir(root)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+# --- mount steps -------------------------------------------------------------------------
+
+
+def run_steps(steps: list[tuple[Any, ...]] | tuple[tuple[Any, ...], ...], root: str) -> None:
+    try:
+        for step in steps:
+            _STEPS[step[0]](root, *step[1:])
+            hold_root(root)
+    finally:
+        release_roots()
+
+
+def hold_root(root: str) -> None:
+    """Keep an O_PATH fd of ``root`` for open_beneath to start from (one open(2) saved
+    per lookup) until ``release_roots`` — which every mount *on* the root calls: the
+    held fd would name the directory the new mount covers."""
+    if root not in _held:
+        _held[root] = os.open(root, O_PATH_FLAGS | os.O_DIRECTORY)
+
+
+def release_roots() -> None:
+    while _held:
+        os.close(_held.popitem()[1])
+
+
+def open_beneath(root: str, rel: str, create: str | None = None) -> int:
+    """O_PATH fd of ``root/rel`` without following symlinks; ``create`` = "dir"/"file"
+    makes a missing last component (and missing parent directories)."""
+    held = _held.get(root)
+    fd = held if held is not None else os.open(root, O_PATH_FLAGS | os.O_DIRECTORY)
+    try:
+        # The common case in one syscall; any refusal (missing, a symlink anywhere,
+        # the last component included: no O_NOFOLLOW here, so RESOLVE_NO_SYMLINKS
+        # refuses it with ELOOP; not a directory) is walked again below, component by
+        # component, for its message.
+        found = sc.openat2(fd, rel.strip("/") or ".", os.O_PATH | os.O_CLOEXEC, _BENEATH)
+    except FileNotFoundError:
+        # A mount point to make (/dev/null in the fresh /dev tmpfs): when its parent
+        # resolves, create it there and resolve it again, still beneath the root.
+        found = _create_beneath(fd, rel.strip("/"), create) if create else None
+    except OSError:
+        found = None
+    except BaseException:
+        if held is None:
+            os.close(fd)
+        raise
+    if held is None:
+        os.close(fd)
+    if found is not None:
+        return found
+    fd = os.open(root, O_PATH_FLAGS | os.O_DIRECTORY)  # the walk below closes what it leaves
+    parts = [p for p in rel.split("/") if p and p != "."]
+    try:
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                nxt = os.open(name, O_PATH_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if create is None:
+                    raise
+                _create(fd, name, "file" if last and create == "file" else "dir")
+                nxt = os.open(name, O_PATH_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                raise _launch_error(
+                    f"refusing to mount on /{rel}: /{'/'.join(parts[:i + 1])} is a symlink in the image",
+                    hint="images may not redirect the runtime's mount points; bind to the link's target instead",
+                )
+            if not last and not stat.S_ISDIR(mode):
+                raise _launch_error(f"cannot mount on /{rel}: /{'/'.join(parts[:i + 1])} is not a directory")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _create_beneath(root_fd: int, rel: str, kind: str) -> int | None:
+    """fd of ``rel`` created as ``kind`` in its existing parent, or None (the caller
+    then walks the path component by component)."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        parent_fd = sc.openat2(root_fd, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, _BENEATH)
+    except OSError:
+        return None
+    if parent_fd is None:
+        return None
+    try:
+        _create(parent_fd, name, kind)
+        return sc.openat2(parent_fd, name, os.O_PATH | os.O_CLOEXEC, _BENEATH)
+    except Exception:  # refused or raced: the walk below says why
+        return None
+    finally:
+        os.close(parent_fd)
+
+
+def _create(dir_fd: int, name: str, kind: str) -> None:
+    try:
+        if kind == "dir":
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        else:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=dir_fd))
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise _launch_error(f"cannot create mount point {name!r}: {err.strerror}") from None
+
+
+def _mount_at(root: str, rel: str, create: str | None, source: str | None, fstype: str | None,
+              flags: int, data: str | None = None) -> None:
+    fd = open_beneath(root, rel, create)
+    try:
+        sc.mount(source, f"/proc/self/fd/{fd}", fstype, flags, data)
+        if not rel.strip("/"):
+            release_roots()
+    except OSError as err:
+        raise _launch_error(f"cannot mount {fstype or source} on /{rel}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _remount(root: str, rel: str, flags: int, source: str) -> None:
+    """Remount the bind now at ``rel`` (a fresh fd: the old one names the covered dir)."""
+    keep = sc.locked_flags(source) if source else 0
+    fd = open_beneath(root, rel)
+    try:
+        sc.mount(None, f"/proc/self/fd/{fd}", None, sc.MS_REMOUNT | sc.MS_BIND | flags | keep)
+    except OSError as err:
+        raise _launch_error(f"cannot remount /{rel}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _bind(root: str, source: str, target: str, kind: str, recursive: bool, hide: str, flags: int) -> None:
+    _mount_at(root, target, kind, source, None, sc.MS_BIND | (sc.MS_REC if recursive else 0))
+    if hide:
+        # The rbind copied mesobox's own workspace (the container's root and scratch
+        # files): detach that copy.  It is our mount, so it is not locked.
+        fd = open_beneath(root, f"{target}/{hide}")
+        try:
+            sc.umount2(f"/proc/self/fd/{fd}", sc.MNT_DETACH)
+        finally:
+            os.close(fd)
+    if flags:
+        _remount(root, target, flags, source)
+
+
+def _mount(root: str, fstype: str, source: str, target: str, flags: int, data: str | None) -> None:
+    _mount_at(root, target, "dir", source, fstype, flags, data)
+
+
+def _overlay(root: str, lower: str, upper: str, work: str, target: str) -> None:
+    """Kernel overlayfs on ``target``, fuse-overlayfs when the kernel refuses."""
+    data = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    last: OSError | None = None
+    # userxattr: unprivileged overlay keeps its whiteouts in user.* xattrs (Linux ≥ 5.11).
+    for opts in (data + ",userxattr", data):
+        fd = open_beneath(root, target, "dir")
+        try:
+            sc.mount("overlay", f"/proc/self/fd/{fd}", "overlay", sc.MS_NOSUID | sc.MS_NODEV, opts)
+            if not target.strip("/"):
+                release_roots()
+            return
+        except OSError as err:
+            last = err
+        finally:
+            os.close(fd)
+    import shutil
+    import subprocess
+
+    tool = shutil.which("fuse-overlayfs")
+    if tool is None:
+        raise _launch_error(f"kernel overlayfs failed ({last and last.strerror}) and fuse-overlayfs is missing",
+                          hint="install fuse-overlayfs, or drop --overlay/--writable-tmpfs")
+    proc = subprocess.run([tool, "-o", data, os.path.join(root, target)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise _launch_error(f"overlay failed: {proc.stderr.strip() or proc.returncode}")
+
+
+def _skeleton(root: str, target: str) -> None:
+    """Replace the image directory ``target`` by a tmpfs holding binds of each of its
+    entries (Apptainer's "underlay"), so missing mount points can be created in it
+    without writing to the image: a rootless user may not create files in the image's
+    root-owned directories even through an overlay (its owner is unmapped)."""
+    # The fd keeps the image directory reachable after the tmpfs covers it; binds
+    # copy the (read-only) flags of the mount they come from (clone_mnt).
+    path_fd = open_beneath(root, target)
+    try:
+        old = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+    try:
+        mode = stat.S_IMODE(os.fstat(old).st_mode)
+        _mount_at(root, target, None, "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"mode={mode:o},size=1m")
+        for entry in os.scandir(old):
+            _copy_entry(root, old, f"{target}/{entry.name}".lstrip("/"), entry.name)
+    finally:
+        os.close(old)
+
+
+def _copy_entry(root: str, old: int, rel: str, name: str) -> None:
+    src = os.open(name, O_PATH_FLAGS, dir_fd=old)
+    try:
+        st = os.fstat(src)
+        if stat.S_ISLNK(st.st_mode):
+            _symlink(root, rel, os.readlink(name, dir_fd=old))
+            return
+        fd = open_beneath(root, rel, "dir" if stat.S_ISDIR(st.st_mode) else "file")
+        try:
+            sc.mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{fd}", None, sc.MS_BIND | sc.MS_REC)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _launch_error(f"cannot rebuild /{rel} in the skeleton: {err.strerror}") from None
+    finally:
+        os.close(src)
+
+
+def _symlink(root: str, link: str, target: str) -> None:
+    parent, name = os.path.split(link)
+    fd = open_beneath(root, parent)
+    try:
+        os.symlink(target, name, dir_fd=fd)
+    except FileExistsError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_STEPS: dict[str, Callable[..., None]] = {
+    "bind": _bind, "mount": _mount, "overlay": _overlay, "remount": _remount, "skeleton": _skeleton,
+    "symlink": _symlink,
+}
+
+
+# --- the workload ----------------------------------------------------------------------
+
+
+def exec_workload(program: Program) -> NoReturn:
+    env = dict(item.split("=", 1) for item in program["env"])
+    args = program["args"]
+    path = find_command(args[0], env.get("PATH", ""))
+    if program["enter_userns"] is not None:
+        from mesobox.runtime import identity
+
+        uid_maps, gid_maps = program["enter_userns"]
+        identity.enter_userns(uid_maps, gid_maps, sc.unshare, sc.CLONE_NEWUSER)
+    if program["keep_caps"] is not None:
+        # Before the user switch: dropping from the bounding set needs CAP_SETPCAP.
+        sc.drop_capabilities(frozenset(program["keep_caps"]))
+    uid, gid, groups = program["user"]
+    if (uid, gid) != (os.getuid(), os.getgid()):
+        _switch_user(uid, gid, groups)
+    if program["no_new_privs"]:
+        # No setuid/file-capability gain across execve from here on (prctl(2)).
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    if program["seccomp"] is not None:
+        # Last: the runtime's own setup syscalls are never filtered (runc, bubblewrap).
+        install_seccomp(program["seccomp"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _signals_for_exec()
+    try:
+        os.execve(path, list(args), env)  # noqa: S606 - exec'ing the user's command is the point
+    except FileNotFoundError:  # e.g. a script whose #! interpreter is missing
+        raise _not_found(f"{args[0]}: cannot execute: interpreter or loader not found") from None
+    except OSError as err:
+        raise _not_executable(f"{args[0]}: cannot execute: {err.strerror}") from None
+
+
+def install_seccomp(program: bytes) -> None:
+    """Load a compiled filter (seccomp.prepare) into this process: last step before execve."""
+    try:
+        # libseccomp's seccomp_load set no_new_privs itself (SCMP_FLTATR_CTL_NNP is on
+        # by default, seccomp_attr_set(3)); the kernel demands it without CAP_SYS_ADMIN.
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        sc.seccomp_set_filter(program)
+    except OSError as err:
+        raise _launch_error(
+            f"cannot load the seccomp filter: {err.strerror}",
+            hint="the kernel needs CONFIG_SECCOMP_FILTER; set no_new_privs before loading",
+        ) from None
+
+
+def find_command(name: str, search: str) -> str:
+    if "/" in name:
+        if not os.path.lexists(name):
+            raise _not_found(f"{name}: no such file in the container")
+        return name
+    for directory in search.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    for directory in search.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.exists(candidate):
+            raise _not_executable(f"{name}: found {candidate} but it is not executable")
+    raise _not_found(f"{name}: command not found in the container", hint=f"PATH inside is {search}")
+
+
+def _switch_user(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+    try:
+        try:  # noqa: SIM105
+            os.setgroups(list(groups))
+        except PermissionError:
+            pass  # setgroups is denied in a single-id user namespace; nothing to drop
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as err:
+        raise _launch_error(f"cannot switch to uid {uid} gid {gid} inside: {err.strerror}",
+                          hint="that id is not mapped: configure a range in /etc/subuid and /etc/subgid") from None
+
+
+# --- signals at exec ----------------------------------------------------------------------
+
+
+def exec_pipe() -> tuple[int, int]:
+    """A pipe whose write end only the workload keeps: EOF on the read end once it has
+    exec'd (both ends close-on-exec, PEP 446)."""
+    global _exec_fd
+    r, w = os.pipe()
+    _exec_fd = w
+    return r, w
+
+
+def close_exec_fd() -> None:
+    global _exec_fd
+    if _exec_fd is not None:
+        os.close(_exec_fd)
+        _exec_fd = None
+
+
+def _signals_for_exec() -> None:
+    """Right before execve: give the workload the caller's mask.  A signal already
+    pending here (only if nobody supervises) would hit the workload before its own
+    handlers exist, so a forwarder is forked first: the child starts with none pending
+    (fork(2)) and the parent delivers them once the workload is ready — even a tty's
+    ^C, which came before the workload existed to get its own copy."""
+    if _exec_fd is None and set(FORWARDED) & _signal.sigpending():
+        from mesobox.runtime.launcher import wait_forwarding
+
+        queued = []
+        while (info := _signal.sigtimedwait(FORWARDED, 0)) is not None:
+            queued.append(info.si_signo)
+        r, _w = exec_pipe()
+        pid = os.fork()
+        if pid:
+            close_exec_fd()
+            os._exit(wait_forwarding(pid, r, queued=tuple(queued)))
+        os.close(r)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, runtime.caller_sigmask or set())

@@ -1,0 +1,318 @@
+"""Probe room: the questions a launch asks the host, answered — and written down while
+a launch plan is being recorded.
+
+A launch program (execute.py) is a function of the command line and of the answers to
+a few questions about the host: is this bind source a directory, what is its real
+path, does the image have /home, what does its /etc/passwd say, who is the caller,
+what is the working directory, which config files are there.  The spec builder
+(build.py), the mount planner (plan.py) and the launcher ask them through this module
+only.  While ``journal`` is a list, each question is appended to it with its answer;
+plancache.py stores the journal beside the program and runs the program again only
+when every question gets the same answer again (``unchanged``).
+
+A launch that depends on something no probe can ask again (a stored image's record,
+a seccomp profile file, the host's MPI) calls ``untracked()``: nothing is recorded and
+the next launch compiles its own program.  The environment's *values* are not a
+question: the container's environment is merged anew at every launch from the recipe
+``note_environment`` keeps (environ.compose).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mesobox import paths
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+    Entry = tuple[str, tuple[Any, ...], Any]  # (question, its arguments, the answer)
+
+journal: list[Entry] | None = None  # recording when a list
+_asked: set[tuple[str, tuple[Any, ...]]] = set()
+environment: tuple[Any, ...] | None = None  # environ.compose's recipe of this launch
+_RACY_NS = 2_000_000_000  # as config.racy: a file changed this recently may change unseen
+
+
+def _note(question: str, args: tuple[Any, ...], answer: T) -> T:
+    if journal is not None and (question, args) not in _asked:
+        _asked.add((question, args))  # the same question twice is asked again once
+        journal.append((question, args, answer))
+    return answer
+
+
+def record() -> None:
+    """Start writing the answers down (plancache.begin)."""
+    global journal, environment
+    journal, environment = [], None
+    _asked.clear()
+
+
+def untracked() -> None:
+    """This launch read something no probe can ask again: record nothing."""
+    global journal
+    journal = None
+
+
+def note_environment(recipe: tuple[Any, ...]) -> None:
+    global environment
+    environment = recipe
+
+
+# --- the questions ---------------------------------------------------------------------
+
+
+def isdir(path: str) -> bool:
+    return _note("isdir", (path,), os.path.isdir(path))
+
+
+def isfile(path: str) -> bool:
+    return _note("isfile", (path,), os.path.isfile(path))
+
+
+def exists(path: str) -> bool:
+    return _note("exists", (path,), os.path.exists(path))
+
+
+def lexists(path: str) -> bool:
+    return _note("lexists", (path,), os.path.lexists(path))
+
+
+def realpath(path: str) -> str:
+    return _note("realpath", (path,), os.path.realpath(path))
+
+
+def abspath(path: str) -> str:
+    return _note("abspath", (path,), os.path.abspath(path))
+
+
+def getcwd() -> str:
+    """The working directory, "" when it is gone."""
+    try:
+        here = os.getcwd()
+    except OSError:
+        here = ""
+    return _note("getcwd", (), here)
+
+
+def environ(name: str) -> str | None:
+    return _note("environ", (name,), os.environ.get(name))
+
+
+def image_exists(root: str, rel: str) -> bool:
+    """Whether ``root/rel`` exists with no symlink on the way (a symlink counts as
+    existing: execute.open_beneath will refuse it with a clear message)."""
+    return _note("image_exists", (root, rel), _image_exists(root, rel))
+
+
+def image_text(root: str, rel: str) -> str:
+    """Text of ``root/rel`` read without following symlinks; "" when absent or a link
+    (an image's /etc/passwd -> /etc/shadow must not make mesobox read the host's).
+    The question written down is the file's identity, not its text: the same device,
+    inode, size, mtime and ctime is the same text, unless the file changed in the last
+    seconds (then the launch is untracked, as config.racy)."""
+    text, identity = _image_text(root, rel)
+    if identity is not None and _racy(identity[3]):
+        untracked()
+    _note("image_file", (root, rel), identity)
+    return text
+
+
+def host_names(uid: int, gid: int) -> tuple[str, str, str, str]:
+    """(user name, group name, home, shell) from the host, with fallbacks for batch
+    nodes whose NSS (LDAP/SSSD) does not answer."""
+    return _note("host_names", (uid, gid), _host_names(uid, gid))
+
+
+def env_file(path: str) -> tuple[tuple[str, str], ...]:
+    """The KEY=VALUE pairs of an --env-file (environ.read_env_file)."""
+    from mesobox.runtime.environ import read_env_file
+
+    return _note("env_file", (path,), tuple(read_env_file(path)))
+
+
+def config_files() -> tuple[Any, ...]:
+    """What the Config of this launch is made of: every MESOBOX_* and XDG_* variable,
+    HOME and USER, the identity of the site and user files, the default runtime dir.
+    Part of a plan's key (plancache.py) rather than a question."""
+    env = os.environ
+    names = tuple(sorted((k, v) for k, v in env.items() if k.startswith(("MESOBOX_", "XDG_"))
+                         or k in ("HOME", "USER")))
+    files = tuple(_signature(path) for path in (paths.site_config(env), paths.user_config(env)))
+    return (names, files, paths.default_runtime_dir(env))
+
+
+def recently_changed(config: tuple[Any, ...]) -> bool:
+    """Whether a file in a ``config_files`` answer changed in the last seconds."""
+    return any(sig and _racy(sig[5]) for sig in config[1])
+
+
+def unchanged(entries: list[Entry]) -> bool:
+    """Whether every recorded question gets the same answer now."""
+    from mesobox.runtime import execute
+
+    try:
+        for question, args, answer in entries:
+            if question.startswith("image_"):
+                execute.hold_root(args[0])  # one open(2) of the image for all its questions
+            if _ASK[question](*args) != answer:
+                return False
+    except Exception:  # a question that fails now (an env file gone…): compile again
+        return False
+    finally:
+        execute.release_roots()
+    return True
+
+
+# --- answers ----------------------------------------------------------------------------
+
+
+def _image_exists(root: str, rel: str) -> bool:
+    from mesobox.runtime.execute import open_beneath
+
+    try:
+        os.close(open_beneath(root, rel))
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return True
+    except Exception as err:
+        if not _refused(err) or isinstance(err, OSError):
+            raise
+        return True  # a symlink on the way: open_beneath refuses it with its own message
+    return True
+
+
+def _refused(err: Exception) -> bool:
+    """An OSError or open_beneath's LaunchError (mesobox.errors is imported only then)."""
+    from mesobox.errors import LaunchError
+
+    return isinstance(err, OSError | LaunchError)
+
+
+def _image_text(root: str, rel: str, limit: int = 1 << 20) -> tuple[str, tuple[int, ...] | None]:
+    """(text, identity) of a regular file beneath root; ("", None) for anything else."""
+    from mesobox.runtime.execute import open_beneath
+
+    try:
+        fd = open_beneath(root, rel)
+    except Exception as err:
+        if not _refused(err):
+            raise
+        return "", None
+    try:
+        identity = _identity(os.fstat(fd))
+        if identity is None:
+            return "", None
+        rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return "", None
+    finally:
+        os.close(fd)
+    try:
+        return os.read(rfd, limit).decode("utf-8", "replace"), identity
+    finally:
+        os.close(rfd)
+
+
+def _image_file(root: str, rel: str) -> tuple[int, ...] | None:
+    from mesobox.runtime.execute import open_beneath
+
+    try:
+        fd = open_beneath(root, rel)
+    except Exception as err:
+        if not _refused(err):
+            raise
+        return None
+    try:
+        return _identity(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...] | None:
+    if st.st_mode & 0o170000 != 0o100000:  # not a regular file
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _host_names(uid: int, gid: int) -> tuple[str, str, str, str]:
+    found = _files_names(uid, gid)
+    if found is not None:
+        return found
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(uid)
+        name, home, shell = entry.pw_name, entry.pw_dir, entry.pw_shell
+    except KeyError:
+        name = os.environ.get("USER") or f"user{uid}"
+        home, shell = os.environ.get("HOME", "/"), "/bin/sh"
+    import grp
+
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = f"group{gid}"
+    return name, group, home, shell
+
+
+def _files_names(uid: int, gid: int, etc: str = "/etc") -> tuple[str, str, str, str] | None:
+    """What NSS answers when nsswitch.conf(5) puts "files" first for passwd and group
+    and both entries are in /etc/passwd and /etc/group: those lines (glibc stops at the
+    first source that finds an entry).  Read directly, it saves ≈0.4 ms of loading
+    pwd, grp and the NSS modules on every launch.  None otherwise: ask NSS."""
+    try:
+        first = {}
+        for line in _read(f"{etc}/nsswitch.conf").splitlines():
+            database, sep, sources = line.partition("#")[0].partition(":")
+            if sep and sources.split():
+                first[database.strip()] = sources.split()[0]
+        if first.get("passwd") != "files" or first.get("group") != "files":
+            return None
+        user = _entry(_read(f"{etc}/passwd"), str(uid))
+        group = _entry(_read(f"{etc}/group"), str(gid))
+    except OSError:
+        return None
+    if user is None or len(user) < 7 or group is None:
+        return None
+    return user[0], group[0], user[5], user[6]
+
+
+def _entry(text: str, number: str) -> list[str] | None:
+    """The first line of a passwd(5)/group(5) file whose third field is ``number``."""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) > 3 and fields[2] == number and not line.startswith(("+", "-")):
+            return fields
+    return None
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _signature(path: str) -> tuple[Any, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _racy(mtime_ns: int) -> bool:
+    import time
+
+    return abs(time.time_ns() - mtime_ns) < _RACY_NS
+
+
+_ASK: dict[str, Callable[..., Any]] = {
+    "isdir": os.path.isdir, "isfile": os.path.isfile, "exists": os.path.exists, "lexists": os.path.lexists,
+    "realpath": os.path.realpath, "abspath": os.path.abspath, "getcwd": getcwd,
+    "environ": os.environ.get, "image_exists": _image_exists, "image_file": _image_file,
+    "host_names": _host_names, "env_file": env_file,
+}

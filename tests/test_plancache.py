@@ -1,0 +1,397 @@
+"""The plan cache (runtime/plancache.py): a command line's launch program is saved
+with the questions it asked the host (runtime/probe.py) and run again only while every
+answer is the same.
+
+End to end as the ordinary user, each test with its own runtime dir.  A launch that
+ran from a saved plan is recognised by a mark put into that plan: an extra line in
+the /etc/passwd it carries (``mark``).  A test that changes what a plan depends on
+then checks both that the mark is gone (the program was compiled again) and that the
+container shows the change.  Files the plans depend on are dated an hour back: a
+file changed in the last 2 s is never trusted by its timestamp (probe.image_text).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import Mesobox, User, make_busybox_rootfs
+from run_support import make_squashfs
+
+MARK = "planned:x:4242:4242::/:/bin/sh"
+HOUR_AGO = time.time() - 3600
+
+
+def _age(*paths: Path) -> None:
+    for path in paths:
+        os.utime(path, (HOUR_AGO, HOUR_AGO), follow_symlinks=False)
+
+
+@pytest.fixture()
+def image(world_tmp: Path) -> Path:
+    root = make_busybox_rootfs(world_tmp / "image")
+    (root / "data").mkdir()
+    _age(root / "etc" / "passwd", root / "etc" / "group")
+    for dirpath, dirnames, _files in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o1777 if name == "tmp" else 0o755)
+    os.chmod(root, 0o755)
+    return root
+
+
+class Launch:
+    """``mesobox exec`` as the test user with its own runtime dir (and plans dir)."""
+
+    def __init__(self, mesobox: Mesobox, user: User, runtime: Path) -> None:
+        self.mesobox, self.user, self.runtime = mesobox, user, runtime
+        self.plans = runtime / "plans"
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 ) -> subprocess.CompletedProcess[bytes]:
+        return self.mesobox("exec", *args, as_user=self.user, cwd=cwd or "/", timeout=60,
+                            env={"MESOBOX_RUNTIME_DIR": str(self.runtime), **(env or {})})
+
+    def ok(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+        proc = self(*args, env=env, cwd=cwd)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode()
+
+    def files(self) -> list[Path]:
+        return sorted(self.plans.iterdir()) if self.plans.exists() else []
+
+    def mark(self) -> None:
+        """Add MARK to the passwd of the one saved plan, as its owner would."""
+        (plan,) = self.files()
+        fmt, key, payload = marshal.loads(plan.read_bytes())
+        files = dict(payload["program"]["files"])
+        files["passwd"] += MARK + "\n"
+        payload["program"]["files"] = tuple(files.items())
+        plan.write_bytes(marshal.dumps((fmt, key, payload)))
+
+
+@pytest.fixture()
+def launch(mesobox: Mesobox, user: User, world_tmp: Path) -> Launch:
+    return Launch(mesobox, user, world_tmp / "run")
+
+
+def _marked(out: str) -> bool:
+    return MARK in out
+
+
+@pytest.mark.userns
+def test_the_next_identical_launch_runs_the_saved_program(launch: Launch, image: Path, user: User) -> None:
+    script = 'echo "FOO=$FOO"; id -un; cat /etc/passwd'
+    first = launch.ok(str(image), "sh", "-c", script, env={"FOO": "one"})
+    assert "FOO=one" in first and not _marked(first)
+    (plan,) = launch.files()
+    st = plan.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (user.uid, 0o600)
+    assert oct(launch.plans.stat().st_mode & 0o777) == oct(0o700)
+    launch.mark()
+    second = launch.ok(str(image), "sh", "-c", script, env={"FOO": "two"})
+    # The saved program ran (the mark), with this launch's environment, not the first's.
+    assert _marked(second) and "FOO=two" in second and user.name in second
+    assert launch.files() == [plan]
+
+
+@pytest.mark.userns
+def test_a_saved_program_runs_without_the_compiler(launch: Launch, image: Path) -> None:
+    """What the plan saves: the second launch imports neither the option parser, the
+    config loader, the spec builder, the planner nor the seccomp compiler."""
+    compiler = ("mesobox.cli.run", "mesobox.config", "mesobox.runtime.build", "mesobox.runtime.plan",
+                "mesobox.runtime.seccomp", "mesobox.runtime.launcher", "mesobox.errors")
+
+    def imported() -> set[str]:
+        proc = launch(str(image), "true", env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert proc.returncode == 0, proc.stderr.decode()
+        return {line.rsplit("|", 1)[1].strip() for line in proc.stderr.decode().splitlines() if "|" in line}
+
+    assert set(compiler) <= imported()
+    assert set(compiler) & imported() == set()
+
+
+@pytest.mark.userns
+def test_e_options_take_this_launchs_host_values(launch: Launch, image: Path) -> None:
+    script = "echo $FOO $BAR; cat /etc/passwd"
+    assert launch.ok("-e", "FOO", "-e", "BAR=fixed", str(image), "sh", "-c", script, env={"FOO": "a"}).startswith("a ")
+    launch.mark()
+    out = launch.ok("-e", "FOO", "-e", "BAR=fixed", str(image), "sh", "-c", script, env={"FOO": "b"})
+    assert _marked(out) and out.splitlines()[0] == "b fixed"
+
+
+@pytest.mark.userns
+def test_an_edited_image_passwd_compiles_again(launch: Launch, image: Path) -> None:
+    launch.ok(str(image), "cat", "/etc/passwd")
+    launch.mark()
+    passwd = image / "etc" / "passwd"
+    passwd.write_text(passwd.read_text() + "added:x:7777:7777::/:/bin/sh\n")
+    os.utime(passwd, (HOUR_AGO + 60, HOUR_AGO + 60))
+    out = launch.ok(str(image), "cat", "/etc/passwd")
+    assert not _marked(out) and "added:x:7777" in out
+
+
+@pytest.mark.userns
+def test_a_passwd_changed_seconds_ago_is_not_trusted(launch: Launch, image: Path) -> None:
+    (image / "etc" / "passwd").touch()  # within the racy window: its timestamp proves nothing yet
+    launch.ok(str(image), "true")
+    assert launch.files() == []
+
+
+@pytest.mark.userns
+def test_a_bind_source_gone_is_the_usual_error(launch: Launch, image: Path, world_tmp: Path) -> None:
+    src = world_tmp / "src"
+    src.mkdir(mode=0o755)
+    (src / "f").write_text("here\n")
+    launch.ok("-B", f"{src}:/data", str(image), "cat", "/data/f", "/etc/passwd")
+    launch.mark()
+    assert _marked(launch.ok("-B", f"{src}:/data", str(image), "cat", "/data/f", "/etc/passwd"))
+    (src / "f").unlink()
+    src.rmdir()
+    proc = launch("-B", f"{src}:/data", str(image), "cat", "/data/f", "/etc/passwd")
+    assert proc.returncode == 2 and proc.stderr.decode() == f"mesobox: error: bind source {src} does not exist\n"
+
+
+@pytest.mark.userns
+def test_a_bind_source_that_became_a_symlink_compiles_again(launch: Launch, image: Path, world_tmp: Path) -> None:
+    a, b = world_tmp / "a", world_tmp / "b"
+    for d, text in ((a, "from a\n"), (b, "from b\n")):
+        d.mkdir(mode=0o755)
+        (d / "f").write_text(text)
+    link = world_tmp / "link"
+    link.symlink_to(a)
+    args = ("-B", f"{link}:/data", str(image), "cat", "/data/f", "/etc/passwd")
+    assert launch.ok(*args).startswith("from a")
+    launch.mark()
+    assert _marked(launch.ok(*args))
+    link.unlink()
+    link.symlink_to(b)
+    out = launch.ok(*args)
+    assert not _marked(out) and out.startswith("from b")
+
+
+@pytest.mark.userns
+def test_a_mount_point_made_in_the_image_compiles_again(launch: Launch, image: Path, world_tmp: Path) -> None:
+    src = world_tmp / "src"
+    src.mkdir(mode=0o755)
+    args = ("-B", f"{src}:/opt/new/place", str(image), "sh", "-c", "cat /etc/passwd; ls /opt/new")
+    launch.ok(*args)  # /opt is missing: / is rebuilt as a skeleton
+    launch.mark()
+    assert _marked(launch.ok(*args))
+    (image / "opt" / "new" / "place").mkdir(parents=True)
+    os.chmod(image / "opt", 0o755)
+    os.chmod(image / "opt" / "new", 0o755)
+    out = launch.ok(*args)
+    assert not _marked(out) and "place" in out
+
+
+@pytest.mark.userns
+def test_another_working_directory_or_config_has_its_own_plan(launch: Launch, image: Path, world_tmp: Path) -> None:
+    one, two = world_tmp / "one", world_tmp / "two"
+    for d in (one, two):
+        d.mkdir()
+        os.chmod(d, 0o777)
+    args = (str(image), "sh", "-c", "pwd; ls /data; cat /etc/passwd")
+    assert launch.ok(*args, cwd=one).splitlines()[0] == str(one)
+    launch.mark()
+    assert launch.ok(*args, cwd=two).splitlines()[0] == str(two)
+    assert len(launch.files()) == 2
+    # A site config with a default bind: a new key, and its bind is there.
+    extra = world_tmp / "extra"
+    extra.mkdir(mode=0o755)
+    (extra / "from-extra").write_text("")
+    site = world_tmp / "site.toml"
+    site.write_text(f'default_binds = ["{extra}:/data"]\n')
+    os.chmod(site, 0o644)
+    _age(site)
+    env = {"MESOBOX_SITE_CONFIG": str(site)}
+    assert launch.ok(*args, cwd=one, env=env).splitlines()[1] == "from-extra"
+    site.write_text("default_binds = []\n")
+    _age(site)  # dated like before: a new size and ctime still tell the edit
+    out = launch.ok(*args, cwd=one, env=env)
+    assert "from-extra" not in out and not _marked(out)
+    # The first plan is untouched by all this.
+    assert _marked(launch.ok(*args, cwd=one))
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("case", ["squashfs", "fakeroot", "profile", "overlay", "turned-off", "debug"])
+def test_launches_not_recorded_save_no_plan(launch: Launch, image: Path, world_tmp: Path, case: str) -> None:
+    args: list[str] = [str(image)]
+    env: dict[str, str] = {}
+    if case == "squashfs":
+        args = [str(make_squashfs(image, world_tmp / "image.sqfs"))]
+    elif case == "fakeroot":
+        args = ["--fakeroot", *args]
+    elif case == "profile":
+        profile = world_tmp / "profile.json"
+        profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
+        os.chmod(profile, 0o644)
+        args = ["--security-opt", f"seccomp={profile}", *args]
+    elif case == "overlay":
+        upper = world_tmp / "upper"
+        upper.mkdir()
+        os.chmod(upper, 0o777)
+        args = ["--overlay", str(upper), *args]
+    elif case == "turned-off":
+        env = {"MESOBOX_PLAN_CACHE": "0"}
+    else:
+        args = ["--debug", *args]
+    for _ in range(2):
+        launch.ok(*args, "true", env=env)
+    assert launch.files() == []
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("how", ["group-writable", "owned-by-root", "dir-world-writable", "garbage"])
+def test_a_plan_others_could_write_or_a_damaged_one_is_not_used(launch: Launch, image: Path, how: str) -> None:
+    launch.ok(str(image), "cat", "/etc/passwd")
+    launch.mark()
+    (plan,) = launch.files()
+    if how == "group-writable":
+        os.chmod(plan, 0o620)
+    elif how == "owned-by-root":
+        os.chown(plan, 0, 0)
+        os.chmod(plan, 0o644)
+    elif how == "dir-world-writable":
+        os.chmod(launch.plans, 0o777)
+    else:
+        plan.write_bytes(b"\x00garbage")
+    out = launch.ok(str(image), "cat", "/etc/passwd")
+    assert not _marked(out) and "root:x:0:0" in out
+
+
+@pytest.mark.userns
+def test_concurrent_first_launches_leave_one_plan(launch: Launch, image: Path) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        procs = list(pool.map(lambda _: launch(str(image), "true"), range(16)))
+    assert [p.returncode for p in procs] == [0] * 16, [p.stderr for p in procs]
+    assert [p.name for p in launch.files() if not p.name.endswith(".plan")] == []  # no temp file left
+    assert len(launch.files()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_plans_are_bounded(launch: Launch, image: Path) -> None:
+    from mesobox.runtime.plancache import MAX_PLANS
+
+    for i in range(MAX_PLANS + 6):
+        launch.ok(str(image), "true", str(i))
+    assert len(launch.files()) == MAX_PLANS
+
+
+# --- the parts, in this process --------------------------------------------------------
+
+
+def test_the_journal_holds_each_question_once_and_replays_it(tmp_path: Path) -> None:
+    from mesobox.runtime import probe
+
+    probe.record()
+    try:
+        assert probe.isdir(str(tmp_path)) and probe.isdir(str(tmp_path))
+        assert not probe.exists(str(tmp_path / "x"))
+        assert probe.realpath(str(tmp_path)) == os.path.realpath(tmp_path)
+        journal = list(probe.journal or [])
+    finally:
+        probe.untracked()
+    assert [q for q, _, _ in journal] == ["isdir", "exists", "realpath"]
+    assert probe.unchanged(journal)
+    (tmp_path / "x").write_text("")
+    assert not probe.unchanged(journal)
+
+
+def test_image_questions_are_about_the_file_not_its_place(tmp_path: Path) -> None:
+    from mesobox.runtime import probe
+
+    (tmp_path / "etc").mkdir()
+    passwd = tmp_path / "etc" / "passwd"
+    passwd.write_text("root:x:0:0::/:/bin/sh\n")
+    _age(passwd)
+    (tmp_path / "link").symlink_to("/etc/passwd")
+    probe.record()
+    try:
+        assert probe.image_text(str(tmp_path), "etc/passwd") == "root:x:0:0::/:/bin/sh\n"
+        assert probe.image_text(str(tmp_path), "link") == ""  # a symlink is not followed
+        assert probe.image_exists(str(tmp_path), "etc") and not probe.image_exists(str(tmp_path), "opt")
+        journal = list(probe.journal or [])
+    finally:
+        probe.untracked()
+    assert probe.unchanged(journal)
+    passwd.write_text("root:x:0:0::/:/bin/bash\n")  # same size, new inode times
+    _age(passwd)
+    assert not probe.unchanged(journal)
+
+
+def test_a_question_that_fails_now_means_compiling_again(tmp_path: Path) -> None:
+    from mesobox.runtime import probe
+
+    env_file = tmp_path / "env"
+    env_file.write_text("A=1\n")
+    probe.record()
+    try:
+        assert probe.env_file(str(env_file)) == (("A", "1"),)
+        journal = list(probe.journal or [])
+    finally:
+        probe.untracked()
+    env_file.unlink()
+    assert not probe.unchanged(journal)
+
+
+def test_host_names_read_from_files_match_nss() -> None:
+    import grp
+    import pwd
+
+    from mesobox.runtime import probe
+
+    for uid, gid in ((0, 0), (os.getuid(), os.getgid())):
+        entry = pwd.getpwuid(uid)
+        expected = (entry.pw_name, grp.getgrgid(gid).gr_name, entry.pw_dir, entry.pw_shell)
+        assert probe.host_names(uid, gid) == expected
+
+
+@pytest.mark.parametrize("conf", ["passwd: sss files\ngroup: files\n", "passwd: files\n", ""])
+def test_host_names_ask_nss_unless_files_come_first(tmp_path: Path, conf: str) -> None:
+    from mesobox.runtime import probe
+
+    (tmp_path / "nsswitch.conf").write_text(conf)
+    (tmp_path / "passwd").write_text("u:x:5:6::/h:/bin/sh\n")
+    (tmp_path / "group").write_text("g:x:6:\n")
+    assert probe._files_names(5, 6, str(tmp_path)) is None
+    (tmp_path / "nsswitch.conf").write_text("passwd: files systemd # local first\ngroup:  files\n")
+    assert probe._files_names(5, 6, str(tmp_path)) == ("u", "g", "/h", "/bin/sh")
+    assert probe._files_names(7, 6, str(tmp_path)) is None  # not in the file: NSS decides
+
+
+def test_private_records(tmp_path: Path) -> None:
+    from mesobox import privcache
+
+    d = tmp_path / "cache"
+    assert privcache.store(str(d), "r", 1, ("sig",), {"a": (1, b"x")})
+    assert privcache.load(str(d), "r", 1, ("sig",)) == {"a": (1, b"x")}
+    assert privcache.load(str(d), "r", 1, ("other",)) is None
+    assert privcache.load(str(d), "r", 2, ("sig",)) is None
+    assert [p.name for p in d.iterdir()] == ["r"] and (d.stat().st_mode & 0o777) == 0o700
+    os.chmod(d / "r", 0o666)
+    assert privcache.load(str(d), "r", 1, ("sig",)) is None
+    os.chmod(d / "r", 0o600)
+    os.chmod(d, 0o770)
+    assert privcache.load(str(d), "r", 1, ("sig",)) is None
+    os.chmod(d, 0o700)
+    (d / "r").write_bytes(b"\xffnot marshal")
+    assert privcache.load(str(d), "r", 1, ("sig",)) is None
+
+
+def test_compose_takes_host_values_at_each_call() -> None:
+    from mesobox.runtime.environ import compose
+
+    recipe = (("PATH=/image/bin", "IMG=1"), False, (("FILE", "f"),), ("COPY", "SET=s"), "/home/u")
+    env = dict(item.split("=", 1) for item in compose({"COPY": "c1", "HOST": "h"}, recipe))
+    assert env == {"COPY": "c1", "HOST": "h", "PATH": "/image/bin", "IMG": "1", "FILE": "f", "SET": "s",
+                   "HOME": "/home/u"}
+    env = dict(item.split("=", 1) for item in compose({"COPY": "c2"}, recipe))
+    assert env["COPY"] == "c2" and "HOST" not in env
