@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User, make_busybox_rootfs
-from run_support import make_squashfs
+from run_support import make_squashfs, squashfuse_state
 
 MARK = "planned:x:4242:4242::/:/bin/sh"
 HOUR_AGO = time.time() - 3600
@@ -220,12 +220,14 @@ def test_another_working_directory_or_config_has_its_own_plan(launch: Launch, im
 
 
 @pytest.mark.userns
-@pytest.mark.parametrize("case", ["squashfs", "fakeroot", "profile", "overlay", "turned-off", "debug"])
+@pytest.mark.parametrize("case", ["squashfs-no-linger", "fakeroot", "profile", "overlay", "turned-off", "debug"])
 def test_launches_not_recorded_save_no_plan(launch: Launch, image: Path, world_tmp: Path, case: str) -> None:
     args: list[str] = [str(image)]
     env: dict[str, str] = {}
-    if case == "squashfs":
-        args = [str(make_squashfs(image, world_tmp / "image.sqfs"))]
+    if case == "squashfs-no-linger":  # supervised: the supervisor releases the mount
+        sqfs = make_squashfs(image, world_tmp / "image.sqfs")
+        _age(sqfs)
+        args, env = [str(sqfs)], {"MESOBOX_SQUASHFS_LINGER": "0"}
     elif case == "fakeroot":
         args = ["--fakeroot", *args]
     elif case == "profile":
@@ -245,6 +247,27 @@ def test_launches_not_recorded_save_no_plan(launch: Launch, image: Path, world_t
     for _ in range(2):
         launch.ok(*args, "true", env=env)
     assert launch.files() == []
+
+
+@pytest.mark.userns
+def test_a_squashfs_plan_attaches_to_the_shared_mount(
+    launch: Launch, image: Path, world_tmp: Path, user: User
+) -> None:
+    sqfs = make_squashfs(image, world_tmp / "image.sqfs")
+    _age(sqfs)
+    args = (str(sqfs), "sh", "-c", "cat /etc/passwd; ls /data")
+    launch.ok(*args)
+    launch.mark()
+    for _ in range(2):
+        assert _marked(launch.ok(*args))
+    assert squashfuse_state(user.uid, str(launch.runtime)) == (1, 1)  # one lingering mount for all
+    # Another file at the same path is another tree: compiled again, mounted anew.
+    (image / "data" / "new").write_text("")
+    sqfs.unlink()
+    make_squashfs(image, sqfs)
+    _age(sqfs)
+    out = launch.ok(*args)
+    assert not _marked(out) and "new" in out.split()
 
 
 @pytest.mark.userns

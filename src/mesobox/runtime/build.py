@@ -133,13 +133,13 @@ def resolve_image(text: str, config: Config) -> Image:
     """A directory, a squashfs file, a stored reference, or docker://… (pulled if missing)."""
     if probe.isdir(text):
         return Image(format="dir", path=probe.abspath(text), config={}, reference=text)
-    probe.untracked()  # a plan records directory images only (plancache.py)
-    if os.path.isfile(text):
+    if probe.file_identity(text) is not None:  # the same file: the same squashfs tree
         if not is_squashfs(text):
             raise UsageError(f"{text} is neither a directory nor a squashfs image")
-        return Image(format="squashfs", path=os.path.abspath(text), config={}, reference=text)
+        return Image(format="squashfs", path=probe.abspath(text), config={}, reference=text)
     if text.startswith(("/", "./", "../")) or text.endswith((".sqfs", ".squashfs")):
         raise ImageNotFound(f"no such image file or directory: {text}")
+    probe.untracked()  # a stored image's record is not recorded (plancache.py)
     from mesobox.image.store import Store
 
     record = Store(config).lookup(text)

@@ -10,6 +10,9 @@ seccomp (last) → execve.  Being plain data, a program can be reused by the nex
 launch of the same command line (plancache.py); only the environment is made anew.
 
 Program keys:
+  squashfs           the image file whose shared mount image_dir is (plancache.py
+                     attaches to it before running a saved program), or None
+  image_dir          the image's root directory (the lower layer of every root step)
   flags              unshare(2) flags (without CLONE_NEWUSER when the user namespace
                      is entered last: real root, identity.enter_userns)
   uid_map, gid_map   text for /proc/PID/uid_map and gid_map

@@ -80,6 +80,9 @@ def launch(spec: Spec, config: Config) -> int:
         # Mounted in the initial mount namespace so every rank on the node shares it.
         lease = squashmount.acquire(config, spec.root.path)
         image_dir = lease.mountpoint
+        from mesobox.runtime import probe
+
+        probe.pin(image_dir)
     # A watched lease needs nobody to wait: its ref is this pid and start time, which
     # the workload keeps across execve, and the key's watcher drops it once the
     # workload is gone.  Without a linger there is no watcher: the supervisor releases.
@@ -141,6 +144,8 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
 
             keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
     return {
+        "squashfs": spec.root.path if spec.annotations.get(ANN_FORMAT) == "squashfs" else None,
+        "image_dir": image_dir,
         "flags": flags,
         "uid_map": identity.map_text(spec.linux.uid_mappings),
         "gid_map": identity.map_text(spec.linux.gid_mappings),

@@ -16,10 +16,14 @@ the spec builder, the planner, the config parser nor libseccomp's compiler.  A
 changed answer (a bind source gone, an image whose /etc/passwd changed, a home
 directory moved) only means compiling again, and saving the new program.
 
-Not recorded (each such launch compiles its own program): stored images, docker://
-references and squashfs files (their contents are not probed), --fakeroot (sub-id
-files), --overlay, seccomp profile files, --mpi, --debug, and launches that need a
-supervisor (real root, cgroup limits, slirp, sub-id maps).  ``plan_cache = false``
+A squashfs image is recorded by its file's identity (device, inode, size, mtime,
+ctime: the same file is the same tree), and a saved program first attaches to the
+node's shared mount of it, as any launch does (squashmount.py).
+
+Not recorded (each such launch compiles its own program): stored images and docker://
+references (the store's records are not probed), --fakeroot (sub-id files), --overlay,
+seccomp profile files, --mpi, --debug, and launches that need a supervisor (real root,
+cgroup limits, slirp, sub-id maps, squashfs_linger = 0).  ``plan_cache = false``
 (or MESOBOX_PLAN_CACHE=0) turns it off.
 
 Plans live in ``<runtime dir>/plans`` (paths.cache_root), private to the user
@@ -36,7 +40,7 @@ from mesobox.runtime import probe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import Any
 
     from mesobox.config import Config
     from mesobox.runtime.execute import Program
@@ -61,7 +65,7 @@ def launch_cached(verb: str, args: list[str]) -> None:
     key = _key(verb, args, config)
     saved = privcache.load(_directory(), _name(key), FORMAT, key)
     if isinstance(saved, dict) and probe.unchanged(saved["journal"]):
-        _run(saved)
+        _run(saved)  # returns only when the saved program cannot run as it is
     probe.record()
     if probe.recently_changed(config):
         probe.untracked()  # a config file edited seconds ago may change again unseen
@@ -83,7 +87,9 @@ def save(program: Program, config: Config) -> None:
         _trim(directory)
 
 
-def _run(saved: dict[str, Any]) -> NoReturn:
+def _run(saved: dict[str, Any]) -> None:
+    """Execute a saved program (never returns), or return when its squashfs mount
+    cannot be had as when it was saved: watched, at the same place."""
     from mesobox import runtime
     from mesobox.runtime import environ, execute
 
@@ -92,6 +98,14 @@ def _run(saved: dict[str, Any]) -> NoReturn:
     environ.check(program["env"])
     execute.check_ids()  # never setuid: real == effective == saved
     runtime.reap_stale_mounts(saved["runtime_dir"], saved["linger"])
+    if program["squashfs"] is not None:
+        from mesobox.runtime import squashmount
+
+        # As launcher.launch does: the node's shared mount, made before unshare.
+        lease = squashmount.attach(saved["runtime_dir"], saved["linger"], program["squashfs"])
+        if not lease.watched or lease.mountpoint != program["image_dir"]:
+            lease.release()  # someone must supervise it, or it moved: compile afresh
+            return
     execute.run(program)
 
 

@@ -33,11 +33,14 @@ if TYPE_CHECKING:
 
 journal: list[Entry] | None = None  # recording when a list
 _asked: set[tuple[str, tuple[Any, ...]]] = set()
+_pinned: set[str] = set()  # image roots whose content a recorded file identity fixes
 environment: tuple[Any, ...] | None = None  # environ.compose's recipe of this launch
 _RACY_NS = 2_000_000_000  # as config.racy: a file changed this recently may change unseen
 
 
 def _note(question: str, args: tuple[Any, ...], answer: T) -> T:
+    if question.startswith("image_") and args[0] in _pinned:
+        return answer  # a squashfs mount: its file's identity answers for it (pin)
     if journal is not None and (question, args) not in _asked:
         _asked.add((question, args))  # the same question twice is asked again once
         journal.append((question, args, answer))
@@ -49,6 +52,14 @@ def record() -> None:
     global journal, environment
     journal, environment = [], None
     _asked.clear()
+    _pinned.clear()
+
+
+def pin(root: str) -> None:
+    """``root`` is the mount of a squashfs image whose file_identity is recorded: the
+    same file is the same tree, so questions about the tree are not written down (at
+    the next launch the mount may not even be there yet to ask them)."""
+    _pinned.add(root)
 
 
 def untracked() -> None:
@@ -96,6 +107,19 @@ def getcwd() -> str:
     except OSError:
         here = ""
     return _note("getcwd", (), here)
+
+
+def file_identity(path: str) -> tuple[int, ...] | None:
+    """Device, inode, size, mtime and ctime of the regular file at ``path`` (symlinks
+    followed), None for anything else; a file changed in the last seconds makes the
+    launch untracked (as image_text)."""
+    try:
+        identity = _identity(os.stat(path))
+    except OSError:
+        identity = None
+    if identity is not None and _racy(identity[3]):
+        untracked()
+    return _note("file_identity", (path,), identity)
 
 
 def environ(name: str) -> str | None:
@@ -233,6 +257,13 @@ def _image_file(root: str, rel: str) -> tuple[int, ...] | None:
         os.close(fd)
 
 
+def _file_identity(path: str) -> tuple[int, ...] | None:
+    try:
+        return _identity(os.stat(path))
+    except OSError:
+        return None
+
+
 def _identity(st: os.stat_result) -> tuple[int, ...] | None:
     if st.st_mode & 0o170000 != 0o100000:  # not a regular file
         return None
@@ -313,6 +344,6 @@ def _racy(mtime_ns: int) -> bool:
 _ASK: dict[str, Callable[..., Any]] = {
     "isdir": os.path.isdir, "isfile": os.path.isfile, "exists": os.path.exists, "lexists": os.path.lexists,
     "realpath": os.path.realpath, "abspath": os.path.abspath, "getcwd": getcwd,
-    "environ": os.environ.get, "image_exists": _image_exists, "image_file": _image_file,
-    "host_names": _host_names, "env_file": env_file,
+    "environ": os.environ.get, "file_identity": _file_identity, "image_exists": _image_exists,
+    "image_file": _image_file, "host_names": _host_names, "env_file": env_file,
 }

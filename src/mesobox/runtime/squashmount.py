@@ -323,7 +323,12 @@ def _write(path: str, text: str) -> None:
 def acquire(config: Config, image: str) -> Lease:
     """Attach this process (its pid and start time) to the node's shared mount of
     ``image``, making it if need be; with a linger, make sure a watcher serves it."""
-    base = os.path.join(config.runtime_dir_str, "mnt")  # not config.runtime_dir: pathlib is ≈6 ms
+    return attach(config.runtime_dir_str, config.squashfs_linger, image)  # not runtime_dir: pathlib is ≈6 ms
+
+
+def attach(runtime_dir: str, linger: float, image: str) -> Lease:
+    """``acquire`` with the two settings it uses (a saved launch plan has no Config)."""
+    base = os.path.join(runtime_dir, "mnt")
     from mesobox.runtime import private_dirs
 
     private_dirs(base)
@@ -331,7 +336,7 @@ def acquire(config: Config, image: str) -> Lease:
     pid = os.getpid()
     start = _start_time(str(pid))
     ref = f"{pid}:{start}" if start else str(pid)  # both survive execve(2) into the workload
-    lease = Lease(base, key, os.path.join(base, key), ref, config.squashfs_linger)
+    lease = Lease(base, key, os.path.join(base, key), ref, linger)
     lease.acquire(image)
     return lease
 
