@@ -290,6 +290,19 @@ def test_a_plan_others_could_write_or_a_damaged_one_is_not_used(launch: Launch, 
 
 
 @pytest.mark.userns
+def test_a_saved_program_that_fails_is_forgotten(launch: Launch, image: Path) -> None:
+    launch.ok(str(image), "pwd")
+    (plan,) = launch.files()
+    fmt, key, payload = marshal.loads(plan.read_bytes())
+    payload["program"]["cwd"] = "/no/such/dir"  # as if something it depends on went unasked
+    plan.write_bytes(marshal.dumps((fmt, key, payload)))
+    proc = launch(str(image), "pwd")
+    assert proc.returncode == 125 and b"/no/such/dir does not exist" in proc.stderr
+    assert launch.files() == []
+    assert launch.ok(str(image), "pwd").strip() == "/"  # compiled afresh
+
+
+@pytest.mark.userns
 def test_concurrent_first_launches_leave_one_plan(launch: Launch, image: Path) -> None:
     with ThreadPoolExecutor(16) as pool:
         procs = list(pool.map(lambda _: launch(str(image), "true"), range(16)))
@@ -391,22 +404,22 @@ def test_host_names_ask_nss_unless_files_come_first(tmp_path: Path, conf: str) -
 
 
 def test_private_records(tmp_path: Path) -> None:
-    from mesobox import privcache
+    from mesobox import paths
 
     d = tmp_path / "cache"
-    assert privcache.store(str(d), "r", 1, ("sig",), {"a": (1, b"x")})
-    assert privcache.load(str(d), "r", 1, ("sig",)) == {"a": (1, b"x")}
-    assert privcache.load(str(d), "r", 1, ("other",)) is None
-    assert privcache.load(str(d), "r", 2, ("sig",)) is None
+    assert paths.store(str(d), "r", 1, ("sig",), {"a": (1, b"x")})
+    assert paths.load(str(d), "r", 1, ("sig",)) == {"a": (1, b"x")}
+    assert paths.load(str(d), "r", 1, ("other",)) is None
+    assert paths.load(str(d), "r", 2, ("sig",)) is None
     assert [p.name for p in d.iterdir()] == ["r"] and (d.stat().st_mode & 0o777) == 0o700
     os.chmod(d / "r", 0o666)
-    assert privcache.load(str(d), "r", 1, ("sig",)) is None
+    assert paths.load(str(d), "r", 1, ("sig",)) is None
     os.chmod(d / "r", 0o600)
     os.chmod(d, 0o770)
-    assert privcache.load(str(d), "r", 1, ("sig",)) is None
+    assert paths.load(str(d), "r", 1, ("sig",)) is None
     os.chmod(d, 0o700)
     (d / "r").write_bytes(b"\xffnot marshal")
-    assert privcache.load(str(d), "r", 1, ("sig",)) is None
+    assert paths.load(str(d), "r", 1, ("sig",)) is None
 
 
 def test_compose_takes_host_values_at_each_call() -> None:

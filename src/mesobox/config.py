@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from mesobox import paths, privcache
+from mesobox import paths
 from mesobox.errors import ConfigError
 
 # typing and pathlib cost ≈15 ms of `mesobox run` start-up (pathlib pulls in re,
@@ -250,7 +250,7 @@ def _read_toml(path: str, cache_dir: str | None = None) -> dict[str, Any]:
 # (device, inode, size, mtime, ctime): an edited file is parsed again (and a file edited
 # in the last 2 s is never cached: see racy).  The cache lives in the per-user runtime
 # directory and is used only if that directory and the file are the user's own and
-# writable by nobody else (privcache.py, which says why that is enough).
+# writable by nobody else (paths.py, which says why that is enough).
 
 _CACHE_FORMAT = 1
 _RACY_NS = 2_000_000_000
@@ -275,7 +275,7 @@ def _cache_name(signature: tuple[Any, ...]) -> str | None:
 
 def _cache_load(cache_dir: str, signature: tuple[Any, ...]) -> dict[str, Any] | None:
     name = _cache_name(signature)
-    parsed = privcache.load(cache_dir, name, _CACHE_FORMAT, signature) if name else None
+    parsed = paths.load(cache_dir, name, _CACHE_FORMAT, signature) if name else None
     return parsed if isinstance(parsed, dict) else None
 
 
@@ -283,7 +283,7 @@ def _cache_store(cache_dir: str, signature: tuple[Any, ...], parsed: dict[str, A
     """Best effort: TOML dates, which marshal cannot hold, are parsed again next time."""
     name = _cache_name(signature)
     if name is not None:
-        privcache.store(cache_dir, name, _CACHE_FORMAT, signature, parsed)
+        paths.store(cache_dir, name, _CACHE_FORMAT, signature, parsed)
 
 
 def load_config(env: dict[str, str] | None = None) -> Config:

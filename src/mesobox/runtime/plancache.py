@@ -27,7 +27,7 @@ cgroup limits, slirp, sub-id maps, squashfs_linger = 0).  ``plan_cache = false``
 (or MESOBOX_PLAN_CACHE=0) turns it off.
 
 Plans live in ``<runtime dir>/plans`` (paths.cache_root), private to the user
-(privcache.py says why a user who edits their own plans gains nothing), at most
+(paths.py says why a user who edits their own plans gains nothing), at most
 ``MAX_PLANS`` of them: the oldest go first.
 """
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 
-from mesobox import paths, privcache
+from mesobox import paths
 from mesobox.runtime import probe
 
 TYPE_CHECKING = False
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 FORMAT = 1
 MAX_PLANS = 64
 # The modules whose code shapes a program: any change to them is another key.
-_SOURCES = ("cli/run.py", "config.py", "paths.py", "privcache.py", "runtime/__init__.py", "runtime/build.py",
+_SOURCES = ("cli/run.py", "config.py", "paths.py", "runtime/__init__.py", "runtime/build.py",
             "runtime/caps.py", "runtime/environ.py", "runtime/execute.py", "runtime/identity.py",
             "runtime/launcher.py", "runtime/mounts.py", "runtime/plan.py", "runtime/plancache.py",
             "runtime/probe.py", "runtime/seccomp.py", "runtime/spec.py")
@@ -63,9 +63,14 @@ def launch_cached(verb: str, args: list[str]) -> None:
         return  # root's launches are supervised (root isolation): never saved, never run from here
     config = probe.config_files()
     key = _key(verb, args, config)
-    saved = privcache.load(_directory(), _name(key), FORMAT, key)
+    saved = paths.load(_directory(), _name(key), FORMAT, key)
     if isinstance(saved, dict) and probe.unchanged(saved["journal"]):
-        _run(saved)  # returns only when the saved program cannot run as it is
+        try:
+            _run(saved)  # returns only when the saved program cannot run as it is
+        except BaseException:
+            # A saved program that fails is not trusted twice: the next launch compiles.
+            _forget(_name(key))
+            raise
     probe.record()
     if probe.recently_changed(config):
         probe.untracked()  # a config file edited seconds ago may change again unseen
@@ -83,7 +88,7 @@ def save(program: Program, config: Config) -> None:
     payload = {"journal": journal, "program": {**program, "env": ()}, "environment": recipe,
                "runtime_dir": config.runtime_dir_str, "linger": config.squashfs_linger}
     directory = _directory()
-    if privcache.store(directory, _name(key), FORMAT, key, payload):
+    if paths.store(directory, _name(key), FORMAT, key, payload):
         _trim(directory)
 
 
@@ -127,7 +132,7 @@ def _key(verb: str, args: list[str], config: tuple[Any, ...]) -> tuple[Any, ...]
 
 
 def _name(key: tuple[Any, ...]) -> str:
-    # A short name; the whole key is stored in the file and compared (privcache.load).
+    # A short name; the whole key is stored in the file and compared (paths.load).
     # The hash of a tuple of ints is the same in every process (only str and bytes
     # hashes are salted), and needs no zlib or hashlib import.
     return f"{hash(tuple(repr(key).encode())) & 0xFFFFFFFF:08x}.plan"
@@ -135,6 +140,13 @@ def _name(key: tuple[Any, ...]) -> str:
 
 def _directory() -> str:
     return os.path.join(paths.cache_root(os.environ), "plans")
+
+
+def _forget(name: str) -> None:
+    try:  # noqa: SIM105 - contextlib costs an import on the launch path
+        os.unlink(os.path.join(_directory(), name))
+    except OSError:
+        pass
 
 
 def _trim(directory: str) -> None:
