@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import Mesobox, User, make_busybox_rootfs, make_oci_image
 from run_support import make_squashfs, squashfuse_state
 
 MARK = "planned:x:4242:4242::/:/bin/sh"
@@ -268,6 +268,32 @@ def test_a_squashfs_plan_attaches_to_the_shared_mount(
     _age(sqfs)
     out = launch.ok(*args)
     assert not _marked(out) and "new" in out.split()
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("fmt", ["dir", "squashfs"])
+def test_a_stored_image_is_recorded_by_its_record(
+    launch: Launch, mesobox: Mesobox, user: User, world_tmp: Path, fmt: str
+) -> None:
+    layout = make_oci_image(world_tmp / "oci", "v1", [make_busybox_rootfs], ["--config.env=FROM=image"])
+    subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
+    ref = f"oci:{layout}:v1"
+    pulled = mesobox("pull", "-q", "--format", fmt, ref, as_user=user)
+    assert pulled.returncode == 0, pulled.stderr.decode()
+    store = mesobox.store_root / user.name
+    (record,) = (store / "images").glob("*.json")
+    _age(record, *(store / "squashfs").glob("*"), *(store / "rootfs").glob("*/etc/passwd"),
+         *(store / "rootfs").glob("*/etc/group"))
+    args = (ref, "sh", "-c", "echo $FROM; cat /etc/passwd")
+    assert launch.ok(*args).startswith("image\n")
+    launch.mark()
+    assert _marked(launch.ok(*args))
+    os.utime(record, (HOUR_AGO + 60, HOUR_AGO + 60))  # rewritten, as a new pull of the tag would
+    out = launch.ok(*args)
+    assert not _marked(out) and out.startswith("image\n")
+    assert mesobox("rm", ref, as_user=user).returncode == 0
+    proc = launch(*args)
+    assert proc.returncode == 4 and b"is not in the store" in proc.stderr
 
 
 @pytest.mark.userns

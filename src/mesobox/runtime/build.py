@@ -139,14 +139,15 @@ def resolve_image(text: str, config: Config) -> Image:
         return Image(format="squashfs", path=probe.abspath(text), config={}, reference=text)
     if text.startswith(("/", "./", "../")) or text.endswith((".sqfs", ".squashfs")):
         raise ImageNotFound(f"no such image file or directory: {text}")
-    probe.untracked()  # a stored image's record is not recorded (plancache.py)
     from mesobox.image.store import Store
 
-    record = Store(config).lookup(text)
+    store = Store(config)
+    record = store.lookup(text)
     if record is None and text.startswith("docker://"):
         from mesobox.image.pull import pull
         from mesobox.runtime import hold_signals, release_signals
 
+        probe.untracked()  # pulled by this launch: the next one records the stored image
         release_signals()  # a pull may take minutes: Ctrl-C must still stop it
         record = pull(config, text, fmt=config.default_format, quiet=False)
         hold_signals()
@@ -156,7 +157,22 @@ def resolve_image(text: str, config: Config) -> Image:
     if path is None:
         raise ImageNotFound(f"image {text!r} has no rootfs or squashfs", hint=f"run `mesobox pull {text}` again")
     fmt = "dir" if record.rootfs else "squashfs"
+    _note_record(store, text, record.digest)
     return Image(format=fmt, path=str(path), config=dict(record.config or {}), reference=record.reference)
+
+
+def _note_record(store: Any, text: str, digest: str) -> None:
+    """What Store.lookup read, as questions a launch plan asks again: which store's
+    record file names the image (the same file is the same record: digest and config),
+    and whether that store holds its rootfs or squashfs (and which squashfs file)."""
+    from mesobox.image.reference import parse_reference
+
+    reference = str(parse_reference(text))
+    for root in (*store.ro_roots, store.root):
+        if probe.file_identity(str(store.record_path(reference, root))) is not None:
+            if not probe.isdir(str(store.rootfs_path(digest, root))):
+                probe.file_identity(str(store.squashfs_path(digest, root)))
+            return
 
 
 # --- command --------------------------------------------------------------------------------

@@ -20,8 +20,11 @@ A squashfs image is recorded by its file's identity (device, inode, size, mtime,
 ctime: the same file is the same tree), and a saved program first attaches to the
 node's shared mount of it, as any launch does (squashmount.py).
 
-Not recorded (each such launch compiles its own program): stored images and docker://
-references (the store's records are not probed), --fakeroot (sub-id files), --overlay,
+A stored image is recorded by the identity of the record file that names it in each
+store searched (build._note_record) and by its rootfs or squashfs file.
+
+Not recorded (each such launch compiles its own program): a docker:// reference pulled
+by that launch (the next one is recorded), --fakeroot (sub-id files), --overlay,
 seccomp profile files, --mpi, --debug, and launches that need a supervisor (real root,
 cgroup limits, slirp, sub-id maps, squashfs_linger = 0).  ``plan_cache = false``
 (or MESOBOX_PLAN_CACHE=0) turns it off.

@@ -139,7 +139,7 @@ def image_text(root: str, rel: str) -> str:
     inode, size, mtime and ctime is the same text, unless the file changed in the last
     seconds (then the launch is untracked, as config.racy)."""
     text, identity = _image_text(root, rel)
-    if identity is not None and _racy(identity[3]):
+    if identity is not None and _racy(identity[3]) and root not in _pinned:
         untracked()
     _note("image_file", (root, rel), identity)
     return text
