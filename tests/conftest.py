@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
@@ -61,8 +62,16 @@ def _make_world_readable(top: Path) -> None:
 
 @pytest.fixture(scope="session")
 def shared_tmp() -> Iterator[Path]:
-    """A session temp dir every user can traverse (pytest's tmp_path is root-only)."""
-    top = Path(tempfile.mkdtemp(prefix="mesobox-tests-", dir="/tmp"))
+    """A session temp dir every user can traverse (pytest's tmp_path is root-only).  Its
+    name is hex only: podman makes an image name of an ``oci:`` path, and mkdtemp's
+    ``_`` at the end of a path component is not a valid reference (a random failure)."""
+    while True:
+        top = Path("/tmp") / f"mesobox-tests-{secrets.token_hex(4)}"
+        try:
+            top.mkdir(mode=0o755)
+            break
+        except FileExistsError:
+            continue
     os.chmod(top, 0o755)
     yield top
     subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
