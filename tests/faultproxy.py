@@ -2,11 +2,14 @@
 
 It forwards every request to ``upstream`` (a real docker-registry) and can, on demand:
 answer a status (429/500/503…) N times for paths containing a string; cut a response
-body after K bytes (then drop the connection); ignore Range requests; redirect blob GETs
+body after K bytes (then drop the connection); ignore Range requests; answer a Range
+request with 200 and a short body of its choosing (with or without Content-Length), or
+forward it asking upstream for another range (a 206 of the wrong bytes); redirect blob GETs
 to a second listener ("storage", like S3 behind a registry) and record whether that hop
-carried Authorization; demand a Bearer token issued by its own ``/token`` endpoint (the
-token is stripped before forwarding).  Every request is logged (``log``, ``count``) so
-tests can prove how many times each blob was fetched.
+carried Authorization; hold a request back until the test releases it; demand a Bearer
+token issued by its own ``/token`` endpoint (the token is stripped before forwarding).
+Every request is logged (``log``, ``count``) so tests can prove how many times each blob
+was fetched.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class Faults:
     stalls: list[list[object]] = field(default_factory=list)  # [substring, seconds, times_left]
     redirect_loop: bool = False  # the storage listener redirects to itself forever
     tamper: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (path substring, old, new)
+    range_200: list[list[object]] = field(default_factory=list)  # [substring, body, times_left, declare_length]
+    range_shift: list[list[object]] = field(default_factory=list)  # [substring, delta, times_left]
+    holds: list[list[object]] = field(default_factory=list)  # [substring, threading.Event, times_left]
 
 
 class FaultProxy:
@@ -82,6 +88,25 @@ class FaultProxy:
     def cut(self, substring: str, after_bytes: int, times: int = 1) -> None:
         with self._lock:
             self.faults.cuts.append([substring, after_bytes, times])
+
+    def short_200_for_range(self, substring: str, body: bytes, times: int = 1, declare_length: bool = True) -> None:
+        """Answer a GET carrying Range with 200 and ``body`` (not the blob), Content-Length
+        included or not (then the body ends when the connection closes)."""
+        with self._lock:
+            self.faults.range_200.append([substring, body, times, declare_length])
+
+    def shift_range(self, substring: str, delta: int, times: int = 1) -> None:
+        """Forward a GET carrying Range with its start moved by ``delta`` bytes: the client
+        gets a real 206, for bytes it did not ask for."""
+        with self._lock:
+            self.faults.range_shift.append([substring, delta, times])
+
+    def hold(self, substring: str, times: int = 1) -> threading.Event:
+        """Hold matching requests back until the returned event is set (or 300 s pass)."""
+        release = threading.Event()
+        with self._lock:
+            self.faults.holds.append([substring, release, times])
+        return release
 
     def stall(self, substring: str, seconds: float, times: int = 1) -> None:
         """Hold the answer back for ``seconds`` (to trip the client's timeout)."""
@@ -166,6 +191,11 @@ class _Handler(BaseHTTPRequestHandler):
         stall = self.proxy._take(faults.stalls, self.path)
         if stall is not None:
             time.sleep(float(str(stall[1])))
+        held = self.proxy._take(faults.holds, self.path)
+        if held is not None:
+            release = held[1]
+            assert isinstance(release, threading.Event)
+            release.wait(300)
         if self.listener == "storage" and faults.redirect_loop:
             return self._reply(307, b"", {"Location": f"http://{self.proxy.storage_host}{self.path}"})
         rule = self.proxy._take(faults.statuses, self.path)
@@ -174,6 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(int(str(rule[1])), b'{"errors":[{"code":"INJECTED","message":"injected fault"}]}', extra)
         if self.listener == "registry" and faults.redirect_blobs and "/blobs/" in path and self.command == "GET":
             return self._reply(307, b"", {"Location": f"http://{self.proxy.storage_host}{self.path}"})
+        if self.command == "GET" and "range" in entry.headers:
+            short = self.proxy._take(faults.range_200, self.path)
+            if short is not None:
+                body = bytes(short[1])  # type: ignore[call-overload]
+                return self._reply(200, body, {"Content-Type": "text/html"}, declare_length=bool(short[3]))
         return self._forward(entry)
 
     def _authorized(self, entry: Entry, path: str) -> bool:
@@ -214,6 +249,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"authorization", "host"}}
         if self.proxy.faults.ignore_range:
             headers.pop("Range", None)
+        shift = self.proxy._take(self.proxy.faults.range_shift, self.path) if "Range" in headers else None
+        if shift is not None:
+            start = int(headers["Range"].removeprefix("bytes=").split("-")[0])
+            headers["Range"] = f"bytes={max(start + int(str(shift[1])), 0)}-"
         conn = http.client.HTTPConnection(self.proxy.upstream, timeout=30)
         try:
             conn.request(self.command, self.path, headers=headers)
@@ -232,11 +271,13 @@ class _Handler(BaseHTTPRequestHandler):
             return resp.status
         return self._reply(resp.status, body, out)
 
-    def _reply(self, status: int, body: bytes, headers: dict[str, str], length: int | None = None) -> int:
+    def _reply(self, status: int, body: bytes, headers: dict[str, str], length: int | None = None,
+               declare_length: bool = True) -> int:
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
+        if declare_length:
+            self.send_header("Content-Length", str(len(body) if length is None else length))
         self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":

@@ -96,6 +96,11 @@ def tree(root: Path) -> dict[str, TreeEntry]:
     return out
 
 
+def without_group_other_write(entries: dict[str, TreeEntry]) -> dict[str, TreeEntry]:
+    """What mesobox makes of a tree: nothing but symlinks group/other-writable (layers.py)."""
+    return {k: (kind, mode if kind == "link" else mode & ~0o022, extra) for k, (kind, mode, extra) in entries.items()}
+
+
 def umoci_unpack(layout: Path, tag: str, dest: Path) -> Path:
     subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:{tag}", str(dest)],
                    check=True, capture_output=True)

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -113,3 +114,74 @@ def fetch_all(src: Any, resolved: Any, dest: Path) -> dict[str, Path]:
         assert "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == desc.digest
         out[desc.digest] = path
     return out
+
+
+# -- images pushed by hand: what umoci and skopeo refuse to write ----------------------
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def push_raw_image(host: str, name: str, tag: str, config: object, layers: list[bytes]) -> str:
+    """Push an image whose config is exactly ``config`` (any JSON value: hostile ones too)
+    over the distribution API with plain HTTP (monolithic blob uploads, then the manifest).
+    ``layers`` are gzip'd tars.  Returns ``host/name:tag``."""
+    import gzip
+
+    from mesobox.image.source import host_platform
+
+    def upload(data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        status, headers = _http(host, "POST", f"/v2/{name}/blobs/uploads/", b"", {})
+        assert status == 202, status
+        location = urlsplit(headers["location"])
+        query = f"{location.query}&" if location.query else ""
+        target = f"{location.path}?{query}digest={quote(digest)}"
+        status, _ = _http(host, "PUT", target, data, {"Content-Type": "application/octet-stream"})
+        assert status == 201, status
+        return digest
+
+    layer_descs = [{"mediaType": OCI_LAYER_GZIP, "digest": upload(data), "size": len(data)} for data in layers]
+    if isinstance(config, dict) and "rootfs" not in config:
+        os_name, _, arch = host_platform().partition("/")
+        diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest() for data in layers]
+        config = {"architecture": arch, "os": os_name, **config,
+                  "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    config_bytes = json.dumps(config).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": upload(config_bytes), "size": len(config_bytes)},
+        "layers": layer_descs,
+    }).encode()
+    status, _ = _http(host, "PUT", f"/v2/{name}/manifests/{tag}", manifest, {"Content-Type": OCI_MANIFEST})
+    assert status == 201, status
+    return f"{host}/{name}:{tag}"
+
+
+def _http(host: str, method: str, target: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    import http.client
+
+    conn = http.client.HTTPConnection(host, timeout=30)
+    try:
+        conn.request(method, target, body=body, headers={"Content-Length": str(len(body)), **headers})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def gzip_tar(entries: list[tuple[str, bytes]]) -> bytes:
+    """A gzip'd tar of regular files (name, content), made with tarfile."""
+    import gzip
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o755, 1_600_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue())

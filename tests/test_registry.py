@@ -199,6 +199,62 @@ def test_resume_from_existing_prefix_and_restart_without_range(proxy: FaultProxy
     assert not dest.exists()
 
 
+def _cut_then(proxy: FaultProxy, tmp_path: Path) -> tuple[RegistrySource, Any, bytes]:
+    """The big layer's bytes, and a source whose next fetch of it is cut after 1 MB."""
+    src = source(proxy.host)
+    resolved = src.resolve(None)
+    big = resolved.layers[1]
+    whole = tmp_path / "whole"
+    src.fetch_blob(big, whole)
+    proxy.cut(big.digest, 1_000_000)
+    return src, big, whole.read_bytes()
+
+
+def test_range_answered_200_with_a_short_body_is_never_written(proxy: FaultProxy, tmp_path: Path) -> None:
+    """A resume answered "200 OK" with 1 KB of HTML (a captive portal, a busy mirror) is not
+    the blob: it must neither replace nor extend the good prefix."""
+    src, big, whole = _cut_then(proxy, tmp_path)
+    proxy.short_200_for_range(big.digest, b"<html>" + b"busy " * 200 + b"</html>")
+    dest = tmp_path / "partial"
+    src.fetch_blob(big, dest)
+    assert dest.read_bytes() == whole
+    ranges = [e.headers.get("range") for e in proxy.entries(big.digest)][-3:]
+    assert ranges == [None, "bytes=1000000-", "bytes=1000000-"]  # the prefix survived the 200
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["with-length", "close-delimited"])
+def test_partial_stays_a_true_prefix_when_range_keeps_failing(
+    proxy: FaultProxy, tmp_path: Path, declare_length: bool,
+) -> None:
+    """Every resume answered 200 + junk.  With a Content-Length that is not the blob's,
+    the answer is refused unread and the fetch gives up with the prefix intact; without
+    one, the junk ends "cleanly" short, is dropped, and the fetch starts over without
+    Range.  Either way the partial (which the next pull trusts as a prefix) never holds
+    anything but the blob's beginning."""
+    src, big, whole = _cut_then(proxy, tmp_path)
+    proxy.short_200_for_range(big.digest, b"<html>try later</html>", times=100, declare_length=declare_length)
+    dest = tmp_path / "partial"
+    if declare_length:
+        with pytest.raises(RegistryError, match=r"kept failing.*HTTP 200 with 22 bytes"):
+            src.fetch_blob(big, dest)
+        assert dest.read_bytes() == whole[:1_000_000]
+        proxy.faults.range_200.clear()
+        src.fetch_blob(big, dest)  # the next pull resumes from it
+    else:
+        src.fetch_blob(big, dest)
+        assert [e.headers.get("range") for e in proxy.entries(big.digest)][-1] is None
+    assert dest.read_bytes() == whole
+
+
+def test_206_for_other_bytes_is_never_written(proxy: FaultProxy, tmp_path: Path) -> None:
+    src, big, whole = _cut_then(proxy, tmp_path)
+    proxy.shift_range(big.digest, -4096)  # upstream answers 206 for bytes 995904-
+    dest = tmp_path / "partial"
+    src.fetch_blob(big, dest)
+    assert dest.read_bytes() == whole
+    assert [e.headers.get("range") for e in proxy.entries(big.digest)][-2:] == ["bytes=1000000-"] * 2
+
+
 def test_redirect_drops_authorization_and_token_flow(proxy: FaultProxy, tmp_path: Path) -> None:
     proxy.faults.bearer = True
     proxy.faults.redirect_blobs = True

@@ -69,6 +69,10 @@ class LayerError(MesoboxError):
     exit_code = 6
 
 
+class ImageConfigError(LayerError):
+    """An image config is malformed or hostile (Cmd, Env, User…): never launched."""
+
+
 class StoreError(MesoboxError):
     """The content store could not be read or written (full disk, permissions…)."""
 
@@ -85,6 +89,11 @@ class LaunchError(MesoboxError):
     """The container could not be set up (namespaces, mounts, pivot_root…)."""
 
     exit_code = 125
+
+
+class UnsafeDirectory(LaunchError):
+    """A directory mesobox would keep state in is not the caller's private one: another
+    user could have made it, or could replace it (paths.runtime_dir)."""
 
 
 class CommandNotExecutable(LaunchError):

@@ -8,6 +8,8 @@ Room: image/archive.  Invariants:
 - Blob paths are built only from digests that passed ``parse_digest`` (CVE-2024-3727).
 - Every blob is verified (size and digest) while it is copied to ``dest``; on a
   mismatch ``dest`` is deleted and DigestMismatch raised, as for registries.
+- The image config is validated (``imageconfig.checked_config``) while resolving, so a
+  hostile config is refused before any layer is copied.
 - docker-archive images get synthetic descriptors: digest = sha256 of each file,
   Docker media types (layer compression sniffed from its first bytes), and a
   synthetic schema2 manifest whose digest is the sha256 of its JSON.
@@ -209,8 +211,10 @@ class LayoutSource:
             data, digest = self._blob(sub), sub.digest
             media_type = mf.media_type_of(data, sub.media_type)
         resolved = mf.make_resolved(self.ref, data, media_type, digest, chosen, index_digest)
+        config = self._blob(resolved.config)
+        check_config(config, str(self.ref))
         if not chosen:
-            chosen = mf.config_platform(self._blob(resolved.config))
+            chosen = mf.config_platform(config)
             mf.check_platform(chosen, platform, str(self.ref))
             resolved = mf.make_resolved(self.ref, data, media_type, digest, chosen, None)
         return resolved
@@ -275,7 +279,9 @@ class DockerArchiveSource:
             raise ImageNotFound(f"{self.ref.path}: manifest.json entry lacks Config or Layers")
         config = self._describe(config_name, mf.DOCKER_CONFIG)
         layers = tuple(self._describe(str(name), None) for name in layer_names)
-        chosen = mf.config_platform(_read(self.files, config_name))
+        config_bytes = _read(self.files, config_name)
+        check_config(config_bytes, str(self.ref))
+        chosen = mf.config_platform(config_bytes)
         mf.check_platform(chosen, platform, str(self.ref))
         manifest = json.dumps({
             "schemaVersion": 2,
@@ -294,6 +300,13 @@ class DockerArchiveSource:
 
     def close(self) -> None:
         """Files are opened per read; nothing stays open."""
+
+
+def check_config(data: bytes, where: str) -> None:
+    """Refuse a malformed image config now, before any layer is copied."""
+    from mesobox.image.imageconfig import checked_config
+
+    checked_config(mf.load_json(data, f"image config of {where}").get("config"), f"image config of {where}")
 
 
 def _desc_json(desc: Descriptor) -> dict[str, Any]:

@@ -11,12 +11,27 @@ Invariants (the CVE list in shared/NOTES.md, "Layer-extraction hazards"):
   :class:`mesobox.image.fstree.Tree` (directory fds, never following a symlink); tarfile is
   used only to parse headers, never to extract (its ``data`` filter is CVE-2025-4517-prone
   on this Python).
-- Setuid/setgid bits are dropped unless root pulls with ``keep_setuid``; device nodes are
-  made only by root; no xattr is ever applied (so no ``security.capability``).
+- Setuid/setgid bits are dropped unless root pulls with ``keep_setuid``.  When a setuid
+  or setgid bit is kept, the rootfs directory itself ends with no group/other access:
+  a setuid-root binary in a store other users can traverse would be a root shell for
+  any of them (they could exec it directly on the host, outside any container).
+- Character and block device nodes are never created, root or not (counted, warned
+  about and skipped; the runtime provides /dev): a ``brw-rw-rw- 7,0`` from an image
+  would let any local user read and write the host's disk through the store.  FIFOs
+  are made, without group/other write like everything else.
+- No xattr is ever applied (so no ``security.capability``).
+- Nothing the extractor creates is group- or other-writable: ``mode & ~0o022`` for every
+  file, FIFO and directory, sticky directories (``/tmp``'s 1777) included.  Rootless, the
+  caller owns every file anyway, so nothing it could do is lost; in root-made or shared
+  stores a world-writable directory or file of an image would let any other user
+  replace a binary the image's users then run.
 - Unprivileged, everything belongs to the invoking user; as root, tar uid/gid are kept.
-  Modes are otherwise exactly the tar's; directory modes and mtimes are set in a final
-  pass, deepest first, so a 0555 directory never blocks a later entry.
-- The uncompressed tar stream of all layers together is bounded by ``max_bytes``.
+  Modes are otherwise the tar's; directory modes and mtimes are set in a final pass,
+  deepest first, so a 0555 directory never blocks a later entry.
+- The uncompressed tar stream of all layers together is bounded by ``max_bytes``, and
+  so is the logical size of their regular files (the sum of the members' sizes, which
+  for a sparse member is its expanded size): a 10 KB tar holding a 1 TiB sparse file is
+  refused before anything of it is written.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from mesobox.image.fstree import O_DIR, Path_, Tree, show
 from mesobox.image.tarsafe import (
     CHUNK,
     MAX_NAME_BYTES,
+    NEGATIVE,
     CorruptLayer,
     LayerProblem,
     OverBudget,
@@ -46,6 +62,7 @@ from mesobox.image.tarsafe import (
 
 MAX_ENTRIES = 10_000_000  # per layer; Debian's full archive is < 2 M files
 _SUID = stat.S_ISUID | stat.S_ISGID
+_GROUP_OTHER_WRITE = stat.S_IWGRP | stat.S_IWOTH  # never in an extracted image (module docstring)
 _EXCL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -53,7 +70,7 @@ _EXCL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 class LayerPolicy:
     keep_setuid: bool = False  # site policy for root pulls; never for users
     max_bytes: int = 64 * 1024**3  # budget of uncompressed bytes for the whole apply_layers call
-    unprivileged: bool = True  # True: skip device nodes, no chown; False (root): keep uid/gid, make devices
+    unprivileged: bool = True  # True: no chown; False (root): keep the tar's uid/gid
     warn: Callable[[str], None] | None = None  # one-line warnings (skipped devices, dropped setuid…)
 
 
@@ -63,10 +80,12 @@ class LayerStats:
     bytes_written: int = 0  # file contents written
     skipped_devices: int = 0
     dropped_setuid: int = 0
+    kept_setuid: int = 0  # entries left setuid/setgid (root with keep_setuid only)
     neutralised: int = 0  # absolute names made relative, symlinks replaced by directories
     whiteouts: int = 0  # entries deleted by whiteouts and opaque directories
     hardlinks: int = 0
     tar_bytes: int = 0  # uncompressed tar stream read (what max_bytes bounds)
+    file_bytes: int = 0  # logical size of regular files, sparse ones expanded (bounded by max_bytes too)
 
     def add(self, other: LayerStats) -> None:
         for f in fields(self):
@@ -87,6 +106,7 @@ class _Layer:
 
     label: str
     stream: TarStream
+    file_budget: int  # what this layer's regular files may add up to (logical size)
     stats: LayerStats = field(default_factory=LayerStats)
     created: set[str] = field(default_factory=set)  # paths this layer wrote ("a/b") and their parents
     opaque: list[Path_] = field(default_factory=list)
@@ -101,15 +121,16 @@ def apply_layers(rootfs: Path, blobs: Sequence[Path], policy: LayerPolicy) -> La
     total = LayerStats()
     with _Extractor(rootfs, policy) as ex:
         for blob in blobs:
-            total.add(ex.layer(blob, policy.max_bytes - total.tar_bytes))
+            total.add(ex.layer(blob, policy.max_bytes - total.tar_bytes, policy.max_bytes - total.file_bytes))
         ex.finish()
     return total
 
 
 def apply_layer(rootfs: Path, blob: Path, policy: LayerPolicy, budget: int | None = None) -> LayerStats:
     """Apply one layer blob onto ``rootfs`` (``budget`` defaults to ``policy.max_bytes``)."""
+    limit = policy.max_bytes if budget is None else budget
     with _Extractor(rootfs, policy) as ex:
-        stats = ex.layer(blob, policy.max_bytes if budget is None else budget)
+        stats = ex.layer(blob, limit, limit)
         ex.finish()
     return stats
 
@@ -142,6 +163,7 @@ class _Extractor:
         self.umask = _umask()
         self.ids = (os.geteuid(), os.getegid())
         self.dirs: dict[Path_, _DirAttrs] = {}
+        self.kept_setuid = 0
         try:
             root_fd = os.open(rootfs, O_DIR)
         except OSError as err:
@@ -161,24 +183,28 @@ class _Extractor:
             self.dirs[path] = _DirAttrs(stat.S_IMODE(st.st_mode), st.st_mtime_ns, None, st.st_ino)
 
     # -- one layer -------------------------------------------------------------------
-    def layer(self, blob: Path, budget: int) -> LayerStats:
+    def layer(self, blob: Path, budget: int, file_budget: int) -> LayerStats:
+        """Apply one blob: its tar stream may be ``budget`` bytes long, its regular files
+        ``file_budget`` bytes large (logical sizes)."""
         label = layer_label(blob)
         try:
             raw = open_raw(blob)
         except OSError as err:
             raise LayerError(f"cannot read layer {label}: {err.strerror}") from None
         stream = TarStream(raw, max(budget, 0))
-        st = _Layer(label, stream)
+        st = _Layer(label, stream, max(file_budget, 0))
         try:
             self._run(st)
         except OverBudget as err:
             raise LayerError(
-                f"layer {label}: {err}; raise max_image_bytes if the image is legitimately this large",
+                f"layer {label}: {_where(st)}{err}; raise max_image_bytes if the image is legitimately this large",
                 hint="set max_image_bytes in mesobox.toml or MESOBOX_MAX_IMAGE_BYTES (bytes)",
             ) from None
         except LayerProblem as err:
             raise LayerError(f"layer {label}: {_where(st)}{err}") from None
         except tarfile.TarError as err:
+            if "invalid offset" in str(err):  # tarfile's own negative-size check (CVE-2025-8194 fix)
+                raise LayerError(f"layer {label}: {_where(st)}{NEGATIVE}") from None
             raise LayerError(f"layer {label}: not a valid tar archive: {err}") from None
         except OSError as err:
             raise _os_error(err, st) from None
@@ -191,7 +217,7 @@ class _Extractor:
 
     def _run(self, st: _Layer) -> None:
         tar = tarfile.TarFile(fileobj=st.stream, mode="r")  # type: ignore[arg-type]
-        self.tree.on_mkdir = lambda path: _mark(st.created, path)
+        self.tree.on_mkdir = lambda path: self._made_dir(path, st)
         members: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]
         while True:
             member = tar.next()
@@ -212,7 +238,7 @@ class _Extractor:
     def _member(self, m: tarfile.TarInfo, st: _Layer) -> None:
         path = split_name(m.name)
         if m.size < 0:
-            raise CorruptLayer("negative size")
+            raise CorruptLayer(NEGATIVE)
         if m.name.startswith("/"):
             st.stats.neutralised += 1
         if any(p.startswith(".wh..wh.") for p in path[:-1]):
@@ -228,6 +254,7 @@ class _Extractor:
         if m.isdir():
             self._dir(path, m, st)
         elif m.isreg():
+            self._count_file(m, st)
             self._file(path, m, st)
         elif m.issym():
             self._symlink(path, m, st)
@@ -240,13 +267,31 @@ class _Extractor:
             return
         _mark(st.created, path)
 
+    def _made_dir(self, path: Path_, st: _Layer) -> None:
+        """A new directory at ``path``: attributes recorded for an earlier one there are
+        stale (its inode number may even be reused by this one)."""
+        self.dirs.pop(path, None)
+        _mark(st.created, path)
+
     # -- entry kinds -----------------------------------------------------------------
+    def _count_file(self, m: tarfile.TarInfo, st: _Layer) -> None:
+        """Charge a regular file's logical size (a sparse member's expanded size) to the
+        budget before any of it is written."""
+        st.stats.file_bytes += m.size
+        if st.stats.file_bytes > st.file_budget:
+            raise OverBudget(st.file_budget, "total size of the files exceeds the limit of {limit} bytes "
+                                             "(sparse files count at their full size)")
+
     def _mode(self, m: tarfile.TarInfo, st: _Layer, path: Path_) -> int:
-        mode = m.mode & 0o7777
-        if mode & _SUID and not self.keep_setuid:
-            mode &= ~_SUID
-            st.stats.dropped_setuid += 1
-            st.setuid.append(show(path))
+        mode = m.mode & 0o7777 & ~_GROUP_OTHER_WRITE
+        if mode & _SUID:
+            if self.keep_setuid:
+                st.stats.kept_setuid += 1
+                self.kept_setuid += 1
+            else:
+                mode &= ~_SUID
+                st.stats.dropped_setuid += 1
+                st.setuid.append(show(path))
         return mode
 
     def _owner(self, m: tarfile.TarInfo) -> tuple[int, int] | None:
@@ -361,26 +406,18 @@ class _Extractor:
         st.stats.hardlinks += 1
 
     def _special(self, path: Path_, m: tarfile.TarInfo, st: _Layer) -> None:
-        mode = self._mode(m, st, path)
-        if not m.isfifo() and self.policy.unprivileged:
-            self._skip_device(path, st)
+        if not m.isfifo():
+            self._skip_device(path, st)  # never a device node, root or not (module docstring)
             return
+        mode = self._mode(m, st, path)
         parent = self._parent(path)
         name = path[-1]
-        kind = stat.S_IFIFO if m.isfifo() else stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-        device = 0 if m.isfifo() else os.makedev(m.devmajor, m.devminor)
-        try:
-            self._create(parent, path, lambda: os.mknod(name, kind | (mode & 0o777), device, dir_fd=parent))
-        except PermissionError:
-            if m.isfifo():
-                raise
-            self._skip_device(path, st)  # root inside a user namespace: no mknod(2)
-            return
+        self._create(parent, path, lambda: os.mkfifo(name, mode & 0o777, dir_fd=parent))
         owner = self._owner(m)
         if owner is not None:
             os.chown(name, *owner, dir_fd=parent, follow_symlinks=False)
         if owner is not None or mode != mode & 0o777 & ~self.umask:
-            os.chmod(name, mode, dir_fd=parent)  # just made by mknod: not a symlink
+            os.chmod(name, mode, dir_fd=parent)  # just made by mkfifo: not a symlink
         _utime(lambda ns: os.utime(name, ns=ns, dir_fd=parent, follow_symlinks=False), _ns(m.mtime))
 
     def _skip_device(self, path: Path_, st: _Layer) -> None:
@@ -441,13 +478,20 @@ class _Extractor:
                     continue
                 if attrs.owner is not None:
                     os.fchown(fd, *attrs.owner)
-                os.fchmod(fd, attrs.mode)
+                os.fchmod(fd, attrs.mode & ~_GROUP_OTHER_WRITE)
                 if attrs.mtime_ns is not None:
                     os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
+            if self.kept_setuid:
+                self._seal_rootfs()
         except OSError as err:
             raise _os_error(err, None) from None
         finally:
             self.tree.close()
+
+    def _seal_rootfs(self) -> None:
+        """A setuid/setgid bit was kept: nobody but the owner may reach into the rootfs."""
+        mode = stat.S_IMODE(os.fstat(self.tree.root_fd).st_mode)
+        os.fchmod(self.tree.root_fd, mode & ~(stat.S_IRWXG | stat.S_IRWXO))
 
     def _warn(self, message: str) -> None:
         if self.policy.warn is not None:
@@ -457,7 +501,7 @@ class _Extractor:
         if st.devices:
             self._warn(
                 f"layer {st.label}: skipped {len(st.devices)} device node(s) ({_few(st.devices)}): "
-                "only root outside a user namespace can create them; the runtime provides /dev"
+                "mesobox never creates them in an image; the runtime provides /dev"
             )
         if st.setuid:
             self._warn(f"layer {st.label}: dropped setuid/setgid bits of {len(st.setuid)} entries ({_few(st.setuid)})")

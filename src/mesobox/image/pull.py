@@ -9,24 +9,35 @@ Steps, each named after what it does::
 
 Every step is idempotent, so a pull interrupted anywhere (kill -9, network loss, full
 disk) is finished by running it again; the store never shows a half-made thing.
+
+A pull also repairs: blobs already in the store are re-hashed before they are reused (a
+damaged one is fetched again), and an existing squashfs is checked against the size and
+sha256 recorded when it was built (a damaged one is rebuilt).  The image config is
+validated (``imageconfig.checked_config``) before any layer is fetched.  The whole pull
+holds the store's gc lock shared, so ``mesobox prune`` cannot delete its fresh blobs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mesobox.config import Config
-from mesobox.errors import LayerError
-from mesobox.image.store import ImageRecord, Store, digest_hex, force_rmtree
+from mesobox.errors import DigestMismatch, LayerError
+from mesobox.image.store import ImageRecord, Store, digest_hex, file_check, force_rmtree, fsync_dir
+
+Layers = Sequence[Mapping[str, Any]]  # record.layers: {"digest", "size", "media_type"}
+Verified = Mapping[str, Path]  # digest -> the stored copy this process has just hashed
 
 FORMATS = ("squashfs", "dir")
 
@@ -86,16 +97,32 @@ def resolve_image(config: Config, text: str, platform: str | None, insecure: boo
     return source, resolved
 
 
-def fetch_blobs(store: Store, source: Any, resolved: Any, progress: Progress, workers: int) -> int:
-    """Config and layers into the store; each blob fetched once across all processes."""
-    descriptors = [resolved.config, *resolved.layers]
+def fetch_blobs(store: Store, source: Any, resolved: Any, progress: Progress, workers: int) -> tuple[int, Verified]:
+    """Config and layers into the store; each blob fetched once across all processes.
+    The config comes first and is validated: a hostile one costs no layer download.
+    Returns how many blobs this process downloaded, and where the intact copies are."""
+    paths: dict[str, Path] = {}
+    fetched = _fetch_each(store, source, [resolved.config], progress, 1, paths)
+    read_image_config(store, resolved)
+    fetched += _fetch_each(store, source, list(resolved.layers), progress, workers, paths)
+    # the manifest itself is stored too, so `export --format oci` can write it back
+    def write_manifest(partial: Path) -> None:
+        partial.write_bytes(resolved.manifest)  # checked against its digest when resolved
+
+    store.ensure_blob(resolved.manifest_digest, write_manifest, len(resolved.manifest))
+    return fetched, paths
+
+
+def _fetch_each(store: Store, source: Any, descriptors: list[Any], progress: Progress, workers: int,
+                paths: dict[str, Path]) -> int:
     fetched = 0
 
     def fetch_one(desc: Any) -> bool:
         def fetch(partial: Path) -> None:
             source.fetch_blob(desc, partial, progress.add)
 
-        _path, did_fetch = store.ensure_blob(desc.digest, fetch)
+        path, did_fetch = store.ensure_blob(desc.digest, fetch, desc.size)
+        paths[desc.digest] = path
         if not did_fetch:
             progress.add(desc.size)
         return did_fetch
@@ -110,10 +137,6 @@ def fetch_blobs(store: Store, source: Any, resolved: Any, progress: Progress, wo
                 errors.append(err)
         if errors:
             raise errors[0]
-    # the manifest itself is stored too, so `export --format oci` can write it back
-    manifest_path = store.blob_path(resolved.manifest_digest)
-    if store.find_blob(resolved.manifest_digest) is None:
-        store.write_atomic(manifest_path, resolved.manifest)
     return fetched
 
 
@@ -133,63 +156,153 @@ def _layer_policy(config: Config, total: int) -> Any:
     )
 
 
-def build_rootfs(store: Store, record_digest: str, layer_digests: list[str], into: Path) -> None:
+def _warn(msg: str) -> None:
+    sys.stderr.write(f"mesobox: warning: {msg}\n")
+
+
+def build_rootfs(store: Store, record_digest: str, layers: Layers, into: Path,
+                 verified: Verified | None = None, reference: str = "") -> Any:
+    """Apply the image's layers into ``into``; returns the LayerStats.  Every layer blob
+    is re-hashed first unless this process has just verified it (``verified``)."""
     from mesobox.image.layers import apply_layers
 
-    blobs = []
-    for digest in layer_digests:
-        path = store.find_blob(digest)
-        if path is None:
-            raise LayerError(f"layer {digest} is missing from the store", hint="pull the image again")
-        blobs.append(path)
-    apply_layers(into, blobs, _layer_policy(store.config, 0))
+    blobs = [_layer_blob(store, layer, verified or {}, reference) for layer in layers]
+    return apply_layers(into, blobs, _layer_policy(store.config, 0))
 
 
-def flatten(store: Store, digest: str, layer_digests: list[str], fmt: str) -> None:
-    """Make rootfs/HEX (fmt dir) or squashfs/HEX.sqfs (fmt squashfs), once."""
+def _layer_blob(store: Store, layer: Mapping[str, Any], verified: Verified, reference: str) -> Path:
+    digest = str(layer["digest"])
+    size = layer.get("size")
+    path = verified.get(digest) or store.intact_blob(digest, size)
+    if path is not None:
+        return path
+    again = f"`mesobox pull {reference}` fetches it again" if reference else "pull the image again"
+    if store.find_blob(digest) is None:
+        raise LayerError(f"layer {digest} is missing from the store", hint=again)
+    raise DigestMismatch(f"stored layer {digest} is damaged: its content no longer matches its digest", hint=again)
+
+
+def flatten(store: Store, digest: str, layers: Layers, fmt: str, *,
+            verified: Verified | None = None, reference: str = "") -> tuple[int, str] | None:
+    """Make rootfs/HEX (fmt dir) or squashfs/HEX.sqfs (fmt squashfs), once.  For squashfs,
+    returns its (size, sha256): an existing file is checked against what the records hold
+    and rebuilt when it does not match."""
     final = store.rootfs_path(digest) if fmt == "dir" else store.squashfs_path(digest)
-    if final.exists():
-        return
-    with store.lock("rootfs-" + digest_hex(digest)):
-        if final.exists():
-            return
-        store.clean_stale_tmp(digest)
-        work = store.make_tmpdir(digest)
-        try:
-            _flatten_into(store, digest, layer_digests, fmt, work, final)
-        except OSError as err:
-            from mesobox.image.store import _store_error
+    with store.in_use():
+        if fmt == "dir" and final.exists():
+            return None
+        with store.lock("rootfs-" + digest_hex(digest)):
+            if fmt == "dir" and final.exists():
+                return None
+            if fmt == "squashfs" and (check := _existing_squashfs(store, digest, final)) is not None:
+                return check
+            store.clean_stale_tmp(digest)
+            work = store.make_tmpdir(digest)
+            try:
+                check = _flatten_into(store, digest, layers, fmt, work, final, verified, reference)
+            except OSError as err:
+                from mesobox.image.store import _store_error
 
-            raise _store_error(err, f"flattening {digest[:19]}") from None
-        finally:
-            force_rmtree(work)
+                raise _store_error(err, f"flattening {digest[:19]}") from None
+            finally:
+                force_rmtree(work)
+            if check is not None:
+                store.record_squashfs(digest, check)  # rebuilt: no record may vouch for the old file
+            return check
 
 
-def _flatten_into(store: Store, digest: str, layers: list[str], fmt: str, work: Path, final: Path) -> None:
+def _existing_squashfs(store: Store, digest: str, final: Path) -> tuple[int, str] | None:
+    """The (size, sha256) of an existing squashfs that may be kept; None (after deleting a
+    damaged one) when it must be built.  Call with the rootfs lock held."""
+    from mesobox.image.squashfs import looks_complete
+
+    try:
+        actual = file_check(final)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        from mesobox.image.store import _store_error
+
+        raise _store_error(err, f"reading {final}") from None
+    known = store.squashfs_checks(digest)
+    if actual in known:
+        return actual
+    # No record vouches for it (made by an older mesobox): keep it if it is whole.
+    if not known and looks_complete(final):
+        return actual
+    why = "it no longer matches the size and sha256 recorded when it was built" if known else "it is incomplete"
+    _warn(f"the squashfs of {digest[:19]} is damaged ({why}): rebuilding it")
+    final.unlink(missing_ok=True)
+    return None
+
+
+def _flatten_into(store: Store, digest: str, layers: Layers, fmt: str, work: Path, final: Path,
+                  verified: Verified | None, reference: str) -> tuple[int, str] | None:
     existing_dir = store.rootfs_path(digest)
-    if fmt == "squashfs" and existing_dir.is_dir():
+    if fmt == "squashfs" and _others_may_enter(existing_dir):
         source_dir = existing_dir  # already flattened as a directory: squash that
+        kept_setuid = 0
     else:
         source_dir = work / "rootfs"
         source_dir.mkdir()
-        build_rootfs(store, digest, layers, source_dir)
+        kept_setuid = build_rootfs(store, digest, layers, source_dir, verified, reference).kept_setuid
     if fmt == "dir":
-        os.chmod(source_dir, 0o755)  # noqa: S103 - a rootfs top dir is world-readable
+        # A kept setuid-root binary must not be reachable by other users: they could exec
+        # it on the host, outside any container.  Otherwise a rootfs is world-readable.
+        os.chmod(source_dir, 0o700 if kept_setuid else 0o755)
         os.replace(source_dir, final)
-        return
+        fsync_dir(final.parent)
+        return None
     from mesobox.image.squashfs import build_squashfs
 
+    if source_dir != existing_dir:
+        # inside the private work directory, so opening it up reaches no one; the squashfs
+        # is mounted nosuid by mesobox (and by users' FUSE), so it may be world-readable
+        os.chmod(source_dir, 0o755)  # noqa: S103
     tmp_file = work / "image.sqfs"
     build_squashfs(source_dir, tmp_file, store.config.squashfs_compression)
     os.chmod(tmp_file, 0o644)
+    check = file_check(tmp_file)
+    with open(tmp_file, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp_file, final)
+    fsync_dir(final.parent)
+    return check
+
+
+def _others_may_enter(path: Path) -> bool:
+    """A flattened directory others can traverse (not one sealed for kept setuid bits)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_mode & 0o005 == 0o005
+
+
+def read_image_config(store: Store, resolved: Any) -> dict[str, Any]:
+    """The stored image config's "config" object, validated and normalised."""
+    from mesobox.image.imageconfig import checked_config
+
+    where = f"image config of {resolved.reference}"
+    path = store.intact_blob(resolved.config.digest, resolved.config.size)  # a few KB: hashing is free
+    if path is None:
+        raise LayerError(f"{where} ({resolved.config.digest}) is missing or damaged in the store",
+                         hint="pull the image again")
+    try:
+        image_config = json.loads(path.read_bytes())
+    except ValueError as err:
+        raise LayerError(f"{where} is not JSON: {err}") from None
+    except OSError as err:
+        from mesobox.image.store import _store_error
+
+        raise _store_error(err, f"reading {path}") from None
+    if not isinstance(image_config, dict):
+        raise LayerError(f"{where} is not a JSON object")
+    return checked_config(image_config.get("config"), where)
 
 
 def make_record(store: Store, resolved: Any) -> ImageRecord:
-    try:
-        image_config = json.loads(store.read_blob(resolved.config.digest))
-    except ValueError as err:
-        raise LayerError(f"image config {resolved.config.digest} is not JSON: {err}") from None
+    image_config = read_image_config(store, resolved)
     layers = tuple(
         {"digest": d.digest, "size": d.size, "media_type": d.media_type} for d in resolved.layers
     )
@@ -198,7 +311,7 @@ def make_record(store: Store, resolved: Any) -> ImageRecord:
         digest=resolved.manifest_digest,
         rootfs=None,
         squashfs=None,
-        config=image_config.get("config") or {},
+        config=image_config,
         platform=resolved.platform,
         config_digest=resolved.config.digest,
         layers=layers,
@@ -226,25 +339,32 @@ def pull_image(
         raise UsageError(f"unknown format {fmt!r}", hint="use --format squashfs or --format dir")
     store = Store(config)
     store.init()
-    source, resolved = resolve_image(config, text, platform, insecure)
-    try:
-        total = resolved.config.size + sum(d.size for d in resolved.layers)
-        if total > config.max_image_bytes:
-            raise LayerError(
-                f"image is {total} bytes compressed, over the limit of {config.max_image_bytes}",
-                hint="raise max_image_bytes in the configuration",
-            )
-        progress = Progress(total, enabled=not quiet and sys.stderr.isatty())
-        fetched = fetch_blobs(store, source, resolved, progress, config.max_parallel_downloads)
-    finally:
-        source.close()
-    record = make_record(store, resolved)
-    progress.note("flattening")
-    flatten(store, record.digest, [layer["digest"] for layer in record.layers], fmt)
-    progress.finish()
-    with store.lock("images"):
-        store.write_record(record)
-    final = store.lookup(record.reference)
+    with store.in_use():  # `mesobox prune` waits for this pull
+        source, resolved = resolve_image(config, text, platform, insecure)
+        try:
+            total = resolved.config.size + sum(d.size for d in resolved.layers)
+            if total > config.max_image_bytes:
+                raise LayerError(
+                    f"image is {total} bytes compressed, over the limit of {config.max_image_bytes}",
+                    hint="raise max_image_bytes in the configuration",
+                )
+            progress = Progress(total, enabled=not quiet and sys.stderr.isatty())
+            fetched, verified = fetch_blobs(store, source, resolved, progress, config.max_parallel_downloads)
+        finally:
+            source.close()
+        record = make_record(store, resolved)
+        progress.note("flattening")
+        check = flatten(store, record.digest, record.layers, fmt, reference=record.reference,
+                        verified=verified)
+        progress.finish()
+        with store.lock("images"):
+            if check is None:  # a dir pull: keep what is known of a squashfs of the same image
+                known = store.squashfs_checks(record.digest)
+                check = next(iter(known)) if len(known) == 1 else None
+            if check is not None:
+                record = dataclasses.replace(record, squashfs_size=check[0], squashfs_sha256=check[1])
+            store.write_record(record)
+        final = store.lookup(record.reference)
     assert final is not None
     return PullResult(final, fetched)
 
@@ -265,7 +385,7 @@ def ensure_format(config: Config, record: ImageRecord, fmt: str) -> ImageRecord:
 
         raise StoreError(f"{record.reference} is in a read-only store without a {fmt} form",
                          hint=f"pull it into your own store with --format {fmt}")
-    flatten(store, record.digest, [layer["digest"] for layer in record.layers], fmt)
+    flatten(store, record.digest, record.layers, fmt, reference=record.reference)  # records its squashfs check
     again = store.lookup(record.reference)
     assert again is not None
     return again

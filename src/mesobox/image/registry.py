@@ -8,6 +8,12 @@ Room: image/registry.  Invariants:
 - Transient failures (429, 5xx, refused/reset connections, timeouts) are retried with
   exponential backoff (``RetryPolicy``), honouring Retry-After up to a cap; a blob cut
   mid-body resumes with a Range request where the server answers 206.
+- Only bytes that are exactly what was asked for reach the ``.partial`` file (it is
+  trusted as a prefix when the pull resumes, even in another process): a 206 must carry
+  the asked range of this blob, a 200 (Range ignored: start again from byte 0) the whole
+  blob, and a declared Content-Length must be the length asked for; anything else is
+  never written.  A body that ends early without an error (no length declared) is not
+  trusted either: the file goes back to where that answer started.
 - Manifests are checked against the digest asked for (by digest) or the
   Docker-Content-Digest header (by tag); blobs by ``Verifier`` while they stream.
 - Every failure is one line: ImageNotFound (404), AuthError (401/403 after auth),
@@ -297,29 +303,33 @@ class RegistrySource:
             raise
 
     def _download(self, desc: Descriptor, dest: Path, verifier: Verifier, report: _Reporter) -> None:
+        problem = ""
         for attempt in range(self.retry.tries):
-            if self._stream_blob(desc, dest, verifier, report):
+            problem = self._stream_blob(desc, dest, verifier, report)
+            if not problem:
                 return
             if attempt + 1 < self.retry.tries:
                 time.sleep(self.retry.delay(attempt))
-        raise RegistryError(f"blob {desc.digest}: download kept failing after {self.retry.tries} tries",
-                            hint="the connection to the registry is unstable; try again")
+        raise RegistryError(f"blob {desc.digest}: download kept failing after {self.retry.tries} tries "
+                            f"({problem})", hint="the connection to the registry is unstable; try again")
 
-    def _stream_blob(self, desc: Descriptor, dest: Path, verifier: Verifier, report: _Reporter) -> bool:
-        """One GET (ranged when resuming); False when the body was cut and may be resumed."""
+    def _stream_blob(self, desc: Descriptor, dest: Path, verifier: Verifier, report: _Reporter) -> str:
+        """One GET (ranged when resuming): "" when the blob is complete, else why it must
+        be tried again (from ``verifier.count``)."""
         offset = verifier.count
         if offset == desc.size:
-            return True
+            return ""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         resp = self.request("GET", f"/v2/{self.ref.repository}/blobs/{desc.digest}", headers)
         try:
             self._check(resp, f"blob {desc.digest}")
-            # RFC 9110 §14.2: a server may ignore Range and answer 200 with the whole body.
-            if offset and not (resp.status == 206 and _range_start(resp.header("Content-Range")) == offset):
-                verifier.reset()
-                offset = 0
-            report.advance_to(offset)
-            return _write_body(resp, dest, offset, verifier, report)
+            start, problem = _body_start(resp, offset, desc.size)
+            if problem:
+                return problem  # not the bytes asked for: nothing of it is written
+            if start != offset:
+                verifier.reset()  # RFC 9110 §14.2: Range ignored, the whole blob follows
+            report.advance_to(start)
+            return _write_body(resp, dest, start, verifier, report)
         finally:
             resp.close()
 
@@ -328,25 +338,58 @@ class RegistrySource:
 
 
 
-def _write_body(resp: Response, dest: Path, offset: int, verifier: Verifier, report: _Reporter) -> bool:
-    """Stream the body into ``dest`` from ``offset``; False when the network cut it short."""
+def _body_start(resp: Response, offset: int, size: int) -> tuple[int, str]:
+    """Where in the blob this answer's body starts (0 or ``offset``), or why it is not the
+    bytes asked for: (start, "") or (0, problem)."""
+    length = _content_length(resp.header("Content-Length"))
+    if resp.status == 200:
+        if length is not None and length != size:
+            return 0, f"HTTP 200 with {length} bytes for a blob of {size}"
+        return 0, ""
+    if resp.status == 206 and offset:
+        got = _content_range(resp.header("Content-Range"))
+        if got is None or got[0] != offset or got[1] not in (None, size - 1) or got[2] not in (None, size):
+            return 0, f"HTTP 206 for {resp.header('Content-Range')!r}, asked for bytes {offset}-{size - 1}/{size}"
+        if length is not None and length != size - offset:
+            return 0, f"HTTP 206 with {length} bytes, asked for {size - offset}"
+        return offset, ""
+    return 0, f"HTTP {resp.status} for a request without Range"
+
+
+def _write_body(resp: Response, dest: Path, start: int, verifier: Verifier, report: _Reporter) -> str:
+    """Stream the body into ``dest`` from ``start``: "" when the blob is complete, else why
+    the caller must resume (from ``verifier.count``)."""
     try:
-        with open(dest, "r+b" if offset else "wb") as out:
-            out.seek(offset)
+        with open(dest, "r+b" if start else "wb") as out:
+            out.seek(start)
             out.truncate()
+            offset = start
             while True:
                 try:
                     chunk = resp.resp.read(CHUNK)
-                except TRANSIENT:
-                    return False  # cut mid-body: the caller resumes from verifier.count
+                except TRANSIENT as err:
+                    # cut mid-body: what arrived is what was asked for, a prefix to resume after
+                    return f"cut after {offset} bytes: {_describe(err)}"
                 if not chunk:
-                    return verifier.count == verifier.size
+                    break
                 verifier.update(chunk)
                 out.write(chunk)
                 offset += len(chunk)
                 report.advance_to(offset)
+            if verifier.count == verifier.size:
+                return ""
+            if _content_length(resp.header("Content-Length")) is not None:
+                # short of the length _body_start checked (http.client's read(n) reports a
+                # closed connection as an empty read): a prefix of what was asked for
+                return f"cut after {offset} bytes"
+            # Ended early without an error and without a declared length: the server said
+            # "that is all", so this was not the blob; back to where this answer started.
+            out.truncate(start)
     except OSError as err:  # only local file errors reach here (network ones return above)
         raise StoreError(f"cannot write {dest}: {err.strerror}", hint="check free space and permissions") from None
+    verifier.reset()
+    _hash_prefix(dest, verifier, verifier.size or 0)
+    return f"the body ended after {offset - start} bytes, short of the blob"
 
 
 class _Reporter:
@@ -386,12 +429,22 @@ def _hash_prefix(dest: Path, verifier: Verifier, size: int) -> None:
             verifier.update(chunk)
 
 
-def _range_start(content_range: str | None) -> int | None:
-    # RFC 9110 §14.4: "bytes START-END/LENGTH"
+def _content_range(content_range: str | None) -> tuple[int, int | None, int | None] | None:
+    """RFC 9110 §14.4 "bytes START-END/LENGTH" (LENGTH may be "*"): (START, END, LENGTH)."""
     if not content_range or not content_range.startswith("bytes "):
         return None
-    start = content_range[6:].split("-", 1)[0]
-    return int(start) if start.isdigit() else None
+    span, _, total = content_range[6:].partition("/")
+    first, _, last = span.partition("-")
+    if not (first.isascii() and first.isdigit()):
+        return None
+    end = int(last) if last.isascii() and last.isdigit() else None
+    length = int(total) if total.isascii() and total.isdigit() else None
+    return int(first), end, length
+
+
+def _content_length(value: str | None) -> int | None:
+    value = (value or "").strip()
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def _error_message(body: bytes) -> str:

@@ -4,6 +4,9 @@ One file per image instead of millions of small files is what parallel-filesyste
 metadata servers want (the Shifter/Enroot/Apptainer-SIF model).  zstd is used where
 this mksquashfs supports it, gzip otherwise.  Extended attributes are not stored: the
 image's security.capability bits must not reach anyone (see layers.py).
+
+``mksquashfs`` dies with the process that started it (``PR_SET_PDEATHSIG``): a pull
+killed with SIGKILL leaves no orphan compressing an image into a deleted directory.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
+import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from mesobox.errors import StoreError
 
 SQUASHFS_MAGIC = b"hsqs"
+_BYTES_USED = struct.Struct("<Q")  # superblock offset 40: bytes_used (squashfs 4.0)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def is_squashfs(path: Path) -> bool:
@@ -25,6 +33,40 @@ def is_squashfs(path: Path) -> bool:
             return f.read(4) == SQUASHFS_MAGIC
     except OSError:
         return False
+
+
+def looks_complete(path: Path) -> bool:
+    """Superblock sanity of a squashfs built elsewhere: the magic, and a file at least as
+    long as the superblock says it uses (a truncated copy fails this)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(48)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 48 or head[:4] != SQUASHFS_MAGIC:
+        return False
+    used: int = _BYTES_USED.unpack_from(head, 40)[0]
+    return 96 <= used <= size
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies.
+
+    The death signal follows the *thread* that forked the child, so call from a thread
+    that lives as long as the child is waited for (flatten runs in the main thread).  If
+    the parent died between fork and prctl, the signal never comes: the child checks
+    getppid() and kills itself."""
+    from mesobox.runtime.syscalls import prctl  # the one ctypes leaf; imported before fork
+
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _mksquashfs() -> str:
@@ -37,7 +79,8 @@ def _mksquashfs() -> str:
 @functools.lru_cache(maxsize=1)
 def supported_compressors() -> frozenset[str]:
     """Compressors this mksquashfs was built with (parsed from its help text)."""
-    res = subprocess.run([_mksquashfs(), "-help"], capture_output=True, text=True, check=False)
+    res = subprocess.run([_mksquashfs(), "-help"], capture_output=True, text=True, check=False,
+                         preexec_fn=die_with_parent())
     text = res.stdout + res.stderr
     names = set()
     in_section = False
@@ -62,7 +105,8 @@ def build_squashfs(rootfs: Path, dest: Path, compression: str = "zstd") -> None:
     ]
     if comp == "zstd":
         argv += ["-Xcompression-level", "3"]
-    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+    res = subprocess.run(argv, capture_output=True, text=True, check=False,
+                         preexec_fn=die_with_parent())
     if res.returncode != 0:
         msg = (res.stderr.strip().splitlines() or ["unknown error"])[-1]
         if "No space left" in res.stderr or "Failed to write" in res.stderr:

@@ -7,6 +7,7 @@ the same layout and are consulted first)::
     blobs/sha256/HEX           verified blobs (manifests, configs, layers), never rewritten
     ingest/HEX.partial         a blob being downloaded (resumable after a crash)
     images/KEY.json            image record: canonical reference -> manifest digest + config
+                               (+ size and sha256 of the squashfs, to check it on the next pull)
     rootfs/HEX/                flattened directory rootfs, one per manifest digest
     squashfs/HEX.sqfs          squashfs of the same, one per manifest digest
     tmp/                       work directories, named ``HEX.PID.RANDOM``
@@ -17,10 +18,21 @@ flock works on local filesystems, NFS (emulated with POSIX locks), Lustre mounte
 with ``flock`` and GPFS) and under kill -9:
 
 - a file under ``blobs/``, ``rootfs/``, ``squashfs/`` or ``images/`` is complete: it is
-  built under ``ingest/`` or ``tmp/`` and renamed into place, with the lock held;
+  built under ``ingest/`` or ``tmp/``, fsynced, renamed into place with the lock held, and
+  the rename fsynced (the directory), so a crash never leaves a named but empty file;
 - each blob is fetched once: the fetcher holds ``blob-HEX.lock``, everyone else waits
   for it, then finds the blob present;
+- a stored blob is trusted only after it hashes to its name again: every pull re-hashes
+  the blobs it reuses (a damaged one is deleted and fetched again), flattening and
+  ``export`` hash what they read (:meth:`Store.intact_blob`, :func:`file_check`);
+- ``prune`` never deletes what a pull, flatten or export is working with: those hold
+  ``locks/gc.lock`` shared for their whole run (:meth:`Store.in_use`), prune holds it
+  exclusively;
 - digests are validated (``parse_digest``) before they become file names.
+
+The squashfs check recorded in image records (``squashfs_size``/``squashfs_sha256``) is
+computed once, when the squashfs is built, and verified by ``pull`` only: looking a
+record up (the ``mesobox run`` path) never hashes anything.
 
 This module is on the ``mesobox run`` hot path (``Store.lookup``): stdlib only, and
 heavy modules (layers, squashfs, registry) are imported inside the functions that
@@ -48,6 +60,9 @@ from mesobox.errors import ImageNotFound, StoreError
 STORE_VERSION = "1"
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
+# store root -> [fd holding gc.lock shared, users in this process] (see Store.in_use)
+_GC_HOLDS: dict[str, list[int]] = {}
+HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,12 @@ class ImageRecord:
     size: int = 0  # compressed bytes of config + layers
     created: str = ""
     store: Path | None = field(default=None, compare=False)
+    squashfs_size: int = 0  # bytes of the squashfs when it was built (0: not known)
+    squashfs_sha256: str = ""  # "sha256:HEX" of the squashfs when it was built ("" : not known)
+
+    @property
+    def squashfs_check(self) -> tuple[int, str] | None:
+        return (self.squashfs_size, self.squashfs_sha256) if self.squashfs_sha256 else None
 
 
 def digest_hex(digest: str) -> str:
@@ -100,6 +121,30 @@ def _store_error(err: OSError, what: str) -> StoreError:
         return StoreError(f"permission denied while {what}: {err.filename or ''}".rstrip(": "),
                           hint="check the store's permissions, or set MESOBOX_STORE to a directory you own")
     return StoreError(f"{what} failed: {err.strerror or err}")
+
+
+def file_check(path: Path) -> tuple[int, str]:
+    """(size, "sha256:HEX") of a file, read once (blobs, squashfs files)."""
+    import hashlib  # lazily: never needed by a store lookup
+
+    digest = hashlib.sha256()
+    size = 0
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return size, "sha256:" + digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename (or creation) in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def force_rmtree(path: Path) -> None:
@@ -170,19 +215,69 @@ class Store:
         EDEADLK when two pulls each hold one layer the other wants.  Threads of one
         process also take a per-name threading lock (layer downloads run in threads).
         On NFS, Linux emulates flock with POSIX locks: `_acquire` retries on EDEADLK."""
-        with _THREAD_LOCKS_GUARD:
-            tlock = _THREAD_LOCKS.setdefault(name, threading.Lock())
-        path = self.root / "locks" / (name + ".lock")
-        with tlock:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except OSError as err:
-                raise _store_error(err, f"opening lock {path}") from None
+        with _thread_lock(name):
+            fd = self._open_lock(name)
+            assert fd is not None
             try:
                 _acquire(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                 yield
             finally:
                 os.close(fd)  # closing drops the lock
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold ``locks/gc.lock`` shared: ``prune`` (exclusive) waits until this ends.
+
+        Re-entrant within a process (a pull flattens; an export builds a rootfs): the
+        lock is taken once per process and store, and dropped when its last user is
+        done.  One fd per process matters on NFS, where flock is emulated with POSIX
+        locks and closing *any* fd of the file drops the process's lock on it.  A store
+        without a ``locks/`` directory, or one this user cannot write (an export from it),
+        has nothing this user's prune could delete: no lock then."""
+        key = str(self.root)
+        with _thread_lock("gc:" + key):
+            hold = _GC_HOLDS.get(key)
+            if hold is None:
+                fd = self._open_lock("gc", missing_ok=True)
+                if fd is not None:
+                    try:
+                        _acquire(fd, fcntl.LOCK_SH)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                hold = _GC_HOLDS[key] = [-1 if fd is None else fd, 0]
+            hold[1] += 1
+        try:
+            yield
+        finally:
+            with _thread_lock("gc:" + key):
+                hold[1] -= 1
+                if hold[1] == 0:
+                    del _GC_HOLDS[key]
+                    if hold[0] >= 0:
+                        os.close(hold[0])  # closing drops the lock
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Hold ``locks/gc.lock`` exclusively (prune): no pull, flatten or export runs."""
+        with _thread_lock("gc:" + str(self.root)):
+            fd = self._open_lock("gc")
+            assert fd is not None
+            try:
+                _acquire(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _open_lock(self, name: str, missing_ok: bool = False) -> int | None:
+        path = self.root / "locks" / (name + ".lock")
+        try:
+            # 0600: a user who could open it could also hold it, and block the owner's pulls
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            if missing_ok and err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS):
+                return None
+            raise _store_error(err, f"opening lock {path}") from None
 
     def write_atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -192,6 +287,7 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         except OSError as err:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -221,24 +317,49 @@ class Store:
                 return path
         return None
 
-    def ensure_blob(self, digest: str, fetch: Callable[[Path], None]) -> tuple[Path, bool]:
-        """Return the blob's path, calling ``fetch(partial_path)`` once across all
-        processes if it is missing.  ``fetch`` must verify the digest (it resumes from
-        whatever prefix ``partial_path`` already holds).  Returns (path, fetched)."""
-        found = self.find_blob(digest)
+    def blob_intact(self, path: Path, digest: str, size: int | None = None) -> bool:
+        """Does the stored blob at ``path`` still hash to ``digest`` (and have ``size``)?"""
+        try:
+            if size is not None and path.stat().st_size != size:
+                return False
+            return file_check(path)[1] == "sha256:" + digest_hex(digest)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise _store_error(err, f"reading blob {digest[:19]}") from None
+
+    def intact_blob(self, digest: str, size: int | None = None) -> Path | None:
+        """The first stored copy of ``digest`` (site caches first) that hashes to it."""
+        for root in (*self.ro_roots, self.root):
+            path = self.blob_path(digest, root)
+            if path.is_file() and self.blob_intact(path, digest, size):
+                return path
+        return None
+
+    def ensure_blob(self, digest: str, fetch: Callable[[Path], None], size: int | None = None) -> tuple[Path, bool]:
+        """Return the path of an intact copy of the blob, calling ``fetch(partial_path)``
+        once across all processes if there is none.  A stored copy is re-hashed first:
+        a damaged one in this store is deleted and fetched again.  ``fetch`` must verify
+        the digest (it resumes from whatever prefix ``partial_path`` already holds).
+        Returns (path, fetched)."""
+        found = self.intact_blob(digest, size)
         if found:
             return found, False
         hexpart = digest_hex(digest)
         final = self.blob_path(digest)
         with self.lock("blob-" + hexpart):
             if final.is_file():
-                return final, False
+                if self.blob_intact(final, digest, size):
+                    return final, False  # fetched by another process while we waited
+                _warn(f"stored blob {digest} was damaged (it no longer hashes to its name): fetching it again")
+                final.unlink(missing_ok=True)
             partial = self.root / "ingest" / (hexpart + ".partial")
             try:
                 fetch(partial)
                 with open(partial, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(partial, final)
+                fsync_dir(final.parent)
             except StoreError:
                 # a disk-level failure (full, quota): free the space, resuming is moot
                 partial.unlink(missing_ok=True)
@@ -269,6 +390,8 @@ class Store:
             "created": record.created,
             "config": record.config,
         }
+        if record.squashfs_check is not None:
+            data["squashfs_size"], data["squashfs_sha256"] = record.squashfs_check
         self.write_atomic(self.record_path(record.reference), json.dumps(data, indent=1).encode())
 
     def _load_record(self, path: Path, root: Path) -> ImageRecord | None:
@@ -295,6 +418,8 @@ class Store:
             size=int(data.get("size", 0)),
             created=data.get("created", ""),
             store=root,
+            squashfs_size=int(data.get("squashfs_size") or 0),
+            squashfs_sha256=str(data.get("squashfs_sha256") or ""),
         )
 
     def lookup(self, text: str) -> ImageRecord | None:
@@ -314,6 +439,32 @@ class Store:
             raise ImageNotFound(f"no image {text!r} in the store", hint=f"`mesobox pull {text}` first")
         return record
 
+    def _own_record_files(self) -> list[tuple[Path, dict[str, Any]]]:
+        out = []
+        for path in sorted((self.root / "images").glob("*.json")):
+            try:
+                data = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue  # unreadable records are reported by lookup, not here
+            if isinstance(data, dict):
+                out.append((path, data))
+        return out
+
+    def squashfs_checks(self, digest: str) -> set[tuple[int, str]]:
+        """The (size, sha256) this store's records hold for the squashfs of ``digest``."""
+        return {(int(data.get("squashfs_size") or 0), str(data["squashfs_sha256"]))
+                for _path, data in self._own_record_files()
+                if data.get("digest") == digest and data.get("squashfs_sha256")}
+
+    def record_squashfs(self, digest: str, check: tuple[int, str]) -> None:
+        """Write ``check`` into every record of this store that names ``digest`` (after the
+        squashfs was built or rebuilt, so no record vouches for a file that is gone)."""
+        with self.lock("images"):
+            for path, data in self._own_record_files():
+                if data.get("digest") == digest and (data.get("squashfs_size"), data.get("squashfs_sha256")) != check:
+                    data["squashfs_size"], data["squashfs_sha256"] = check
+                    self.write_atomic(path, json.dumps(data, indent=1).encode())
+
     def records(self) -> list[ImageRecord]:
         out: list[ImageRecord] = []
         seen: set[str] = set()
@@ -328,6 +479,32 @@ class Store:
                     out.append(record)
         return out
 
+    def inuse_lock_path(self, digest: str) -> Path:
+        """The lock every container of the directory image ``digest`` holds shared while it
+        runs (runtime/execute.hold_image): what it names must not be deleted."""
+        return self.root / "locks" / f"inuse-{digest_hex(digest)}.lock"
+
+    @contextlib.contextmanager
+    def unused(self, digest: str) -> Iterator[bool]:
+        """Whether no running container has ``digest``'s directory tree as its root; while
+        this is held (True), no container can start from it either."""
+        if not self.rootfs_path(digest).is_dir():
+            yield True
+            return
+        try:
+            fd = os.open(self.inuse_lock_path(digest), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise _store_error(err, "opening an in-use lock") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
     def remove_record(self, text: str) -> ImageRecord:
         from mesobox.image.reference import parse_reference
 
@@ -338,22 +515,39 @@ class Store:
             if any(self.record_path(reference, r).exists() for r in self.ro_roots):
                 raise StoreError(f"{text!r} is in a read-only site store", hint="ask the site admins")
             raise ImageNotFound(f"no image {text!r} in the store")
-        with self.lock("images"):
-            path.unlink(missing_ok=True)
-            still_used = {r.digest for r in self.records() if r.store == self.root}
-            if record.digest not in still_used:
-                self._drop_flattened(record.digest)
+        # lock order everywhere: gc.lock, then rootfs-HEX, then images
+        with self.in_use(), self.lock("rootfs-" + digest_hex(record.digest)), self.lock("images"):
+            still_used = {r.digest for r in self.records() if r.store == self.root and r.reference != reference}
+            drop = record.digest not in still_used
+            with self.unused(record.digest) as unused:
+                if drop and not unused:  # refused before anything is removed: nothing is lost
+                    raise StoreError(f"{text!r} is in use: a running container has it as its root",
+                                     hint="stop that container first, then remove the image")
+                path.unlink(missing_ok=True)
+                if drop:
+                    force_rmtree(self.rootfs_path(record.digest))
+                    self.squashfs_path(record.digest).unlink(missing_ok=True)
         return record
 
-    def _drop_flattened(self, digest: str) -> None:
-        with self.lock("rootfs-" + digest_hex(digest)):
-            force_rmtree(self.rootfs_path(digest))
-            self.squashfs_path(digest).unlink(missing_ok=True)
+    def _remove_unused_tree(self, entry: os.DirEntry[str]) -> bool:
+        """Remove the directory tree ``rootfs/NAME`` unless a running container has it
+        as its root (its record was replaced or removed meanwhile)."""
+        from mesobox.errors import InvalidReference
+
+        try:
+            digest_hex("sha256:" + entry.name)
+        except InvalidReference:  # not a digest: litter
+            force_rmtree(Path(entry.path))
+            return True
+        with self.unused("sha256:" + entry.name) as unused:
+            if unused:  # under the lock: no launch can start from it meanwhile
+                force_rmtree(Path(entry.path))
+            return unused
 
     def prune(self) -> tuple[int, int]:
         """Delete blobs, flattened trees and leftovers no record uses: (files, bytes)."""
         count = freed = 0
-        with self.lock("images"):
+        with self.collecting(), self.lock("images"):
             used: set[str] = set()
             flattened: set[str] = set()
             for record in self.records():
@@ -371,6 +565,8 @@ class Store:
                     if entry.name.removesuffix(".sqfs") in keep:
                         continue
                     size = _tree_size(Path(entry.path))
+                    if kind == "rootfs" and not self._remove_unused_tree(entry):
+                        continue  # the root of a running container: kept
                     force_rmtree(Path(entry.path))
                     count += 1
                     freed += size
@@ -383,6 +579,11 @@ class Store:
                             force_rmtree(Path(entry.path))
                             count += 1
         return count, freed
+
+
+def _thread_lock(name: str) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(name, threading.Lock())
 
 
 def _acquire(fd: int, operation: int) -> None:
@@ -399,6 +600,12 @@ def _acquire(fd: int, operation: int) -> None:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    sys.stderr.write(f"mesobox: warning: {message}\n")
 
 
 def _tree_size(path: Path) -> int:

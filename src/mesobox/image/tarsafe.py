@@ -9,6 +9,9 @@ Everything here distrusts the blob.  Invariants:
   included, so a decompression bomb stops at ``limit`` bytes however it is built.
 - :class:`TarStream` only moves forward.  ``tarfile`` in Python ≤ 3.11.13 can be made to
   seek backwards by negative sizes (an endless loop, CVE-2025-8194); here that is an error.
+  Negative sizes are refused in the raw header (base-256 size field) and in pax records
+  before ``tarfile`` parses them, so the error is mesobox's own ("negative size or
+  offset") whichever ``tarfile`` patch level runs (some refuse them as "invalid offset").
 - ``tarfile`` is only used to *parse headers*.  Its pax parser is quadratic on crafted
   headers before 3.11.10 (CVE-2024-6232), so pax payloads are capped and pre-checked in
   linear time before ``tarfile`` sees them.
@@ -39,6 +42,9 @@ _PAX_TYPES = (b"x", b"g")
 # A pax record is "LEN KEYWORD=VALUE\n"; a run of 64 digits is never legitimate and is what
 # makes the pre-3.11.10 regexes backtrack quadratically.
 _LONG_DIGITS = re.compile(rb"\d{64}")
+# pax records that set a member's size (or a sparse file's real size) to a negative number
+_NEGATIVE_PAX_SIZE = re.compile(rb"(?:^|\n)\d+ (?:size|GNU\.sparse\.size|GNU\.sparse\.realsize)=-")
+NEGATIVE = "negative size or offset"
 
 
 class LayerProblem(Exception):
@@ -56,8 +62,8 @@ class CorruptLayer(LayerProblem):
 class OverBudget(LayerProblem):
     """The uncompressed tar stream exceeds the byte budget."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"uncompressed size exceeds the limit of {limit} bytes")
+    def __init__(self, limit: int, message: str = "uncompressed size exceeds the limit of {limit} bytes") -> None:
+        super().__init__(message.format(limit=limit))
         self.limit = limit
 
 
@@ -174,7 +180,7 @@ class TarStream:
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0 or pos < self.pos:
-            raise CorruptLayer(f"tar header points backwards (offset {pos} < {self.pos})")
+            raise CorruptLayer(f"{NEGATIVE}: tar header points backwards (offset {pos} < {self.pos})")
         while self.pos < pos:
             if not self._pull(min(CHUNK, pos - self.pos)):
                 break  # tarfile notices the short read itself
@@ -188,7 +194,11 @@ class TarStream:
             self._expect_pax = False
             if _LONG_DIGITS.search(data):
                 raise CorruptLayer("malformed pax header (run of 64 digits)")
+            if _NEGATIVE_PAX_SIZE.search(data):
+                raise CorruptLayer(NEGATIVE)
         elif n == 512:
+            if _negative_size_field(data):
+                raise CorruptLayer(NEGATIVE)
             self.last_header = data
             self._expect_pax = len(data) == 512 and data[156:157] in _PAX_TYPES
         return data
@@ -254,6 +264,22 @@ class TarStream:
     def ended_cleanly(self) -> bool:
         """True when tarfile stopped on an all-zero end-of-archive block (not on EOF/garbage)."""
         return len(self.last_header) == 512 and self.last_header.count(0) == 512
+
+
+def _negative_size_field(block: bytes) -> bool:
+    """A tar header whose size field is a base-256 negative number (first byte 0xff).
+
+    Checked only for blocks with a valid header checksum, so a long-name payload that
+    happens to hold 0xff at that offset is not mistaken for a header."""
+    if len(block) != 512 or block[124] != 0xFF:
+        return False
+    try:
+        recorded = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 0x20
+    return recorded in (unsigned, signed)
 
 
 def split_name(name: str, what: str = "name") -> tuple[str, ...]:
