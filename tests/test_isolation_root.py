@@ -37,14 +37,6 @@ def _status(text: str) -> dict[str, int]:
     return {k: int(v, 16) for k, v in (line.split(":\t") for line in text.splitlines() if line.startswith("Cap"))}
 
 
-def _root_range() -> tuple[int, int]:
-    for line in Path("/etc/subuid").read_text().splitlines() if os.path.exists("/etc/subuid") else []:
-        name, start, count = line.split(":")
-        if name in ("root", "0"):
-            return int(start), int(count)
-    return 100_000_000, 65536
-
-
 @pytest.fixture()
 def host_file(world_tmp: Path) -> Path:
     path = world_tmp / "owned-by-root"
@@ -60,8 +52,11 @@ def test_root_container_cannot_write_root_owned_bind(mesobox: Mesobox, rootfs: P
     proc = mesobox("exec", "-B", f"{host_file}:/x:rw", str(rootfs), "sh", "-c", script)
     out = proc.stdout.decode().split()
     assert proc.returncode != 0 and b"Permission denied" in proc.stderr, proc.stderr
-    start, count = _root_range()
-    assert out == ["original", "0", "0", str(start), str(count)]  # image files stay readable; root is shifted
+    from mesobox.runtime import identity
+
+    # image files stay readable; root is shifted to a slice of root's pool
+    assert out[:3] == ["original", "0", "0"]
+    assert int(out[3]) in {uid for uid, _gid in identity.root_pool()} and out[4] == str(identity.SLICE)
     assert host_file.read_text() == "original\n"
     assert b"WARNING" not in proc.stderr
 
@@ -76,11 +71,12 @@ def test_host_root_opts_out_loudly(mesobox: Mesobox, rootfs: Path, host_file: Pa
 
 @pytest.mark.root
 def test_shifted_root_files_land_in_the_range(mesobox: Mesobox, rootfs: Path, world_tmp: Path) -> None:
-    proc = mesobox("exec", "-B", str(world_tmp), str(rootfs), "touch", f"{world_tmp}/made")
+    proc = mesobox("exec", "-B", str(world_tmp), str(rootfs), "sh", "-c",
+                   f"touch {world_tmp}/made; cat /proc/self/uid_map /proc/self/gid_map")
     assert proc.returncode == 0, proc.stderr
-    start = _root_range()[0]
+    _, uid_start, _, _, gid_start, _ = proc.stdout.decode().split()
     st = os.stat(world_tmp / "made")
-    assert (st.st_uid, st.st_gid) == (start, start)
+    assert (st.st_uid, st.st_gid) == (int(uid_start), int(gid_start))
 
 
 def test_host_root_refused_for_a_user(mesobox: Mesobox, user: User, rootfs: Path) -> None:

@@ -31,10 +31,8 @@ def main_overlay(argv: list[str], config: Config) -> int:
     from mesobox.runtime.build import parse_size
 
     size = parse_size(argv[2], "overlay create")
-    if identity.is_real_root():
-        uids, gids = identity.root_maps(host_root=False)
-        owner = (uids[0].host_id, gids[0].host_id)  # the shifted container root (identity.py)
-    else:
-        owner = (os.getuid(), os.getgid())
+    # Real root's: the first slice of root's pool, the shifted container root while no
+    # other root container runs (identity.py; no slice is claimed here).
+    owner = identity.root_pool()[0] if identity.is_real_root() else (os.getuid(), os.getgid())
     quota.create(argv[1], size, owner)
     return 0

@@ -9,13 +9,20 @@ Invariants:
   /etc/subgid and ``newuidmap``/``newgidmap`` installed, ids 1… map to that range so
   package managers can chown.
 - Root isolation: a *real root* caller's container root is an unprivileged id by
-  default — root's range in /etc/subuid and /etc/subgid (a "root:START:COUNT" line),
-  else ``ROOT_DEFAULT_RANGE`` — as Podman's rootful ``--userns=auto`` takes ids from
-  a dedicated sub-id range.  A break-out then lands as an id that owns nothing on the
-  host.  ``--host-root`` opts out (whole id space mapped to itself, root is root) and
-  warns on stderr.  Either way real root's user namespace is entered by ``enter_userns``
-  *after* the mounts were made as real root (so host paths such as /root or the
-  runtime dir stay reachable for set-up) and just before execve.
+  default, and each running root container has ids of its own, as Podman's rootful
+  ``--userns=auto`` does: root's pool (its "root:START:COUNT" line in /etc/subuid and
+  /etc/subgid, else ``ROOT_DEFAULT_POOL``) is cut in ``SLICE``-id slices and a launch
+  takes the first free one (``claim_slice``).  A break-out then lands as an id that
+  owns nothing on the host, and no root container can signal, ptrace or write the
+  files of another.  A slice is taken with an flock on its file in a root-only
+  directory (/run/mesobox/idmap, reached by dirfds, never through a symlink), held by
+  the launching process (real root is always supervised) until the container ends —
+  and is skipped while any process still runs with one of its uids (a daemon the
+  container left behind).  ``--host-root`` opts out (whole id space mapped to itself,
+  root is root) and warns on stderr.  Either way real root's user namespace is entered
+  by ``enter_userns`` *after* the mounts were made as real root (so host paths such as
+  /root or the runtime dir stay reachable for set-up) and just before execve, and it
+  leaves the container with no supplementary group of the host's root.
 - passwd/group files are generated from the image's (read without following any
   symlink, CVE-2019-16884 family) plus the caller's entries, so ``id``, ``whoami``
   and ``~`` work inside.
@@ -34,10 +41,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 FULL_RANGE = 4294967295  # every id but (uid_t)-1, user_namespaces(7)
-# Default range for real root's containers when /etc/subuid has no "root" line: far
-# above any site's LDAP uids (which stay below 2^31 in practice but above 65536), 65536
-# ids like a subuid(5) allocation by useradd.  Documented in docs/isolation.md.
-ROOT_DEFAULT_RANGE = (100_000_000, 65536)
+# One root container's ids: 65536, like a subuid(5) allocation by useradd.
+SLICE = 65536
+# Default pool for real root's containers when /etc/subuid has no "root" line: far
+# above any site's LDAP uids (which stay below 2^31 in practice but above 65536), 1024
+# slices.  Documented in docs/isolation.md.
+ROOT_DEFAULT_POOL = (100_000_000, 1024 * SLICE)
+SLICE_DIR = ("run", "mesobox", "idmap")  # below /: where the slices' lock files live
+_held: tuple[int, int, int] | None = None  # (lock fd, host uid, host gid) of this process's slice
 HOST_ROOT_WARNING = ("mesobox: WARNING: --host-root: container root is the host's root; a break-out owns "
                      "this machine. Use it only for trusted images.\n")
 
@@ -57,13 +68,137 @@ def subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
 
 
 def root_maps(host_root: bool) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...]]:
-    """Maps for a real-root caller: shifted to root's sub-id range unless ``host_root``."""
+    """Maps for a real-root caller: a slice of root's pool that this process now holds
+    for the container's life (``claim_slice``), unless ``host_root``."""
     if host_root:
         full = (IdMap(container_id=0, host_id=0, size=FULL_RANGE),)
         return full, full
-    su = subid_range("root", 0, "/etc/subuid") or ROOT_DEFAULT_RANGE
-    sg = subid_range("root", 0, "/etc/subgid") or ROOT_DEFAULT_RANGE
-    return (IdMap(container_id=0, host_id=su[0], size=su[1]),), (IdMap(container_id=0, host_id=sg[0], size=sg[1]),)
+    uid, gid = claim_slice()
+    return (IdMap(container_id=0, host_id=uid, size=SLICE),), (IdMap(container_id=0, host_id=gid, size=SLICE),)
+
+
+def root_pool(subuid: str = "/etc/subuid", subgid: str = "/etc/subgid") -> list[tuple[int, int]]:
+    """(first host uid, first host gid) of each slice of root's pool, in order."""
+    su = subid_range("root", 0, subuid) or ROOT_DEFAULT_POOL
+    sg = subid_range("root", 0, subgid) or ROOT_DEFAULT_POOL
+    # A range that holds host id 0 would make the container root the host's root.
+    return [(su[0] + i * SLICE, sg[0] + i * SLICE) for i in range(min(su[1], sg[1]) // SLICE)
+            if su[0] + i * SLICE > 0 and sg[0] + i * SLICE > 0]
+
+
+def claim_slice(pool: list[tuple[int, int]] | None = None, top: str = "/") -> tuple[int, int]:
+    """(host uid, host gid) of the first free slice, now held by this process until it
+    exits (or the slice it already holds).  Free: its lock file is not flocked, and no
+    process runs with one of its uids.  The lock fd is close-on-exec (the workload never
+    has it) but forks share it: the container's own init keeps the slice held too."""
+    global _held
+    if _held is not None:
+        return _held[1], _held[2]
+    import fcntl
+
+    slots = pool if pool is not None else root_pool()
+    directory = _slice_directory(top)
+    try:
+        for uid, gid in slots:
+            fd = os.open(f"slice-{uid}-{gid}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=directory)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            # Looked at once the lock is ours: no new container can enter the slice now,
+            # so a process seen in it is one that outlived its container.
+            if uid_in_use(uid, SLICE):
+                os.close(fd)
+                continue
+            _held = (fd, uid, gid)
+            return uid, gid
+    finally:
+        os.close(directory)
+    raise LaunchError(f"no free id range for a root container: all {len(slots)} ranges of {SLICE} ids of root's "
+                      "pool are in use", hint="add ids to root's line in /etc/subuid and /etc/subgid "
+                      f"(e.g. root:{ROOT_DEFAULT_POOL[0]}:{ROOT_DEFAULT_POOL[1]}), or end other root containers")
+
+
+def launch_maps(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...]
+                ) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...]]:
+    """The maps a real-root launch runs with: maps touching root's pool must be the
+    slice this process holds — a spec read from a bundle's config.json names the slice
+    of the process that wrote it, long released — so they become that (claimed now if
+    need be).  The identity map of --host-root, or maps outside the pool, are kept."""
+    held = _held is not None and len(uid_maps) == len(gid_maps) == 1 and uid_maps[0].size == SLICE \
+        and (uid_maps[0].host_id, gid_maps[0].host_id) == _held[1:]
+    if held or not is_shifted(uid_maps):
+        return uid_maps, gid_maps
+    su = subid_range("root", 0, "/etc/subuid") or ROOT_DEFAULT_POOL
+    sg = subid_range("root", 0, "/etc/subgid") or ROOT_DEFAULT_POOL
+    if any(_overlaps(m, su) for m in uid_maps) or any(_overlaps(m, sg) for m in gid_maps):
+        return root_maps(host_root=False)
+    return uid_maps, gid_maps
+
+
+def _overlaps(m: IdMap, pool: tuple[int, int]) -> bool:
+    return m.host_id < pool[0] + pool[1] and pool[0] < m.host_id + m.size
+
+
+def _slice_directory(top: str) -> int:
+    """fd of TOP/run/mesobox/idmap, made 0700 where missing; each component opened
+    without following a symlink and refused unless root's and writable by root alone
+    (idmap: reachable by root alone), so nobody else can hold or free a slice."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    path = top.rstrip("/")
+    try:
+        for i, name in enumerate(SLICE_DIR):
+            path += "/" + name
+            last = i == len(SLICE_DIR) - 1
+            try:
+                if i:  # /run is the system's: only made-by-us directories below it
+                    try:  # noqa: SIM105 - contextlib is not worth its import here
+                        os.mkdir(name, 0o700, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as err:
+                hint = ("it must be a directory of root's, not a symlink" if err.errno in (20, 40)  # ENOTDIR, ELOOP
+                        else "root's containers take their ids there; --host-root needs none (not recommended)")
+                raise LaunchError(f"cannot use {path} for root's id ranges: {err.strerror}", hint=hint) from None
+            os.close(fd)
+            fd = nxt
+            st = os.fstat(fd)
+            if st.st_uid != 0 or st.st_mode & (0o077 if last else 0o022):
+                raise LaunchError(f"refusing {path} for root's id ranges: it is not root's alone "
+                                  f"(owner {st.st_uid}, mode {st.st_mode & 0o7777:o})",
+                                  hint="remove it; mesobox makes it anew (root-owned, mode 700)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def uid_in_use(start: int, size: int) -> bool:
+    """Does any process run with a real, effective, saved or filesystem uid in
+    [start, start + size)?  /proc/PID/status, not the owner of /proc/PID, which a
+    non-dumpable process can make root (proc(5))."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{name}/status", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            head = os.read(fd, 2048)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        at = head.find(b"\nUid:")
+        # A zombie counts too: a leader whose main thread exited shows as one while its
+        # other threads still run.
+        if at >= 0 and any(start <= int(x) < start + size for x in head[at + 5:head.find(b"\n", at + 1)].split()):
+            return True
+    return False
 
 
 def is_real_root() -> bool:
@@ -118,6 +253,12 @@ def enter_userns(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], unsha
     if os.waitpid(helper, 0)[1] != 0:
         raise LaunchError("cannot write the id maps of the container's root",
                           hint="use --host-root to run as the host's root (not recommended)")
+    # The host root's supplementary groups survive unshare and keep their power over
+    # host files (a root:G 0660 file through a bind): none are kept.
+    try:
+        os.setgroups([])
+    except OSError as err:
+        raise LaunchError(f"cannot drop the host's supplementary groups: {err.strerror}") from None
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
 

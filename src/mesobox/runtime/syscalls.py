@@ -9,7 +9,7 @@ Invariants:
   each wrapper is named after the syscall it makes and raises ``OSError(errno,
   strerror, path)`` on failure — never a status code.  Constants are spelled as in the
   kernel headers so they grep against the man pages (unshare(2), mount(2), umount(2),
-  pivot_root(2), prctl(2), setns(2), seccomp(2)).
+  pivot_root(2), prctl(2), setns(2), seccomp(2), mount_setattr(2)).
 - ``seccomp.py`` (isolation room) imports the full ``ctypes`` only to compile a
   filter with libseccomp, once per profile; installing the compiled program happens
   here (``seccomp_set_filter``).
@@ -218,8 +218,9 @@ def sethostname(name: str) -> None:
     _check(_sethostname(raw, len(raw)))
 
 
-def locked_flags(path: str) -> int:
-    """Mount flags of the filesystem holding ``path`` that a bind remount must repeat."""
+def locked_flags(path: str | int) -> int:
+    """Mount flags of the mount holding ``path`` (or the fd, O_PATH included) that a
+    bind remount must repeat."""
     f_flag = os.statvfs(path).f_flag
     return sum(ms for st, ms in _ST_TO_MS if f_flag & st)
 
@@ -265,3 +266,35 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int | None:
         return None
     _check(fd, path)
     return fd
+
+
+# mount_setattr(2) (Linux 5.12): change a mount's flags, with AT_RECURSIVE those of every
+# mount below it too, where mount(MS_REMOUNT|MS_BIND) changes one mount only.  Like
+# openat2, one number on every architecture; declared on first use (start-up cost).
+_SYS_MOUNT_SETATTR = 442
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+# <linux/mount.h> MOUNT_ATTR_* for the MS_* flags a bind may add.
+_MS_TO_ATTR = ((MS_RDONLY, 0x1), (MS_NOSUID, 0x2), (MS_NODEV, 0x4), (MS_NOEXEC, 0x8))
+_mount_setattr: Any = None
+_mount_setattr_missing = False
+
+
+def mount_setattr(fd: int, flags: int, recursive: bool) -> bool:
+    """Add the MS_RDONLY/NOSUID/NODEV/NOEXEC bits of ``flags`` to the mount ``fd`` is
+    on (and with ``recursive`` to every mount below it), clearing nothing: other flags,
+    locked ones included, stay as they are.  False when the kernel has no mount_setattr
+    (ENOSYS; callers then remount mount by mount)."""
+    global _mount_setattr, _mount_setattr_missing
+    if _mount_setattr_missing:
+        return False
+    if _mount_setattr is None:
+        _mount_setattr = _lib.function("syscall", c_long, [c_long, c_int, c_char_p, c_uint32, c_void_p, c_ulong])
+    attr = (c_uint64 * 4)(sum(a for ms, a in _MS_TO_ATTR if flags & ms), 0, 0, 0)  # struct mount_attr (VER0)
+    how = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    result: int = _mount_setattr(_SYS_MOUNT_SETATTR, fd, b"", how, _ctypes.addressof(attr), 32)
+    if result < 0 and _ctypes.get_errno() == 38:  # ENOSYS
+        _mount_setattr_missing = True
+        return False
+    _check(result)
+    return True
