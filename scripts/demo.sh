@@ -42,7 +42,10 @@ REG_PID=$!
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/v2/" >/dev/null && break; sleep 0.1; done
 skopeo copy -q --dest-tls-verify=false "oci:$WORK/layout:latest" "docker://127.0.0.1:$PORT/demo/busybox:latest"
 
-as_user() { runuser -u "$DEMO_USER" -- env -i HOME="$(getent passwd "$DEMO_USER" | cut -d: -f6)" \
+# From the user's home: a checkout under /root is not reachable by them (mesobox would
+# only warn and start the container in $HOME, but the demo shows the plain path).
+DEMO_HOME=$(getent passwd "$DEMO_USER" | cut -d: -f6)
+as_user() { runuser -u "$DEMO_USER" -- env -i -C "$DEMO_HOME" HOME="$DEMO_HOME" \
     USER="$DEMO_USER" PATH=/usr/local/bin:/usr/bin:/bin MESOBOX_STORE="$WORK/store" "$@"; }
 IMAGE="127.0.0.1:$PORT/demo/busybox:latest"
 echo "== as $DEMO_USER: mesobox pull $IMAGE"

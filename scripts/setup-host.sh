@@ -15,6 +15,7 @@ PACKAGES=(
     iproute2 util-linux e2fsprogs libseccomp2 procps psmisc openssl hostname curl tar criu
     runc podman charliecloud-runtime charliecloud-builders python3-lark python3-requests hyperfine
     slurm-wlm munge libpmix-dev openmpi-bin libopenmpi-dev
+    gcc libc6-dev   # mpicc (tests build MPI programs); a fresh Debian 12 has no compiler
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

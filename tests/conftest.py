@@ -148,18 +148,17 @@ class User:
         )
 
 
-@pytest.fixture(scope="session")
-def user() -> User:
-    """The ordinary user the rootless tests run as (created once, with subuids)."""
+def ordinary_user(name: str) -> User:
+    """An ordinary user (created once, with subuids) and FUSE usable by users."""
     try:
-        entry = pwd.getpwnam(TEST_USER)
+        entry = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "-m", "-s", "/bin/bash", TEST_USER], check=True)
-        entry = pwd.getpwnam(TEST_USER)
-    subid = f"{TEST_USER}:200000:65536\n"
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+        entry = pwd.getpwnam(name)
+    subid = f"{name}:200000:65536\n"
     for path in ("/etc/subuid", "/etc/subgid"):
         text = Path(path).read_text() if os.path.exists(path) else ""
-        if not any(line.startswith(TEST_USER + ":") for line in text.splitlines()):
+        if not any(line.startswith(name + ":") for line in text.splitlines()):
             with open(path, "a") as f:
                 f.write(subid)
     # FUSE for ordinary users, as on a normal distribution (shared/NOTES.md).
@@ -167,7 +166,26 @@ def user() -> User:
         mode = os.stat("/dev/fuse").st_mode
         if mode & 0o666 != 0o666:
             os.chmod("/dev/fuse", stat.S_IMODE(mode) | 0o666)
-    return User(TEST_USER, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
+    return User(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
+
+
+@pytest.fixture(scope="session")
+def user() -> User:
+    """The ordinary user the rootless tests run as."""
+    return ordinary_user(TEST_USER)
+
+
+@pytest.fixture(scope="session")
+def attacker() -> User:
+    """A second ordinary user, hostile: plants names in /tmp, symlinks, directories."""
+    return ordinary_user(os.environ.get("MESOBOX_TEST_ATTACKER", "mbattack"))
+
+
+@pytest.fixture(scope="session")
+def victim() -> User:
+    """A third ordinary user whose /tmp/mesobox-UID no other test uses: the attacker's
+    target where a test must plant names that would disturb ``user``'s other tests."""
+    return ordinary_user(os.environ.get("MESOBOX_TEST_VICTIM", "mbvictim"))
 
 
 @dataclass

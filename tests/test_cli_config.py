@@ -174,3 +174,43 @@ def test_python_m_entry_point(mesobox: Mesobox) -> None:
         [mesobox.python, "-m", "mesobox", "--version"], env=mesobox.base_env(), capture_output=True, check=False
     )
     assert res.returncode == 0 and res.stdout.startswith(b"mesobox ")
+
+
+@pytest.mark.parametrize("lock", ['"allowed_bind_sources"', "[[1]]", '["no_such_key"]', "7"])
+def test_a_lock_that_locks_nothing_is_an_error(tmp_path: Path, lock: str) -> None:
+    """``lock = "key"`` used to be a set of letters: silently, nothing was locked."""
+    site = tmp_path / "site.toml"
+    site.write_text(f'allowed_bind_sources = ["/home"]\nlock = {lock}\n')
+    env = {"MESOBOX_SITE_CONFIG": str(site), "MESOBOX_CONFIG": str(tmp_path / "none.toml"),
+           "MESOBOX_RUNTIME_DIR": str(tmp_path / "rt")}
+    with pytest.raises(ConfigError, match="'lock'"):
+        load_config(env)
+
+
+@pytest.mark.parametrize("setting", ['runtime_dir = "relative/rt"', 'allowed_bind_sources = ["scratch"]',
+                                     'allowed_bind_sources = [1]', "runtime_dir = 5", "default_format = 3"])
+def test_settings_of_the_wrong_shape_are_errors(tmp_path: Path, setting: str) -> None:
+    user = tmp_path / "user.toml"
+    user.write_text(setting + "\n")
+    env = {"MESOBOX_SITE_CONFIG": str(tmp_path / "none.toml"), "MESOBOX_CONFIG": str(user),
+           "MESOBOX_RUNTIME_DIR": str(tmp_path / "rt")}
+    with pytest.raises(ConfigError):
+        load_config(env)
+
+
+def test_a_locked_require_seccomp_holds_against_user_and_environment(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('require_seccomp = true\nlock = ["require_seccomp"]\n')
+    env = {"MESOBOX_SITE_CONFIG": str(site), "MESOBOX_CONFIG": str(tmp_path / "none.toml"),
+           "MESOBOX_RUNTIME_DIR": str(tmp_path / "rt"), "MESOBOX_REQUIRE_SECCOMP": "0"}
+    assert load_config(env).require_seccomp is True
+    user = tmp_path / "user.toml"
+    user.write_text("require_seccomp = false\n")
+    with pytest.raises(ConfigError, match="set by the site"):
+        load_config({**env, "MESOBOX_CONFIG": str(user)})
+
+
+def test_a_relative_runtime_dir_in_the_environment_is_one_line(mesobox: Mesobox) -> None:
+    res = mesobox("images", env={"MESOBOX_RUNTIME_DIR": "rel/rt"})
+    assert res.returncode == 2
+    assert res.stderr.decode().startswith("mesobox: error: MESOBOX_RUNTIME_DIR: runtime_dir must be an absolute")

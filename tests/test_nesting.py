@@ -61,3 +61,22 @@ def test_inner_failure_is_one_line(mesobox: Mesobox, user: User, images: tuple[P
                    str(inner), "no-such-command", as_user=user, timeout=60)
     assert proc.returncode == 127, proc.stderr
     assert proc.stderr.decode().startswith("mesobox: error: no-such-command: command not found")
+
+
+@pytest.mark.root
+def test_fakeroot_inside_never_takes_real_roots_runtime_dir(
+        mesobox: Mesobox, user: User, images: tuple[Path, Path], test_python: str) -> None:
+    """uid 0 of a --fakeroot container is the user outside: it uses the user's own
+    /tmp/mesobox-UID, never real root's /tmp/mesobox-0 (which root's runs leave behind,
+    and which it could not trust: it shows as unmapped)."""
+    outer, inner = images
+    root_runtime = Path("/tmp/mesobox-0")
+    assert mesobox("exec", str(inner), "true", env={"XDG_RUNTIME_DIR": ""}).returncode == 0
+    assert root_runtime.is_dir() and root_runtime.stat().st_uid == 0
+    venv = Path(test_python).parents[1]
+    where = "from mesobox import paths; print(paths.default_runtime_dir({}))"
+    proc = mesobox("exec", "--fakeroot", "-B", str(venv), "-B", "/usr", str(outer), "sh", "-c",
+                   f"{test_python} -c '{where}' && {test_python} -m mesobox exec {inner} id -u",
+                   as_user=user, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == [f"/tmp/mesobox-{user.uid}", "0"]

@@ -211,7 +211,7 @@ def test_bad_input_one_line_distinct_codes(
         assert proc.returncode == code, (args, proc.stderr)
         assert text in one_error_line(proc.stderr), proc.stderr
     env = {"MESOBOX_ALLOWED_BIND_SOURCES": "/scratch"}
-    proc = mesobox("exec", "-B", str(world_tmp), str(images[0]), "true", as_user=caller, env=env)
+    proc = mesobox("exec", "--contain", "-B", str(world_tmp), str(images[0]), "true", as_user=caller, env=env)
     assert proc.returncode == 13
     assert "outside the allowed" in one_error_line(proc.stderr)
 

@@ -60,9 +60,9 @@ def test_allowed_bind_sources_resolve_symlinks(tmp_path: os.PathLike[str]) -> No
     allowed = os.path.join(tmp_path, "scratch")
     os.mkdir(allowed)
     os.symlink("/etc", os.path.join(allowed, "escape"))
-    assert check_source(allowed, (allowed,), True) == os.path.realpath(allowed)
+    assert check_source(allowed, (allowed,)) == os.path.realpath(allowed)
     with pytest.raises(PolicyError):
-        check_source(os.path.join(allowed, "escape"), (allowed,), True)
+        check_source(os.path.join(allowed, "escape"), (allowed,))
 
 
 def test_environment_merge_precedence(tmp_path: os.PathLike[str]) -> None:

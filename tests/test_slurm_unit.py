@@ -118,10 +118,10 @@ def test_spec_from_slurm_rewritten_config(tmp_path: Path, monkeypatch: pytest.Mo
     assert spec.process.env == ("A=1", "PATH=/bin", "SLURMD_NODENAME=n7")
     assert (spec.process.user.uid, spec.process.user.gid) == (os.getuid(), os.getgid())
     # an ordinary caller keeps its uid; real root's container root is shifted to a sub-id range
-    from mesobox.runtime.identity import is_real_root, root_maps
+    from mesobox.runtime.identity import is_real_root, root_pool
 
-    expected = root_maps(host_root=False)[0][0].host_id if is_real_root() else os.getuid()
-    assert spec.linux.uid_mappings and spec.linux.uid_mappings[0].host_id == expected
+    expected = {uid for uid, _gid in root_pool()} if is_real_root() else {os.getuid()}
+    assert spec.linux.uid_mappings and spec.linux.uid_mappings[0].host_id in expected
     assert [m.destination for m in spec.mounts] == ["/data"]
     assert load_bundle(bundle) == data  # the bundle itself is not modified
 
@@ -186,10 +186,12 @@ def test_stale_mounts_picks_fuse_mounts_below_runtime_dir() -> None:
         "37 36 0:33 / /tmp/mesobox-1001/mnt/abc/inner rw - fuse.fuse-overlayfs x rw\n"
         "38 25 0:34 / /tmp/mesobox-10010/mnt/x rw - fuse.squashfuse squashfuse rw\n"
         "39 25 0:35 / /tmp/mesobox-1001/tmpfs rw - tmpfs tmpfs rw\n"
+        "40 25 0:36 / /tmp/mesobox-1001/with\\040space rw - fuse.squashfuse squashfuse rw\n"
     )
-    assert stale_mounts(Path("/tmp/mesobox-1001"), mountinfo) == [
-        Path("/tmp/mesobox-1001/mnt/abc/inner"),
-        Path("/tmp/mesobox-1001/mnt/abc"),
+    assert stale_mounts("/tmp/mesobox-1001", mountinfo) == [
+        "/tmp/mesobox-1001/mnt/abc/inner",
+        "/tmp/mesobox-1001/mnt/abc",
+        "/tmp/mesobox-1001/with space",
     ]
 
 

@@ -74,6 +74,9 @@ class Config:
         # Reuse the launch program of an identical command line while nothing it depends
         # on has changed (runtime/plancache.py); false: compile every launch.
         ("plan_cache", True),
+        # Every container gets the default seccomp filter: --security-opt seccomp=unconfined
+        # and profile files are refused (lock it in the site file to make it the site's rule).
+        ("require_seccomp", False),
         ("debug", False),
     )
     __slots__ = tuple(("_" + name) if name in _PATHY else name for name, _ in FIELDS)
@@ -88,6 +91,7 @@ class Config:
     default_format: str
     squashfs_linger: float
     plan_cache: bool
+    require_seccomp: bool
     debug: bool
     _store: str
     _ro_stores: tuple[str, ...]
@@ -157,7 +161,7 @@ _PATH_KEYS = {"store", "runtime_dir"}
 _PATHS_KEYS = {"ro_stores"}
 _TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources"}
 _INT_KEYS = {"max_image_bytes", "max_parallel_downloads"}
-_BOOL_KEYS = {"keep_setuid_for_root", "plan_cache", "debug"}
+_BOOL_KEYS = {"keep_setuid_for_root", "plan_cache", "require_seccomp", "debug"}
 _STR_KEYS = {"squashfs_compression", "default_format"}
 _SECONDS_KEYS = {"squashfs_linger"}
 
@@ -166,12 +170,20 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     """Turn a TOML or environment value into the field's type, or raise ConfigError."""
     try:
         if key in _PATH_KEYS:
-            return os.path.expanduser(str(value))
+            if not isinstance(value, str):
+                raise TypeError
+            path = os.path.expanduser(value)
+            if key == "runtime_dir" and not os.path.isabs(path):
+                # relative to the cwd: another directory (and mount) for every cwd
+                raise ConfigError(f"{origin}: runtime_dir must be an absolute path, not {value!r}")
+            return path
         if key in _PATHS_KEYS or key in _TUPLE_KEYS:
             items = value.split(":" if key in _PATHS_KEYS else ",") if isinstance(value, str) else value
-            if not isinstance(items, list | tuple):
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
                 raise TypeError
-            items = [str(i).strip() for i in items if str(i).strip()]
+            items = [i.strip() for i in items if i.strip()]
+            if key == "allowed_bind_sources" and not all(os.path.isabs(i) for i in items):
+                raise ValueError
             if key in _PATHS_KEYS:
                 return tuple(os.path.expanduser(i) for i in items)
             return tuple(items)
@@ -189,7 +201,9 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
                 return False
             raise ValueError
         if key in _STR_KEYS:
-            return str(value)
+            if not isinstance(value, str):
+                raise TypeError
+            return value
         if key in _SECONDS_KEYS:
             if isinstance(value, bool):
                 raise TypeError
@@ -286,6 +300,19 @@ def _cache_store(cache_dir: str, signature: tuple[Any, ...], parsed: dict[str, A
         paths.store(cache_dir, name, _CACHE_FORMAT, signature, parsed)
 
 
+def _locked_keys(value: Any, origin: str, known: set[str]) -> set[str]:
+    """The site's ``lock``: a list of setting names.  Anything else is an error rather
+    than a lock that silently locks nothing (``lock = "key"`` is not ``["key"]``)."""
+    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{origin}: 'lock' must be a list of setting names, not {value!r}",
+                          hint='e.g. lock = ["allowed_bind_sources", "require_seccomp"]')
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{origin}: 'lock' names unknown settings {unknown}",
+                          hint="see docs/admin.md for the known keys")
+    return set(value)
+
+
 def load_config(env: dict[str, str] | None = None) -> Config:
     """Build the Config from site file, user file and environment."""
     env = dict(os.environ) if env is None else env
@@ -297,7 +324,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
     cache = parse_cache_dir(env)
     site_path = paths.site_config(env)
     site = _read_toml(site_path, cache)
-    locked = set(site.pop("lock", []) or [])
+    locked = _locked_keys(site.pop("lock", []), site_path, known)
     for key, value in site.items():
         values[key] = _coerce(key, value, str(site_path))
     user_path = paths.user_config(env)

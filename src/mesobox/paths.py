@@ -1,5 +1,17 @@
-"""Where mesobox keeps per-user state, as far as the environment alone says, and how a
-private cache record there is read and written.
+"""Where mesobox keeps per-user state, as far as the environment alone says; how that
+runtime directory is trusted; how a private cache record there is read and written.
+
+The runtime directory (``$XDG_RUNTIME_DIR/mesobox``, else ``/tmp/mesobox-UID``, or
+``runtime_dir``) holds each user's shared squashfs mounts, the container workspace,
+instances and caches.  Its name in /tmp is predictable, so another user may have made
+it first, or planted a symlink there, to have the victim mount, bind, write or delete
+where the attacker chooses.  ``runtime_dir`` therefore trusts a directory only when it
+is the caller's own, is not a symlink, is writable by nobody else, and no ancestor
+lets another user replace it (each ancestor belongs to root or the caller and is
+writable by nobody else unless sticky, as /tmp is): then nobody but the caller (and
+root) can change anything below it, and paths inside need no further checks against
+other users.  Anything else is refused with one line that says what to do; nothing is
+ever reused, chmod'ed or deleted on someone else's behalf.
 
 Stdlib ``os`` and ``marshal`` only: the launch path (plancache.py) needs these without
 importing the config parser.  ``config.py`` builds the full ``Config`` on top of them.
@@ -38,6 +50,11 @@ def xdg(env: dict[str, str] | os._Environ[str], var: str, default: str) -> str:
 
 
 def site_config(env: dict[str, str] | os._Environ[str]) -> str:
+    """The site file: /etc/mesobox/mesobox.toml wherever an admin installed one;
+    ``$MESOBOX_SITE_CONFIG`` only where there is none (tests, installs without /etc
+    access), so a user cannot swap the site's settings and ``lock`` for their own."""
+    if os.path.lexists(SITE_CONFIG):
+        return SITE_CONFIG
     return env.get("MESOBOX_SITE_CONFIG", SITE_CONFIG)
 
 
@@ -53,20 +70,180 @@ def default_store(env: dict[str, str] | os._Environ[str]) -> str:
 def default_runtime_dir(env: dict[str, str] | os._Environ[str]) -> str:
     """Per-user runtime state (instances, shared mounts): never on a shared filesystem."""
     base = env.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+    if base and os.path.isabs(base) and os.path.isdir(base) and os.access(base, os.W_OK):
         return os.path.join(base, "mesobox")
-    return f"/tmp/mesobox-{os.getuid()}"
+    return f"/tmp/mesobox-{outer_uid()}"
+
+
+def outer_uid() -> int:
+    """The caller's uid as the parent user namespace knows it.  Root inside a
+    ``--fakeroot`` container is an ordinary user outside: it shares that user's
+    /tmp/mesobox-UID (shown to it as its own), never real root's /tmp/mesobox-0 (shown
+    as unmapped), which it could not trust.  Only uid 0 reads the map: an ordinary
+    uid is the same one level up in every map mesobox makes."""
+    uid = os.getuid()
+    if uid != 0:
+        return uid
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            first = f.readline().split()
+    except OSError:
+        return 0
+    if len(first) == 3 and first[0] == b"0" and first[1].isdigit():
+        return int(first[1])
+    return 0
 
 
 def cache_root(env: dict[str, str] | os._Environ[str]) -> str:
     """Where per-user caches live (parsed config files, launch plans): the runtime dir
     as far as the environment alone says — a runtime_dir set *in* a config file cannot
-    move the cache of that very file."""
-    base = env.get("MESOBOX_RUNTIME_DIR")
-    if not base:
-        xdg_dir = env.get("XDG_RUNTIME_DIR")
-        base = os.path.join(xdg_dir, "mesobox") if xdg_dir and os.path.isabs(xdg_dir) else f"/tmp/mesobox-{os.getuid()}"
-    return os.path.expanduser(base)
+    move the cache of that very file.  A relative MESOBOX_RUNTIME_DIR is refused by
+    the config; here it only means the default place."""
+    base = os.path.expanduser(env.get("MESOBOX_RUNTIME_DIR") or "")
+    return base if os.path.isabs(base) else default_runtime_dir(env)
+
+
+# --- the runtime directory: trusted only when private -----------------------------------
+
+_checked: set[str] = set()  # runtime dirs this process has found private (fork keeps it)
+_DIR_FLAGS_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _unsafe(path: str, why: str, hint: str | None = None) -> Exception:
+    from mesobox.errors import UnsafeDirectory
+
+    return UnsafeDirectory(
+        f"runtime directory {path} {why}",
+        hint=hint or "set MESOBOX_RUNTIME_DIR to a directory of your own (mode 0700) on local disk, "
+                     "or ask an admin to remove the foreign one (docs/security.md)")
+
+
+def _foreign(path: str, uid: int) -> Exception:
+    return _unsafe(path, f"belongs to uid {uid}, not to you: another user may have made it to take over "
+                         "your containers; mesobox will not use it")
+
+
+def runtime_dir(path: str) -> str:
+    """``path``, made if missing (mode 0700), once it is known to be the caller's
+    private directory (see the module docstring); UnsafeDirectory otherwise."""
+    if path in _checked:
+        return path
+    if not os.path.isabs(path):
+        raise _unsafe(path, "is not an absolute path", "set runtime_dir / MESOBOX_RUNTIME_DIR to an absolute path")
+    fd = _open_or_make(path)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise _foreign(path, st.st_uid)
+        if st.st_mode & 0o022:
+            raise _unsafe(path, f"is writable by other users (mode {st.st_mode & 0o7777:04o}): "
+                                "what it holds cannot be trusted")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)  # readable by others (made so by an older mesobox): ours to tighten
+        _check_ancestors(path, fd)
+    finally:
+        os.close(fd)
+    _checked.add(path)
+    return path
+
+
+def _open_or_make(path: str) -> int:
+    """An fd of the directory ``path`` (never through a symlink at its last
+    component), made with its missing parents, each 0700, if need be."""
+    for _ in range(2):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            import errno
+
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _unsafe(path, "is a symlink or not a directory: another user may have planted it; "
+                                    "mesobox will not follow it") from None
+            try:
+                owner = os.lstat(path).st_uid
+            except OSError:
+                owner = os.geteuid()
+            if owner != os.geteuid():
+                raise _foreign(path, owner) from None
+            raise _unsafe(path, f"cannot be opened: {err.strerror}") from None
+        try:
+            _make_dirs(path)
+        except OSError as err:
+            raise _unsafe(path, f"cannot be created: {err.strerror}") from None
+    raise _unsafe(path, "keeps disappearing")
+
+
+def _make_dirs(path: str) -> None:
+    """``mkdir -p`` where every directory made is 0700 (os.makedirs gives the parents
+    0755); one that exists already (another launch made it meanwhile) is checked by
+    the caller like any other."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if parent == path:
+            raise
+        _make_dirs(parent)
+        try:  # noqa: SIM105 - contextlib costs an import on the launch path
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+
+
+def _check_ancestors(path: str, fd: int) -> None:
+    """Every directory above ``fd``, found through ``..`` (so a symlinked path checks
+    the real parents), must let nobody but root and the caller rename what it holds."""
+    parent = os.open("..", _DIR_FLAGS_PATH, dir_fd=fd)
+    try:
+        below = os.fstat(fd)
+        while True:
+            st = os.fstat(parent)
+            if (st.st_dev, st.st_ino) == (below.st_dev, below.st_ino):
+                return  # "/" is its own parent
+            if not _trusted_owner(st.st_uid):
+                raise _unsafe(path, f"lies in a directory of uid {st.st_uid}, who could replace it")
+            if st.st_mode & 0o022 and not st.st_mode & 0o1000:
+                raise _unsafe(path, "lies in a directory other users may write to (and it is not sticky), "
+                                    "so they could replace it")
+            up = os.open("..", _DIR_FLAGS_PATH, dir_fd=parent)
+            os.close(parent)
+            parent, below = up, st
+    finally:
+        os.close(parent)
+
+
+def _trusted_owner(uid: int) -> bool:
+    """Root, the caller, or — inside a user namespace, where host root's directories
+    (/tmp, /) show as the overflow uid — that overflow uid (user_namespaces(7))."""
+    if uid in (0, os.geteuid()):
+        return True
+    try:
+        with open("/proc/sys/kernel/overflowuid", "rb") as f:
+            overflow = int(f.read())
+        with open("/proc/self/uid_map", "rb") as f:
+            initial = f.read().split() == [b"0", b"0", b"4294967295"]
+    except (OSError, ValueError):
+        return False
+    return uid == overflow and not initial
+
+
+def private_subdir(top: str, *names: str) -> str:
+    """``top/names…`` below the private runtime dir ``top``, each made 0700 if missing
+    and refused unless it is the caller's own directory (not a symlink)."""
+    path = runtime_dir(top)
+    for name in names:
+        path = os.path.join(path, name)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            st = os.lstat(path)
+            if (st.st_mode & 0o170000) != 0o040000 or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise _unsafe(path, "is not a private directory of yours") from None
+    return path
 
 
 # --- private records ----------------------------------------------------------------------
@@ -109,7 +286,8 @@ def load(directory: str, name: str, fmt: int, signature: Any) -> Any:
 
 def store(directory: str, name: str, fmt: int, signature: Any, payload: Any) -> bool:
     """Best effort; False when nothing was written (unwritable, foreign directory,
-    data marshal cannot hold, too big)."""
+    data marshal cannot hold, too big).  ``directory`` is a subdirectory of a runtime
+    dir (``cache_root``), which must be private (``runtime_dir``)."""
     try:
         data = marshal.dumps((fmt, signature, payload))
     except ValueError:
@@ -117,11 +295,9 @@ def store(directory: str, name: str, fmt: int, signature: Any, payload: Any) -> 
     if len(data) > MAX_BYTES:
         return False
     try:
-        from mesobox.runtime import private_dirs
-
-        private_dirs(directory)
+        private_subdir(os.path.dirname(directory), os.path.basename(directory))
         dir_fd = os.open(directory, _DIR_FLAGS)
-    except OSError:
+    except Exception:  # UnsafeDirectory too: an unusable runtime dir only means no cache
         return False
     temp = f".{name}.{os.getpid()}.tmp"
     try:

@@ -72,7 +72,15 @@ def _print_error(err: BaseException, debug: bool) -> None:
         if err.hint:
             sys.stderr.write(f"mesobox: hint: {err.hint}\n")
     else:
-        sys.stderr.write(f"mesobox: error: {err}\n")
+        sys.stderr.write(f"mesobox: error: {os_error_text(err)}\n")
+
+
+def os_error_text(err: BaseException) -> str:
+    """An unexpected OSError as words ("/x: Permission denied"), not "[Errno 13] …"."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [repr(n) if isinstance(n, bytes) else str(n) for n in (err.filename, err.filename2) if n]
+        return f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    return str(err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,21 +40,6 @@ def release_signals() -> None:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, caller_sigmask)
 
 
-def private_dirs(path: str) -> None:
-    """``mkdir -p`` where every directory made is 0700 (os.makedirs gives the parents
-    0755): the runtime dir holds each user's mounts, workspace and caches."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    except FileNotFoundError:
-        private_dirs(os.path.dirname(path))
-        try:  # noqa: SIM105 - contextlib costs an import on the launch path
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass  # another launch made it meanwhile
-
-
 def reap_stale_mounts(runtime_dir: str, linger: float) -> None:
     """A SIGKILLed supervisor leaves its shared squashfs mount behind, a killed watcher
     a lingering one: the next launch of any image reaps them (a key whose watcher lives
@@ -64,6 +49,9 @@ def reap_stale_mounts(runtime_dir: str, linger: float) -> None:
     lingering under its watcher is the common case, and the look costs ≈1.5 ms
     (squashmount's import) that every rank would pay."""
     shared = os.path.join(runtime_dir, "mnt")
+    from mesobox import paths
+
+    paths.runtime_dir(runtime_dir)  # nothing in it is acted on unless it is private
     try:
         names = os.listdir(shared)
     except OSError:

@@ -11,12 +11,21 @@ Invariants:
   real root's container root is shifted to a sub-id range unless ``--host-root``.
 - Default binds (unless ``--contain``): $HOME, the working directory (when it is not
   a system directory the image provides), /tmp, then config.default_binds; then the
-  user's -B binds.  Only -B sources are checked against allowed_bind_sources.
+  user's -B binds.  With allowed_bind_sources set, every source is checked: -B and
+  default_binds outside it are refused; $HOME, /tmp and the working directory are
+  left out with a warning (/tmp is then a private tmpfs).  A working directory the
+  caller cannot reach (a checkout under /root, say) is not bound either: the
+  container starts in $HOME, or /, with a warning, as Apptainer's does.
+- Image names: a path-shaped name (/…, ./…, ../…, *.sqfs, *.squashfs, or one that is
+  not a valid reference) is a directory or squashfs file; every other name is an image
+  reference, never a path: a directory planted in a shared working directory under a
+  registry image's name must not stand in for it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from mesobox.errors import ImageNotFound, PolicyError, UsageError
 from mesobox.runtime import probe
@@ -29,6 +38,7 @@ if TYPE_CHECKING:
     from mesobox.config import Config
 
 SQUASHFS_MAGIC = b"hsqs"
+PRIVATE_TMP = S.Mount(destination="/tmp", type="tmpfs", source="tmpfs", options=("nosuid", "nodev", "mode=1777"))
 NO_CAPABILITIES: dict[str, tuple[str, ...]] = {"bounding": (), "effective": (), "permitted": ()}
 # Working directories never bound over the image: the image's own software lives there.
 SYSTEM_DIRS = ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "opt", "proc", "run", "sbin",
@@ -109,11 +119,13 @@ class RunOptions(S._Record):
 
 
 class Image(S._Record):
-    __slots__ = ("config", "format", "path", "reference")
+    __slots__ = ("config", "format", "lock", "path", "reference")
+    _defaults = {"lock": None}
     format: str  # "dir" | "squashfs"
     path: str
     config: dict[str, Any]
     reference: str
+    lock: str | None  # the store's in-use lock of a stored directory image (execute.hold_image)
 
 
 # --- image -------------------------------------------------------------------------------
@@ -129,16 +141,54 @@ def is_squashfs(path: str) -> bool:
         return False
 
 
-def resolve_image(text: str, config: Config) -> Image:
-    """A directory, a squashfs file, a stored reference, or docker://… (pulled if missing)."""
-    if probe.isdir(text):
+IMAGE_FILE_SUFFIXES = (".sqfs", ".squashfs")
+
+
+def is_path_name(text: str) -> bool:
+    """Whether the image name ``text`` names a file or directory (module docstring)."""
+    if text.startswith(("/", "./", "../")) or text in (".", ".."):
+        return True
+    from mesobox.image.reference import ARCHIVE_TRANSPORTS, parse_reference
+
+    if text.startswith("docker://") or text.startswith(tuple(t + ":" for t in ARCHIVE_TRANSPORTS)):
+        return False
+    if text.endswith(IMAGE_FILE_SUFFIXES):
+        return True
+    from mesobox.errors import InvalidReference
+
+    try:
+        parse_reference(text)
+    except InvalidReference:
+        return True
+    return False
+
+
+def path_image(text: str) -> Image:
+    """The directory or squashfs file ``text``."""
+    error = probe.stat_error(text)
+    if error is None and probe.isdir(text):
+        if not probe.access(text, os.R_OK | os.X_OK):
+            raise UsageError(f"cannot enter image directory {text}: permission denied",
+                             hint="the directory must be readable and searchable by you")
         return Image(format="dir", path=probe.abspath(text), config={}, reference=text)
-    if probe.file_identity(text) is not None:  # the same file: the same squashfs tree
+    if error is None and probe.file_identity(text) is not None:  # the same file: the same squashfs tree
+        if not probe.access(text, os.R_OK):
+            raise UsageError(f"cannot read image file {text}: permission denied")
         if not is_squashfs(text):
             raise UsageError(f"{text} is neither a directory nor a squashfs image")
         return Image(format="squashfs", path=probe.abspath(text), config={}, reference=text)
-    if text.startswith(("/", "./", "../")) or text.endswith((".sqfs", ".squashfs")):
-        raise ImageNotFound(f"no such image file or directory: {text}")
+    if error in ("EACCES", "EPERM"):
+        raise UsageError(f"cannot reach image {text}: permission denied",
+                         hint="a directory on its path is not searchable by you")
+    if error is None:
+        raise UsageError(f"{text} is neither a directory nor a squashfs image")
+    raise ImageNotFound(f"no such image file or directory: {text}")
+
+
+def resolve_image(text: str, config: Config) -> Image:
+    """A directory, a squashfs file, a stored reference, or docker://… (pulled if missing)."""
+    if is_path_name(text):
+        return path_image(text)
     from mesobox.image.store import Store
 
     store = Store(config)
@@ -152,13 +202,22 @@ def resolve_image(text: str, config: Config) -> Image:
         record = pull(config, text, fmt=config.default_format, quiet=False)
         hold_signals()
     if record is None:
-        raise ImageNotFound(f"image {text!r} is not in the store", hint=f"run `mesobox pull {text}` first")
+        hint = f"run `mesobox pull {text}` first"
+        if probe.lexists(text):
+            hint += f"; to run the file or directory {text!r} in this directory, write ./{text}"
+        raise ImageNotFound(f"image {text!r} is not in the store", hint=hint)
     path = record.rootfs or record.squashfs
     if path is None:
         raise ImageNotFound(f"image {text!r} has no rootfs or squashfs", hint=f"run `mesobox pull {text}` again")
     fmt = "dir" if record.rootfs else "squashfs"
     _note_record(store, text, record.digest)
-    return Image(format=fmt, path=str(path), config=dict(record.config or {}), reference=record.reference)
+    from mesobox.image.imageconfig import checked_config
+
+    # A record written by an older mesobox (or edited) gets the same checks as a pull.
+    image_config = checked_config(record.config or {}, f"image {record.reference}")
+    # A directory image in the user's own store: `rm`/`prune` must not delete it under us.
+    lock = str(store.inuse_lock_path(record.digest)) if fmt == "dir" and record.store == store.root else None
+    return Image(format=fmt, path=str(path), config=image_config, reference=record.reference, lock=lock)
 
 
 def _note_record(store: Any, text: str, digest: str) -> None:
@@ -220,14 +279,24 @@ def parse_bind(text: str) -> list[tuple[str, str, bool]]:
     return out
 
 
-def check_source(src: str, allowed: tuple[str, ...], user_bind: bool) -> str:
-    if not probe.exists(src):
+def check_source(src: str, allowed: tuple[str, ...]) -> str:
+    """The real path of bind source ``src``: it must exist, be reachable and, when the
+    site lists allowed sources, lie under one of them (symlinks resolved first)."""
+    error = probe.stat_error(src)
+    if error in ("ENOENT", "ENOTDIR"):
         raise UsageError(f"bind source {src} does not exist")
+    if error is not None:
+        raise UsageError(f"bind source {src} cannot be reached ({error})",
+                         hint="a directory on its path is not searchable by you" if error == "EACCES" else None)
     real = probe.realpath(src)
-    if user_bind and allowed and not any(_under(real, probe.realpath(a)) for a in allowed):
+    if not allowed_source(real, allowed):
         raise PolicyError(f"bind source {src} is outside the allowed sources",
                           hint="the site allows: " + ", ".join(allowed))
     return real
+
+
+def allowed_source(real: str, allowed: tuple[str, ...]) -> bool:
+    return not allowed or any(_under(real, probe.realpath(a)) for a in allowed)
 
 
 def _under(path: str, top: str) -> bool:
@@ -235,23 +304,40 @@ def _under(path: str, top: str) -> bool:
 
 
 def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[S.Mount, ...]:
-    binds: list[tuple[str, str, bool, bool]] = []
+    allowed = tuple(config.allowed_bind_sources)
+    binds: list[tuple[str, str, bool]] = []
     if not opts.contain:
-        for path in (home, "/tmp"):
-            if path and probe.isdir(path):
-                binds.append((path, path, False, False))
-        if cwd != "/" and cwd.split("/")[1] not in SYSTEM_DIRS and not any(_under(cwd, b[1]) for b in binds):
-            binds.append((cwd, cwd, False, False))
+        binds += [(path, path, False) for path in _automatic_binds(home, cwd, allowed)]
         for text in config.default_binds:
-            binds += [(s, d, ro, False) for s, d, ro in parse_bind(text)]
+            binds += parse_bind(text)
     for text in opts.binds:
-        binds += [(s, d, ro, True) for s, d, ro in parse_bind(text)]
+        binds += parse_bind(text)
     mounts = []
-    for src, dst, ro, user_bind in binds:
-        real = check_source(src, tuple(config.allowed_bind_sources), user_bind)
+    for src, dst, ro in binds:
+        real = check_source(src, allowed)
         options = ("rbind", "nosuid", "nodev", "ro" if ro else "rw")
         mounts.append(S.Mount(destination=dst, type="bind", source=real, options=options))
+    if not opts.contain and not any(dst == "/tmp" for _src, dst, _ro in binds):
+        mounts.append(PRIVATE_TMP)  # the image's /tmp is read-only: a private one instead
     return tuple(mounts)
+
+
+def _automatic_binds(home: str, cwd: str, allowed: tuple[str, ...]) -> list[str]:
+    """$HOME, /tmp and the working directory, where they can be bound: a directory the
+    caller cannot reach is left out (_cwd says where the container starts instead),
+    one outside the site's allowed sources too, with a warning."""
+    kept = [path for path in (home, "/tmp") if path and probe.isdir(path) and _allowed_automatic(path, allowed)]
+    if cwd != "/" and cwd.split("/")[1] not in SYSTEM_DIRS and not any(_under(cwd, p) for p in kept) \
+            and _reachable(cwd) and _allowed_automatic(cwd, allowed):
+        kept.append(cwd)
+    return kept
+
+
+def _allowed_automatic(path: str, allowed: tuple[str, ...]) -> bool:
+    if allowed_source(probe.realpath(path), allowed):
+        return True
+    sys.stderr.write(f"mesobox: warning: {path} is not bound: it is outside the site's allowed bind sources\n")
+    return False
 
 
 def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
@@ -272,8 +358,7 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
     mounts.append(S.Mount(destination="/dev/shm", type="tmpfs", source="shm",
                           options=("nosuid", "nodev", "mode=1777")))
     if opts.contain:
-        mounts.append(S.Mount(destination="/tmp", type="tmpfs", source="tmpfs",
-                              options=("nosuid", "nodev", "mode=1777")))
+        mounts.append(PRIVATE_TMP)
     for name in ("/etc/hosts", "/etc/resolv.conf"):
         if probe.isfile(name):
             mounts.append(S.Mount(destination=name, type="bind", source=probe.realpath(name),
@@ -296,24 +381,34 @@ def parse_size(text: str, option: str) -> int:
 def resolve_user(text: str, image: Image) -> tuple[int, int]:
     """Image ``User`` ("name", "uid", "uid:gid", "name:group") → ids, read from the image."""
     name, _, group = text.partition(":")
-    passwd = _image_file(image, "etc/passwd") if not name.isdigit() or (group and not group.isdigit()) else ""
-    uid = int(name) if name.isdigit() else _lookup(passwd, name, 2, "user")
+    passwd = _image_file(image, "etc/passwd") if not _numeric(name) or (group and not _numeric(group)) else ""
+    uid = int(name) if _numeric(name) else _lookup(passwd, name, 2, "user")
     gid = 0
     for line in passwd.splitlines():
         fields = line.split(":")
-        if len(fields) > 3 and (fields[0] == name or fields[2] == str(uid)) and fields[3].isdigit():
+        if len(fields) > 3 and (fields[0] == name or fields[2] == str(uid)) and _numeric(fields[3]):
             gid = int(fields[3])
     if group:
-        gid = int(group) if group.isdigit() else _lookup(_image_file(image, "etc/group"), group, 2, "group")
+        gid = int(group) if _numeric(group) else _lookup(_image_file(image, "etc/group"), group, 2, "group")
+    if not (uid < MAX_ID and gid < MAX_ID):
+        raise UsageError(f"the image's User {text[:40]!r} names an id out of range (ids are below {MAX_ID})")
     return uid, gid
+
+
+MAX_ID = 4294967295  # (uid_t)-1 is "no id" (setuid(2), user_namespaces(7))
+
+
+def _numeric(text: str) -> bool:
+    """ASCII digits only: str.isdigit() is true of "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _lookup(text: str, name: str, column: int, what: str) -> int:
     for line in text.splitlines():
         fields = line.split(":")
-        if fields[0] == name and len(fields) > column and fields[column].isdigit():
+        if fields[0] == name and len(fields) > column and _numeric(fields[column]):
             return int(fields[column])
-    raise UsageError(f"the image's User {name!r} is not a {what} in its /etc files")
+    raise UsageError(f"the image's User {name[:40]!r} is not a {what} in its /etc files")
 
 
 def _image_file(image: Image, rel: str) -> str:
@@ -333,13 +428,23 @@ def _shell(opts: RunOptions, image: Image) -> tuple[str, ...]:
     return ("/bin/sh", "-c", pick, "sh", *opts.args)
 
 
-def _cwd(opts: RunOptions, mounts: tuple[S.Mount, ...], image_config: dict[str, Any]) -> str:
+def _reachable(path: str) -> bool:
+    """A directory the caller may enter (stat(2) alone works on /root itself)."""
+    return probe.isdir(path) and probe.access(path, os.X_OK)
+
+
+def _cwd(opts: RunOptions, mounts: tuple[S.Mount, ...], image_config: dict[str, Any], home: str) -> str:
     if opts.workdir:
         return opts.workdir
     here = probe.getcwd()
-    if here and any(m.type == "bind" and m.source == m.destination and _under(here, m.destination)
-                    for m in mounts):
+    bound = [m.destination for m in mounts if m.type == "bind" and m.source == m.destination]
+    if here and any(_under(here, b) for b in bound):
         return here
+    if here and not _reachable(here):
+        # Unreachable (a sudo'd command left in /root/…): not fatal, as in Apptainer.
+        start = home if home and home in bound else "/"
+        sys.stderr.write(f"mesobox: warning: cannot reach the working directory {here}; starting in {start}\n")
+        return start
     return str(image_config.get("WorkingDir") or "/")
 
 
@@ -350,7 +455,7 @@ def _namespaces(opts: RunOptions) -> tuple[str, ...]:
     return tuple(ns)
 
 
-def _seccomp(opts: RunOptions) -> dict[str, Any] | None:
+def _seccomp(opts: RunOptions, config: Config) -> dict[str, Any] | None:
     value = None
     for item in opts.security_opts:
         key, _, val = item.partition("=")
@@ -358,6 +463,9 @@ def _seccomp(opts: RunOptions) -> dict[str, Any] | None:
             value = val
         elif key not in ("no-new-privileges", "no-new-privileges:true"):
             raise UsageError(f"unsupported --security-opt {item!r}", hint="supported: seccomp=default|unconfined|FILE")
+    if value not in (None, "default") and config.require_seccomp:
+        raise PolicyError(f"--security-opt seccomp={value} is refused: this site requires the default seccomp "
+                          "filter (require_seccomp)", hint="drop the option")
     if value is None:
         # Docker's choice: a default filter denying what containers never need (kexec,
         # bpf, keyctl, …; see seccomp.DEFAULT_DENIED), unless seccomp=unconfined.
@@ -413,16 +521,18 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     ann = {S.ANN_FORMAT: image.format, "org.mesobox.user": "root" if inside[0] == 0 else name,
            "org.mesobox.group": group, "org.mesobox.home": home, "org.mesobox.shell": shell}
     ann.update(_option_annotations(opts, subids))
+    if image.lock:
+        ann[S.ANN_IMAGE_LOCK] = image.lock
     if inside[0] != 0 and not opts.cap_add and not opts.cap_drop:
         caps = dict(NO_CAPABILITIES)  # what caps.resolve says for a non-root uid, without its import
     else:
         from mesobox.runtime.caps import resolve
 
         caps = resolve(inside[0] == 0, opts.cap_add, opts.cap_drop)
-    process = S.Process(args=args, env=env, cwd=_cwd(opts, mounts, image.config),
+    process = S.Process(args=args, env=env, cwd=_cwd(opts, mounts, image.config, home),
                         user=S.User(uid=inside[0], gid=inside[1]), terminal=os.isatty(0), capabilities=caps)
     linux = S.Linux(namespaces=_namespaces(opts), uid_mappings=uid_maps, gid_mappings=gid_maps,
-                    resources=_resources(opts), seccomp=_seccomp(opts))
+                    resources=_resources(opts), seccomp=_seccomp(opts, config))
     spec = S.Spec(process=process, root=S.Root(path=image.path, readonly=opts.writable_tmpfs is None),
                   mounts=mounts, hostname=opts.hostname, linux=linux, annotations=ann)
     spec.validate()
@@ -441,8 +551,12 @@ def _option_annotations(opts: RunOptions, subids: bool) -> dict[str, str]:
 
         if quota.is_image(opts.overlay):
             ann[S.ANN_OVERLAY_IMAGE] = quota.check_can_mount(opts.overlay, identity.is_real_root())
+        elif os.path.isdir(opts.overlay) or os.path.isdir(os.path.dirname(os.path.abspath(opts.overlay))):
+            ann[S.ANN_OVERLAY] = os.path.abspath(opts.overlay)  # made at launch when missing
         else:
-            ann[S.ANN_OVERLAY] = os.path.abspath(opts.overlay)
+            raise UsageError(f"--overlay {opts.overlay}: neither it nor its parent directory exists",
+                             hint="give a directory (made if missing; changes are kept there), or an image "
+                                  "made with `mesobox overlay create FILE SIZE`")
     if subids:
         ann[S.ANN_SUBIDS] = "1"
     if opts.net in ("none", "slirp"):

@@ -13,6 +13,8 @@ Program keys:
   squashfs           the image file whose shared mount image_dir is (plancache.py
                      attaches to it before running a saved program), or None
   image_dir          the image's root directory (the lower layer of every root step)
+  image_lock         the store's in-use lock file of a stored directory image, held shared
+                     for the container's life (``hold_image``), or None
   flags              unshare(2) flags (without CLONE_NEWUSER when the user namespace
                      is entered last: real root, identity.enter_userns)
   uid_map, gid_map   text for /proc/PID/uid_map and gid_map
@@ -51,9 +53,11 @@ Invariants:
   the new root (runc CVE-2019-16884, CVE-2025-31133 family): it is refused.
 - Mount points are created only in filesystems mesobox owns (the workspace tmpfs, a
   skeleton tmpfs, the tmpfs upper of the root overlay), never in a host bind.
-- A read-only or nosuid bind is remounted repeating the source's locked flags
-  (mount_namespaces(7): a user namespace may not clear nosuid/nodev/noexec/atime
-  flags of a mount it inherited).  Those are read when the step runs.
+- A read-only or nosuid bind is remounted repeating the locked flags read from the
+  bind itself when the step runs (mount_namespaces(7): a user namespace may not clear
+  nosuid/nodev/noexec/atime flags of a mount it inherited); a read-only rbind is made
+  read-only with every mount below it (mount_setattr AT_RECURSIVE, else a remount per
+  submount).
 - The workload execs with the caller's signal mask; a forwarded signal already
   pending is passed on once the workload is ready (``_signals_for_exec``).
 """
@@ -64,7 +68,7 @@ import os
 import stat
 import sys
 
-from mesobox import runtime
+from mesobox import paths, runtime
 from mesobox.runtime import FORWARDED
 from mesobox.runtime import syscalls as sc
 
@@ -110,6 +114,32 @@ def run(program: Program) -> NoReturn:
     unshare(program["flags"])
     write_own_maps(program["uid_map"], program["gid_map"], privileged=os.getuid() == 0)
     container(program)
+
+
+def hold_image(program: Program) -> None:
+    """Hold the in-use lock of a stored directory image (flock, shared) for as long as
+    the container runs: ``mesobox rm``/``prune`` take it exclusively before deleting the
+    tree, so they never delete the root of a running container.  The fd is a plain file's
+    (no directory fd ever reaches a container) above 100, and inherited across execve:
+    the workload itself holds it, supervised or not.  Best effort: a store whose locks
+    this user cannot create has no rm of theirs to fear."""
+    path = program.get("image_lock")
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # an rm holds it exclusively only while it deletes
+        held = fcntl.fcntl(fd, fcntl.F_DUPFD, 100)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    os.set_inheritable(held, True)
 
 
 def check_ids() -> tuple[int, int]:
@@ -202,7 +232,9 @@ def in_child(body: Callable[[], Any]) -> NoReturn:
                 sys.stderr.write(f"mesobox: hint: {err.hint}\n")
             code = err.exit_code
         elif isinstance(err, OSError):
-            sys.stderr.write(f"mesobox: error: {err}\n")
+            from mesobox.cli import os_error_text
+
+            sys.stderr.write(f"mesobox: error: {os_error_text(err)}\n")
         else:  # a bug: still one line (the parent has its own --debug)
             sys.stderr.write(f"mesobox: error: internal: {type(err).__name__}: {err}\n")
     finally:
@@ -234,16 +266,19 @@ def setup_root(program: Program) -> None:
         sc.sethostname(program["hostname"])
     try:
         os.chdir(program["cwd"])
-    except OSError:
+    except FileNotFoundError:
         raise _launch_error(f"working directory {program['cwd']} does not exist in the container",
-                          hint="choose another with -w/--workdir") from None
+                            hint="choose another with -w/--workdir") from None
+    except OSError as err:
+        raise _launch_error(f"cannot enter the working directory {program['cwd']} in the container: "
+                            f"{err.strerror}", hint="choose another with -w/--workdir") from None
 
 
 def make_workspace(program: Program) -> None:
     """A tmpfs private to this mount namespace: new root mount point, passwd/group,
     overlay upper layers.  The same path serves every container (each sees its own)."""
     workspace = program["workspace"]
-    runtime.private_dirs(workspace)
+    paths.private_subdir(os.path.dirname(workspace), os.path.basename(workspace))
     sc.mount("tmpfs", workspace, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=755,size=16m")
     os.mkdir(os.path.join(workspace, "root"), 0o755)
     os.mkdir(os.path.join(workspace, "etc"), 0o755)
@@ -258,8 +293,12 @@ def make_workspace(program: Program) -> None:
         os.mkdir(scratch + "/work", 0o755)
     persistent = program["persistent"]
     if persistent:
-        for sub in ("upper", "work"):
-            os.makedirs(os.path.join(persistent, sub), exist_ok=True)
+        try:
+            for sub in ("upper", "work"):
+                os.makedirs(os.path.join(persistent, sub), exist_ok=True)
+        except OSError as err:
+            raise _launch_error(f"cannot make the overlay directory {persistent}: {err.strerror}",
+                                hint="--overlay needs a directory you can write") from None
     for name, text in program["files"]:
         fd = os.open(os.path.join(workspace, "etc", name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -401,15 +440,23 @@ def _mount_at(root: str, rel: str, create: str | None, source: str | None, fstyp
 
 
 def _remount(root: str, rel: str, flags: int, source: str) -> None:
-    """Remount the bind now at ``rel`` (a fresh fd: the old one names the covered dir)."""
-    keep = sc.locked_flags(source) if source else 0
+    """Remount the bind now at ``rel`` (a fresh fd: the old one names the covered dir);
+    ``source`` non-empty: a bind of a host path, whose locked flags are repeated."""
     fd = open_beneath(root, rel)
+    try:
+        _remount_fd(fd, rel, flags, bool(source))
+    finally:
+        os.close(fd)
+
+
+def _remount_fd(fd: int, rel: str, flags: int, locked: bool) -> None:
+    # The flags to repeat are read from the bind itself (it copied its source mount's),
+    # not from the source path, which may be a different file by now.
+    keep = sc.locked_flags(fd) if locked else 0
     try:
         sc.mount(None, f"/proc/self/fd/{fd}", None, sc.MS_REMOUNT | sc.MS_BIND | flags | keep)
     except OSError as err:
         raise _launch_error(f"cannot remount /{rel}: {err.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def _bind(root: str, source: str, target: str, kind: str, recursive: bool, hide: str, flags: int) -> None:
@@ -422,8 +469,75 @@ def _bind(root: str, source: str, target: str, kind: str, recursive: bool, hide:
             sc.umount2(f"/proc/self/fd/{fd}", sc.MNT_DETACH)
         finally:
             os.close(fd)
-    if flags:
+    if recursive and flags & sc.MS_RDONLY:
+        _readonly_tree(root, target, flags)
+    elif flags:
         _remount(root, target, flags, source)
+
+
+def _readonly_tree(root: str, target: str, flags: int) -> None:
+    """Apply ``flags`` (read-only, nosuid…) to the rbind at ``target`` *and every mount
+    below it*: a remount changes one mount, and a read-only /sys whose /sys/fs/cgroup/*
+    stayed writable let a container leave its memory cgroup.  One mount_setattr(2)
+    with AT_RECURSIVE; without it (Linux < 5.12), a remount per mount."""
+    fd = open_beneath(root, target)
+    try:
+        try:
+            if sc.mount_setattr(fd, flags, recursive=True):
+                return
+        except PermissionError:
+            pass  # a seccomp filter older than mount_setattr: the remounts below say if mounts are refused
+        except OSError as err:
+            raise _launch_error(f"cannot make /{target} and the mounts below it read-only: {err.strerror}") from None
+        _remount_fd(fd, target, flags, True)
+        below = _mounts_below(fd)
+    finally:
+        os.close(fd)
+    for rel in below:
+        # Reached beneath the root without following a symlink, like every target: the
+        # directories are the host's, and their owner may rename them meanwhile.
+        sub = open_beneath(root, f"{target}/{rel}")
+        try:
+            _remount_fd(sub, f"{target}/{rel}", flags, True)
+        finally:
+            os.close(sub)
+
+
+def _mounts_below(fd: int) -> list[str]:
+    """Mount points of every mount below the one ``fd`` is on, relative to it: its
+    descendants in /proc/self/mountinfo, found by mount id (fdinfo's mnt_id), not by
+    path.  A mount covered by another on the same point is unreachable by path, for the
+    container too; the covering one is remounted."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        top = next(int(line.split()[1]) for line in f if line.startswith(b"mnt_id:"))
+    points: dict[int, str] = {}
+    children: dict[int, list[int]] = {}
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ", 5)
+            mount_id, parent = int(fields[0]), int(fields[1])
+            points[mount_id] = _unescape(os.fsdecode(fields[4]))
+            if mount_id != parent:  # the namespace's root is its own parent
+                children.setdefault(parent, []).append(mount_id)
+    prefix = points[top].rstrip("/") + "/"
+    found: list[str] = []
+    todo = list(children.get(top, ()))
+    while todo:
+        mount_id = todo.pop()
+        point = points[mount_id]
+        if point != points[top] and not point.startswith(prefix):  # cannot be: fail closed
+            raise _launch_error(f"cannot make {point} read-only: it is not below {points[top]}")
+        found.append(point[len(prefix):])  # "": a mount stacked on the top itself
+        todo += children.get(mount_id, ())
+    return sorted(found, key=lambda rel: rel.count("/"))
+
+
+def _unescape(field: str) -> str:
+    r"""A mountinfo path: space, tab, newline and backslash are written \ooo (octal)."""
+    if "\\" not in field:
+        return field
+    head, *rest = field.split("\\")
+    return head + "".join(chr(int(part[:3], 8)) + part[3:] for part in rest)
 
 
 def _mount(root: str, fstype: str, source: str, target: str, flags: int, data: str | None) -> None:
@@ -522,7 +636,9 @@ def exec_workload(program: Program) -> NoReturn:
     env = dict(item.split("=", 1) for item in program["env"])
     args = program["args"]
     path = find_command(args[0], env.get("PATH", ""))
-    if program["enter_userns"] is not None:
+    parent = os.getppid()
+    real_root = program["enter_userns"] is not None
+    if real_root:
         from mesobox.runtime import identity
 
         uid_maps, gid_maps = program["enter_userns"]
@@ -531,8 +647,13 @@ def exec_workload(program: Program) -> NoReturn:
         # Before the user switch: dropping from the bounding set needs CAP_SETPCAP.
         sc.drop_capabilities(frozenset(program["keep_caps"]))
     uid, gid, groups = program["user"]
-    if (uid, gid) != (os.getuid(), os.getgid()):
-        _switch_user(uid, gid, groups)
+    if real_root or (uid, gid) != (os.getuid(), os.getgid()):
+        # Real root's container always switches, even to root: its supplementary groups
+        # must be exactly the container user's, never the host root's (a root:G 0660
+        # file stays writable through group G whatever uid the container has).
+        _switch_user(uid, gid, groups, strict=real_root)
+        if _exec_fd is not None:
+            _rearm_parent_death(parent)
     if program["no_new_privs"]:
         # No setuid/file-capability gain across execve from here on (prctl(2)).
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -580,17 +701,33 @@ def find_command(name: str, search: str) -> str:
     raise _not_found(f"{name}: command not found in the container", hint=f"PATH inside is {search}")
 
 
-def _switch_user(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+def _switch_user(uid: int, gid: int, groups: tuple[int, ...], strict: bool = False) -> None:
+    """Become ``uid``/``gid`` with exactly ``groups``; ``strict``: a refused setgroups is
+    an error (real root's container), else the caller keeps its own groups."""
     try:
-        try:  # noqa: SIM105
+        try:
             os.setgroups(list(groups))
         except PermissionError:
-            pass  # setgroups is denied in a single-id user namespace; nothing to drop
+            if strict:
+                raise _launch_error("cannot set the container's supplementary groups: setgroups(2) was refused",
+                                    hint="use --host-root to run as the host's root (not recommended)") from None
+            # setgroups is denied in a single-id user namespace: an ordinary user keeps
+            # their own groups (dropping one could bypass a negative permission).
         os.setgid(gid)
         os.setuid(uid)
     except OSError as err:
         raise _launch_error(f"cannot switch to uid {uid} gid {gid} inside: {err.strerror}",
                           hint="that id is not mapped: configure a range in /etc/subuid and /etc/subgid") from None
+
+
+def _rearm_parent_death(parent: int) -> None:
+    """PR_SET_PDEATHSIG(SIGKILL) again after a credential change, which clears it
+    (prctl(2)): a supervised container must not outlive the supervisor that holds what
+    it runs with (real root's id range, its cgroup).  A supervisor that died before this
+    shows as a new parent pid."""
+    sc.prctl(sc.PR_SET_PDEATHSIG, 9)
+    if os.getppid() != parent:
+        os._exit(137)
 
 
 # --- signals at exec ----------------------------------------------------------------------

@@ -44,7 +44,11 @@ DEAD, PAUSED = "dead", "paused"
 
 
 def instances_dir(config: Config) -> Path:
-    return Path(config.runtime_dir) / "instances"
+    """The instances directory, in a runtime dir that is the caller's private one
+    (paths.runtime_dir): a directory another user planted is never looked into."""
+    from mesobox import paths
+
+    return Path(paths.runtime_dir(config.runtime_dir_str)) / "instances"
 
 
 def check_name(name: str) -> str:
@@ -59,10 +63,9 @@ def instance_dir(config: Config, name: str) -> Path:
 
 def claim(config: Config, name: str) -> Path:
     """Create the instance directory; a taken name is a clear error."""
-    top = instances_dir(config)
-    from mesobox.runtime import private_dirs
+    from mesobox import paths
 
-    private_dirs(str(top))
+    paths.private_subdir(config.runtime_dir_str, "instances")
     path = instance_dir(config, name)
     try:
         path.mkdir(mode=0o700)

@@ -39,11 +39,19 @@ from __future__ import annotations
 import os
 import sys
 
-from mesobox import runtime
+from mesobox import paths, runtime
 from mesobox.errors import LaunchError
 from mesobox.runtime import FORWARDED, SIGCHLD, execute, hold_signals
 from mesobox.runtime import syscalls as sc
-from mesobox.runtime.spec import ANN_FORMAT, ANN_OVERLAY, ANN_OVERLAY_IMAGE, ANN_SUBIDS, ANN_WRITABLE_TMPFS, Spec
+from mesobox.runtime.spec import (
+    ANN_FORMAT,
+    ANN_IMAGE_LOCK,
+    ANN_OVERLAY,
+    ANN_OVERLAY_IMAGE,
+    ANN_SUBIDS,
+    ANN_WRITABLE_TMPFS,
+    Spec,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,6 +81,8 @@ def launch(spec: Spec, config: Config) -> int:
     execute.check_ids()  # never setuid: real == effective == saved
     lease = None
     image_dir = spec.root.path
+    # Mounts, workspace and caches go below it: refused unless it is ours alone.
+    paths.runtime_dir(config.runtime_dir_str)
     runtime.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
     if spec.annotations.get(ANN_FORMAT) == "squashfs":
         from mesobox.runtime import squashmount
@@ -97,6 +107,7 @@ def launch(spec: Spec, config: Config) -> int:
         if lease is not None:
             lease.release()
         raise
+    execute.hold_image(program)
     if not supervised:
         from mesobox.runtime import plancache
 
@@ -145,6 +156,7 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
             keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
     return {
         "squashfs": spec.root.path if spec.annotations.get(ANN_FORMAT) == "squashfs" else None,
+        "image_lock": spec.annotations.get(ANN_IMAGE_LOCK),
         "image_dir": image_dir,
         "flags": flags,
         "uid_map": identity.map_text(spec.linux.uid_mappings),
@@ -198,6 +210,8 @@ def _seccomp_program(spec: Spec, config: Config) -> bytes | None:
 
 
 def _supervise(spec: Spec, program: Program) -> int:
+    if program["enter_userns"] is not None:
+        program = _with_held_slice(program)
     ready_r, ready_w = os.pipe()  # child → parent: "namespaces exist"
     go_r, go_w = os.pipe()  # parent → child: "maps written, cgroup joined, network up"
     exec_r, exec_w = execute.exec_pipe()  # EOF here: the workload has exec'd (or died)
@@ -230,6 +244,20 @@ def _supervise(spec: Spec, program: Program) -> int:
     for fn in cleanups:
         fn(status)
     return status
+
+
+def _with_held_slice(program: Program) -> Program:
+    """Real root's program, running with the id slice this supervisor holds for the
+    container's life (identity.launch_maps): a bundle's config.json may name a slice
+    that its writer released long ago, and another root container may have it now."""
+    from mesobox.runtime import identity
+
+    uid_maps, gid_maps = program["enter_userns"]
+    held = identity.launch_maps(uid_maps, gid_maps)
+    if held == (uid_maps, gid_maps):
+        return program
+    return {**program, "enter_userns": held, "uid_map": identity.map_text(held[0]),
+            "gid_map": identity.map_text(held[1])}
 
 
 def _supervised_child(program: Program, ready_w: int, go_r: int) -> NoReturn:

@@ -114,6 +114,7 @@ def _run(saved: dict[str, Any]) -> None:
         if not lease.watched or lease.mountpoint != program["image_dir"]:
             lease.release()  # someone must supervise it, or it moved: compile afresh
             return
+    execute.hold_image(program)
     execute.run(program)
 
 

@@ -92,6 +92,16 @@ def lexists(path: str) -> bool:
     return _note("lexists", (path,), os.path.lexists(path))
 
 
+def stat_error(path: str) -> str | None:
+    """Why stat(2) of ``path`` fails ("ENOENT", "EACCES", …), None when it works: a
+    path that exists but cannot be reached is not "missing" (docs/running.md)."""
+    return _note("stat_error", (path,), _stat_error(path))
+
+
+def access(path: str, mode: int) -> bool:
+    return _note("access", (path, mode), os.access(path, mode))
+
+
 def realpath(path: str) -> str:
     return _note("realpath", (path,), os.path.realpath(path))
 
@@ -208,6 +218,16 @@ def _image_exists(root: str, rel: str) -> bool:
             raise
         return True  # a symlink on the way: open_beneath refuses it with its own message
     return True
+
+
+def _stat_error(path: str) -> str | None:
+    try:
+        os.stat(path)
+    except OSError as err:
+        import errno
+
+        return errno.errorcode.get(err.errno or 0, "EIO")
+    return None
 
 
 def _refused(err: Exception) -> bool:
@@ -346,4 +366,5 @@ _ASK: dict[str, Callable[..., Any]] = {
     "realpath": os.path.realpath, "abspath": os.path.abspath, "getcwd": getcwd,
     "environ": os.environ.get, "file_identity": _file_identity, "image_exists": _image_exists,
     "image_file": _image_file, "host_names": _host_names, "env_file": env_file,
+    "stat_error": _stat_error, "access": os.access,
 }

@@ -250,13 +250,15 @@ def _read_cached(cache_dir: str, name: str) -> bytes | None:
 def _store(cache_dir: str, name: str, program: bytes) -> None:
     """Best effort: write ``program`` under ``name`` atomically; any failure (read-only
     or foreign directory, ENOSPC…) only means the next launch compiles again."""
-    for path in (os.path.dirname(cache_dir), cache_dir):  # the runtime dir, then ours
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError:
-            return
+    from mesobox import paths
+
+    top = os.path.dirname(cache_dir)
+    if not os.path.isdir(os.path.dirname(top)):
+        return  # the runtime dir is made (one level), never a whole missing path
+    try:  # the runtime dir must be private (paths.runtime_dir), then ours below it
+        paths.private_subdir(top, os.path.basename(cache_dir))
+    except Exception:  # OSError, UnsafeDirectory: no cache, compile every time
+        return
     dir_fd = _open_cache_dir(cache_dir)
     if dir_fd is None:
         return

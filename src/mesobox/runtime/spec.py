@@ -31,6 +31,7 @@ ANN_WRITABLE_TMPFS = "org.mesobox.writable-tmpfs"  # size in bytes, "0" = unlimi
 ANN_OVERLAY = "org.mesobox.overlay"  # persistent upper directory
 ANN_OVERLAY_IMAGE = "org.mesobox.overlay.image"  # ext4 image holding upper/ and work/ (disk quota)
 ANN_SUBIDS = "org.mesobox.subids"  # "1": maps were made with newuidmap/newgidmap
+ANN_IMAGE_LOCK = "org.mesobox.image-lock"  # store lock file held shared while the container runs
 
 
 class _Record:
@@ -164,6 +165,8 @@ class Spec(_Record):
             raise UsageError("mesobox always needs the user and mount namespaces")
         if self.hostname is not None and "uts" not in self.linux.namespaces:
             raise UsageError("a hostname needs the uts namespace", hint="add --uts")
+        if self.hostname is not None and not 0 < len(self.hostname.encode("utf-8", "surrogateescape")) <= 64:
+            raise UsageError(f"bad hostname {self.hostname[:80]!r}: it must be 1 to 64 bytes (HOST_NAME_MAX)")
         for maps in (self.linux.uid_mappings, self.linux.gid_mappings):
             _validate_maps(maps)
 

@@ -58,6 +58,10 @@ if TYPE_CHECKING:
     from mesobox.config import Config
 
 WATCH_S = 0.25  # a watcher's look interval: a dead launcher's ref is dropped this long after
+# Files of a key are opened without following a symlink at their name: the runtime dir
+# is private (paths.runtime_dir), this is one more wall should it ever not be.
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_UMOUNT_NOFOLLOW = 0x8
 
 
 def _quietly(fn: Callable[[str], object], path: str) -> None:
@@ -104,7 +108,7 @@ class Lease:
         """The key lock's fd; BlockingIOError when not ``blocking`` and it is held."""
         import fcntl
 
-        fd = os.open(self._path(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self._path(".lock"), _CREATE, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
@@ -128,8 +132,7 @@ class Lease:
         if not refs:  # no file at all: the next launcher's stale check stays one listdir
             _quietly(os.unlink, path)
             return
-        with open(path + ".tmp", "w") as f:
-            f.write("".join(f"{ref}\n" for ref in refs))
+        _write(path + ".tmp", "".join(f"{ref}\n" for ref in refs))
         os.replace(path + ".tmp", path)  # atomic: a watcher reads refs without the lock
 
     def _idle_since(self) -> float | None:
@@ -182,7 +185,7 @@ class Lease:
         when one is (it will look at the key again)."""
         import fcntl
 
-        wfd = os.open(self._path(".watcher"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        wfd = os.open(self._path(".watcher"), _CREATE, 0o600)
         try:
             fcntl.flock(wfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -303,21 +306,33 @@ def _detach(keep: int) -> None:
         os.dup2(null, std)
     os.closerange(3, keep)
     os.closerange(keep + 1, 1 << 30)  # close_range(2): one syscall
-    _quietly(lambda p: _write(p, "mesobox-watcher"), "/proc/self/comm")  # ps shows what it is
+    _quietly(_name_watcher, "/proc/self/comm")  # ps shows what it is
 
 
 def _touch(path: str) -> None:
     """Set ``path``'s mtime to now, creating it if need be (the idle stamp)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, _CREATE, 0o600)
     try:
         os.utime(fd)
     finally:
         os.close(fd)
 
 
+def _name_watcher(comm: str) -> None:
+    fd = os.open(comm, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"mesobox-watcher")
+    finally:
+        os.close(fd)
+
+
 def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+    """Replace the contents of ``path`` (never through a symlink planted there)."""
+    fd = os.open(path, _CREATE | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def acquire(config: Config, image: str) -> Lease:
@@ -328,10 +343,9 @@ def acquire(config: Config, image: str) -> Lease:
 
 def attach(runtime_dir: str, linger: float, image: str) -> Lease:
     """``acquire`` with the two settings it uses (a saved launch plan has no Config)."""
-    base = os.path.join(runtime_dir, "mnt")
-    from mesobox.runtime import private_dirs
+    from mesobox import paths
 
-    private_dirs(base)
+    base = paths.private_subdir(runtime_dir, "mnt")
     key = image_key(image)
     pid = os.getpid()
     start = _start_time(str(pid))
@@ -363,7 +377,7 @@ def reap_stale(base: str, linger: float = 0.0, job_over: bool = False) -> list[s
             continue
         try:
             fd = lease._locked(blocking=False)
-        except BlockingIOError:
+        except OSError:  # busy (BlockingIOError), or not a lock file we can open: not ours to reap
             continue
         try:
             mounted = _exists(lease.mountpoint)
@@ -461,7 +475,8 @@ def _unmount(mountpoint: str) -> None:
     if os.getuid() == 0:
         from mesobox.runtime.syscalls import MNT_DETACH, umount2
 
-        _quietly(lambda p: umount2(p, MNT_DETACH), mountpoint)
+        # UMOUNT_NOFOLLOW (umount2(2)): never unmount through a symlink at the path.
+        _quietly(lambda p: umount2(p, MNT_DETACH | _UMOUNT_NOFOLLOW), mountpoint)
         return
     tool = _which("fusermount3", "fusermount")
     if tool is not None:

@@ -25,6 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from mesobox import paths
 from mesobox.config import Config
 from mesobox.errors import LaunchError, StoreError, UsageError
 
@@ -145,7 +146,8 @@ class StateDir:
 
     def __init__(self, config: Config, container_id: str) -> None:
         self.id = check_id(container_id)
-        self.path = Path(config.runtime_dir) / "oci" / self.id
+        self.top = paths.runtime_dir(config.runtime_dir_str)  # private, or refused
+        self.path = Path(self.top) / "oci" / self.id
 
     def read(self) -> dict[str, Any]:
         try:
@@ -158,7 +160,7 @@ class StateDir:
         return state
 
     def write(self, bundle: Path, status: str, pid: int) -> None:
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.private_subdir(self.top, "oci", self.id)
         state = {"ociVersion": OCI_VERSION, "id": self.id, "status": status, "pid": pid,
                  "bundle": str(bundle.resolve()), "annotations": {}}
         tmp = self.path / "state.json.tmp"
