@@ -3,7 +3,8 @@
 - ``mesobox_src``: a world-readable copy of ``src/`` so an ordinary user can import
   the code under test (the checkout may live under a mode-700 home).
 - ``test_python``: a Python every user can execute (Debian's, via the project venv
-  made by ``scripts/setup-host.sh``), see shared/NOTES.md.
+  made by ``scripts/setup-host.sh``): the machines' default python3 may live under a
+  mode-700 /root, which ordinary users cannot execute.
 - ``user``: an ordinary user (created once) with a subordinate id range, and
   ``user.run([...])`` to run a command as that user with ``runuser``.
 - ``mesobox``: run the mesobox CLI as root or as the user, returning CompletedProcess.
@@ -161,7 +162,7 @@ def ordinary_user(name: str) -> User:
         if not any(line.startswith(name + ":") for line in text.splitlines()):
             with open(path, "a") as f:
                 f.write(subid)
-    # FUSE for ordinary users, as on a normal distribution (shared/NOTES.md).
+    # FUSE for ordinary users, as on a normal distribution (some hosts make it 0600).
     if os.path.exists("/dev/fuse"):
         mode = os.stat("/dev/fuse").st_mode
         if mode & 0o666 != 0o666:
@@ -314,6 +315,18 @@ def make_busybox_rootfs(root: Path) -> Path:
             link.symlink_to("busybox")
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
     (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    return root
+
+
+def open_busybox_rootfs(root: Path) -> Path:
+    """make_busybox_rootfs, every directory and file usable by every user (0755; /tmp
+    1777): a rootfs made by root that the test users run."""
+    make_busybox_rootfs(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o1777 if name == "tmp" else 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
     return root
 
 

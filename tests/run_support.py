@@ -93,7 +93,8 @@ def squashfs_watchers(runtime: Path) -> list[int]:
 
 
 def podman(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    """Root podman with its own storage under ``root`` (shared/NOTES.md: runc, no network)."""
+    """Root podman with its own storage under ``root`` (runc: crun refuses hybrid cgroups;
+    no network: /dev/net/tun is root's)."""
     need_tool("podman", "runc")
     argv = ["podman", "--root", str(root / "storage"), "--runroot", str(root / "run"),
             "--runtime", "/usr/sbin/runc", "--cgroup-manager", "cgroupfs", *args]

@@ -2,7 +2,7 @@
 
 Root tests use the real v1 hierarchy under /sys/fs/cgroup/<controller> with a workload
 that tries to exceed the limit; the v2 code is checked file by file against a tree laid
-out as the kernel's cgroup2 filesystem (shared/NOTES.md: this host has no v2 controllers).
+out as the kernel's cgroup2 filesystem (the test hosts' cgroup2 mount has no controllers).
 """
 
 from __future__ import annotations

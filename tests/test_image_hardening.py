@@ -435,6 +435,17 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def _running(pid: int, comm: str) -> bool:
+    """``pid`` is ``comm`` and alive: a zombie is dead (whether its new parent reaps it at
+    once depends on the init of the namespace the tests run in)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    name, _, rest = stat.partition("(")[2].rpartition(")")
+    return name == comm and rest.split()[0] not in ("Z", "X")
+
+
 def _squashing(pid: int) -> bool:
     """The mksquashfs that builds the image (not the `mksquashfs -help` probe before it)."""
     try:
@@ -464,7 +475,7 @@ def test_mksquashfs_dies_with_a_killed_pull(mesobox: Mesobox, registry: Registry
         os.kill(child, signal.SIGSTOP)  # it cannot finish on its own now: only the death signal ends it
         os.kill(pull.pid, signal.SIGKILL)  # the puller alone, not its process group
         pull.wait()
-        gone = wait_for(lambda: _comm(child) != "mksquashfs", 60)
+        gone = wait_for(lambda: not _running(child, "mksquashfs"), 60)
     finally:
         pull.kill()
         for pid in found:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import Mesobox, User, open_busybox_rootfs
 
 pytestmark = pytest.mark.userns
 
@@ -24,13 +24,7 @@ DOCKER_DEFAULT_MASK = 0xA80425FB  # CHOWN … AUDIT_WRITE, Docker's documented C
 
 @pytest.fixture(scope="module")
 def rootfs(shared_tmp: Path) -> Path:
-    root = make_busybox_rootfs(shared_tmp / "isolation-root-rootfs")
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o755 if name != "tmp" else 0o1777)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o755)
-    return root
+    return open_busybox_rootfs(shared_tmp / "isolation-root-rootfs")
 
 
 def _status(text: str) -> dict[str, int]:

@@ -484,7 +484,7 @@ def _l3(r: Path) -> None:
 
 
 def _comparable(tree: dict[str, tuple[object, ...]], drop: int = 0o6000) -> dict[str, tuple[object, ...]]:
-    # (type, mode without setuid/setgid — umoci keeps them, see NOTES — content/link target);
+    # (type, mode without setuid/setgid — umoci's rootless unpack keeps them — content/link target);
     # umoci's trees are compared with group/other write dropped too (``drop=0o6022``), as
     # mesobox never makes anything of an image group/other-writable
     return {k: (v[0], int(v[1]) & ~(0 if v[0] == stat.S_IFLNK else drop), v[4])  # type: ignore[call-overload]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import Mesobox, User, open_busybox_rootfs
 from isolation_support import wait_for
 from mesobox.runtime import identity
 
@@ -69,13 +69,7 @@ NO_MOUNT_SETATTR = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def rootfs(shared_tmp: Path) -> Path:
-    root = make_busybox_rootfs(shared_tmp / "root-hardening-rootfs")
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o755 if name != "tmp" else 0o1777)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o755)
-    return root
+    return open_busybox_rootfs(shared_tmp / "root-hardening-rootfs")
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +408,59 @@ def test_readonly_bind_makes_its_submounts_read_only(mesobox: Mesobox, user: Use
     assert readonly.returncode == 0, readonly.stderr
     assert readonly.stdout.split() == [b"refused", b"refused"], readonly.stderr
     assert readonly.stderr.count(b"Read-only file system") == 2, readonly.stderr
+
+
+# --- persistent state keeps its slice --------------------------------------------------------
+
+
+def test_a_root_overlay_keeps_the_slice_its_files_belong_to(
+        mesobox: Mesobox, rootfs: Path, world_tmp: Path, stopper: list[int]) -> None:
+    """A quota overlay made while another root container runs gets a free slice, which its
+    file carries; every launch with it takes that slice, so its files stay writable."""
+    first = start(mesobox, "exec", "-B", f"{world_tmp}:/x", str(rootfs), "sh", "-c",
+                  "echo $$ > /x/first.pid; exec sleep 600")
+    stopper.append(first.pid)
+    holder = read_pid(world_tmp / "first.pid")
+    stopper.append(holder)
+    taken = host_uids(holder)[0]
+    image = world_tmp / "ovl.img"
+    assert run(mesobox, "overlay", "create", str(image), "8m").returncode == 0
+    owner = image.stat().st_uid
+    assert owner in pool_starts() and owner != taken
+    for round_ in ("1", "2"):
+        proc = run(mesobox, "exec", "--overlay", str(image), str(rootfs), "sh", "-c",
+                   f"echo {round_} >> /kept && cat /kept /proc/self/uid_map")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[:int(round_)] == [str(n).encode() for n in range(1, int(round_) + 1)]
+        assert int(proc.stdout.split()[int(round_) + 1]) == owner
+    # While a container holds that slice, a second one with the same overlay is refused.
+    second = start(mesobox, "exec", "--overlay", str(image), "-B", f"{world_tmp}:/x", str(rootfs), "sh", "-c",
+                   "echo $$ > /x/second.pid; exec sleep 600")
+    stopper.append(second.pid)
+    stopper.append(read_pid(world_tmp / "second.pid"))
+    proc = run(mesobox, "exec", "--overlay", str(image), str(rootfs), "true")
+    assert proc.returncode == 125 and b"in use by another root container" in proc.stderr, proc.stderr
+    for launcher in (second, first):  # reaped here, or the stopper waits on their zombies
+        launcher.kill()
+        launcher.wait()
+
+
+def test_a_root_overlay_directory_keeps_its_slice_too(
+        mesobox: Mesobox, rootfs: Path, world_tmp: Path, stopper: list[int]) -> None:
+    ovl = world_tmp / "ovl"
+    proc = run(mesobox, "exec", "--overlay", str(ovl), str(rootfs), "sh", "-c", "echo 1 > /kept")
+    assert proc.returncode == 0, proc.stderr
+    owner = (ovl / "upper").stat().st_uid
+    assert owner in pool_starts() and (ovl / "upper" / "kept").stat().st_uid == owner
+    # Another root container now holds that slice? Then this overlay waits its turn (one
+    # line); once it ends, the overlay's own slice is free again and its files writable.
+    first = start(mesobox, "exec", "--overlay", str(ovl), "-B", f"{world_tmp}:/x", str(rootfs), "sh", "-c",
+                  "echo $$ > /x/first.pid; exec sleep 600")
+    stopper.append(first.pid)
+    stopper.append(read_pid(world_tmp / "first.pid"))
+    other = run(mesobox, "exec", str(rootfs), "cat", "/proc/self/uid_map")  # takes another slice
+    assert other.returncode == 0 and uid_map_start(other.stdout)[0] != owner
+    first.kill()
+    first.wait()
+    proc = run(mesobox, "exec", "--overlay", str(ovl), str(rootfs), "sh", "-c", "echo 2 >> /kept; cat /kept")
+    assert proc.returncode == 0 and proc.stdout == b"1\n2\n", proc.stderr

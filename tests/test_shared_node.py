@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, Registry, User, make_busybox_rootfs, make_oci_image
+from conftest import Mesobox, Registry, User, make_busybox_rootfs, make_oci_image, open_busybox_rootfs
 from run_support import make_squashfs, mesobox_argv, one_error_line
 
 pytestmark = pytest.mark.userns
@@ -25,15 +25,8 @@ pytestmark = pytest.mark.userns
 
 @pytest.fixture(scope="module")
 def images(shared_tmp: Path) -> tuple[Path, Path]:
-    rootfs = make_busybox_rootfs(shared_tmp / "shared-node-rootfs")
+    rootfs = open_busybox_rootfs(shared_tmp / "shared-node-rootfs")
     (rootfs / "marker").write_text("the real image\n")
-    for dirpath, dirnames, filenames in os.walk(rootfs):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o1777 if name == "tmp" else 0o755)
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o755)
     return rootfs, make_squashfs(rootfs, shared_tmp / "shared-node.sqfs")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import Mesobox, User, open_busybox_rootfs
 from run_support import one_error_line
 
 pytestmark = pytest.mark.userns
@@ -23,11 +23,7 @@ SITE_FILE = Path("/etc/mesobox/mesobox.toml")
 
 @pytest.fixture(scope="module")
 def rootfs(shared_tmp: Path) -> Path:
-    root = make_busybox_rootfs(shared_tmp / "policy-rootfs")
-    for dirpath, dirnames, _files in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o1777 if name == "tmp" else 0o755)
-    return root
+    return open_busybox_rootfs(shared_tmp / "policy-rootfs")
 
 
 def _site(world_tmp: Path, text: str) -> dict[str, str]:

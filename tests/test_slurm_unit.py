@@ -175,7 +175,7 @@ def test_oci_conf_uses_only_patterns_slurm_22_05_knows() -> None:
     text = oci_conf("/opt/mesobox/bin/mesobox")
     keys = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert set(keys) == {"RunTimeQuery", "RunTimeKill", "RunTimeDelete", "RunTimeRun"}
-    assert "%U" not in text  # kills the step on 22.05 (shared/NOTES.md)
+    assert "%U" not in text  # kills the step on 22.05 (it knows %u, not %U)
     clean = "env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin SLURMD_NODENAME=%n"
     assert keys["RunTimeRun"] == f'"{clean} /opt/mesobox/bin/mesobox oci run --bundle %b %n.%u.%j.%s.%t"'
 

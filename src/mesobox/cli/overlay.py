@@ -31,8 +31,10 @@ def main_overlay(argv: list[str], config: Config) -> int:
     from mesobox.runtime.build import parse_size
 
     size = parse_size(argv[2], "overlay create")
-    # Real root's: the first slice of root's pool, the shifted container root while no
-    # other root container runs (identity.py; no slice is claimed here).
-    owner = identity.root_pool()[0] if identity.is_real_root() else (os.getuid(), os.getgid())
+    # Real root's: a slice free now; the file carries its ids, so its launches take that
+    # slice (identity.state_owner) and its files stay writable by the container's root.
+    owner = identity.free_slice() if identity.is_real_root() else (os.getuid(), os.getgid())
     quota.create(argv[1], size, owner)
+    if identity.is_real_root():
+        os.chown(argv[1], *owner)
     return 0

@@ -1,7 +1,7 @@
 """CLI wiring for ``mesobox run``, ``exec`` and ``shell`` (the hot path).
 
 A hand-rolled option parser instead of argparse: argparse (+ its gettext/re imports)
-costs more than half of the ≈20 ms start-up budget (shared/NOTES.md).  Grammar:
+costs more than half of the ≈20 ms start-up budget (measured: ≈19 ms with json).  Grammar:
 short and long options, ``--opt=value`` and ``--opt value``, ``-Bvalue``; repeatable
 ``-B/-e/--env-file/--security-opt/--cap-add/--cap-drop/-p``; ``--`` ends the options;
 options stop at the IMAGE positional (everything after it is the command).

@@ -502,7 +502,7 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
                          hint="an ordinary user's container root (--fakeroot) is always their own uid")
     if opts.fakeroot:
         probe.untracked()  # reads /etc/subuid and /etc/subgid: not recorded (plancache.py)
-    uid_maps, gid_maps, subids = identity.id_maps(uid, gid, opts.fakeroot, name, opts.host_root)
+    uid_maps, gid_maps, subids = identity.id_maps(uid, gid, opts.fakeroot, name, opts.host_root, opts.overlay)
     # The image's User can only be honoured where ids other than one's own are mapped:
     # --fakeroot (with a sub-id range) and root; otherwise the caller keeps their ids.
     inside = (0, 0) if opts.fakeroot or uid == 0 else (uid, gid)

@@ -3,7 +3,7 @@
 Invariants:
 - Never fake success: ``checkpoint``/``restore`` first run ``criu check`` and, when CRIU
   is missing or cannot work on this kernel/for this user (Debian 12's CRIU 3.17 fails
-  with "kerndat_vdso_fill_symtable failed" on these hosts, shared/NOTES.md), stop with
+  with "kerndat_vdso_fill_symtable failed" on the 6.x test hosts), stop with
   one clear line that names what does work instead: pause/resume and snapshot.
 - ``snapshot`` copies only the ``--overlay DIR`` upper layer the instance writes to —
   the image itself is immutable and already stored — and freezes the instance while it
@@ -134,7 +134,7 @@ def _copy(source: Path, dest: Path) -> None:
     if name.endswith((".tar", ".tar.gz", ".tgz")):
         import tarfile
 
-        # mesobox only writes this archive: the extraction hazards of NOTES.md do not apply.
+        # mesobox only writes this archive: the extraction hazards of image/layers.py do not apply.
         with tarfile.open(dest, "w:gz" if name.endswith("gz") else "w") as tar:
             for entry in sorted(source.iterdir()):
                 if entry.name not in skip:

@@ -295,7 +295,10 @@ def make_workspace(program: Program) -> None:
     if persistent:
         try:
             for sub in ("upper", "work"):
-                os.makedirs(os.path.join(persistent, sub), exist_ok=True)
+                made = os.path.join(persistent, sub)
+                if not os.path.isdir(made):
+                    os.makedirs(made)
+                    _give_to_container_root(made, program["enter_userns"])
         except OSError as err:
             raise _launch_error(f"cannot make the overlay directory {persistent}: {err.strerror}",
                                 hint="--overlay needs a directory you can write") from None
@@ -307,9 +310,17 @@ def make_workspace(program: Program) -> None:
             os.close(fd)
 
 
+def _give_to_container_root(path: str, maps: Any) -> None:
+    """A new overlay directory made by real root belongs to the container's root (its id
+    slice): its next launches know the slice by it (identity.state_owner)."""
+    if maps is not None:
+        uid_maps, gid_maps = maps
+        os.chown(path, uid_maps[0].host_id, gid_maps[0].host_id)
+
+
 def pivot(root: str) -> None:
     # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops
-    # it without needing a put_old directory in the image (pivot_root(2), NOTES).
+    # it without needing a put_old directory in the image (pivot_root(2)).
     os.chdir(root)
     sc.pivot_root(".", ".")
     sc.umount2(".", sc.MNT_DETACH)

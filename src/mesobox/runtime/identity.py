@@ -67,13 +67,17 @@ def subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
     return None
 
 
-def root_maps(host_root: bool) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...]]:
+def root_maps(host_root: bool, owner: tuple[int, int] | None = None
+              ) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...]]:
     """Maps for a real-root caller: a slice of root's pool that this process now holds
-    for the container's life (``claim_slice``), unless ``host_root``."""
+    for the container's life (``claim_slice``), unless ``host_root``.  ``owner``: the
+    host ids that own the container's persistent state (an ``--overlay``, see
+    ``state_owner``); when they start a slice of the pool, that slice and no other."""
     if host_root:
         full = (IdMap(container_id=0, host_id=0, size=FULL_RANGE),)
         return full, full
-    uid, gid = claim_slice()
+    pool = root_pool()
+    uid, gid = claim_slice([owner], pinned=True) if owner in pool else claim_slice(pool)
     return (IdMap(container_id=0, host_id=uid, size=SLICE),), (IdMap(container_id=0, host_id=gid, size=SLICE),)
 
 
@@ -86,11 +90,13 @@ def root_pool(subuid: str = "/etc/subuid", subgid: str = "/etc/subgid") -> list[
             if su[0] + i * SLICE > 0 and sg[0] + i * SLICE > 0]
 
 
-def claim_slice(pool: list[tuple[int, int]] | None = None, top: str = "/") -> tuple[int, int]:
+def claim_slice(pool: list[tuple[int, int]] | None = None, top: str = "/", pinned: bool = False
+                ) -> tuple[int, int]:
     """(host uid, host gid) of the first free slice, now held by this process until it
     exits (or the slice it already holds).  Free: its lock file is not flocked, and no
     process runs with one of its uids.  The lock fd is close-on-exec (the workload never
-    has it) but forks share it: the container's own init keeps the slice held too."""
+    has it) but forks share it: the container's own init keeps the slice held too.
+    ``pinned``: ``pool`` is the one slice the container's overlay needs (root_maps)."""
     global _held
     if _held is not None:
         return _held[1], _held[2]
@@ -116,9 +122,39 @@ def claim_slice(pool: list[tuple[int, int]] | None = None, top: str = "/") -> tu
             return uid, gid
     finally:
         os.close(directory)
+    if pinned:
+        raise LaunchError(f"the id range starting at {slots[0][0]}, whose ids this container's overlay carries, is "
+                          "in use by another root container", hint="wait for it to end, or use another overlay")
     raise LaunchError(f"no free id range for a root container: all {len(slots)} ranges of {SLICE} ids of root's "
                       "pool are in use", hint="add ids to root's line in /etc/subuid and /etc/subgid "
                       f"(e.g. root:{ROOT_DEFAULT_POOL[0]}:{ROOT_DEFAULT_POOL[1]}), or end other root containers")
+
+
+def free_slice() -> tuple[int, int]:
+    """The first slice free now, not kept (``mesobox overlay create``: the slice whose ids
+    a new overlay's files will carry; its launches then take that slice, ``state_owner``)."""
+    global _held
+    if _held is not None:
+        return _held[1], _held[2]
+    ids = claim_slice()
+    assert _held is not None
+    os.close(_held[0])
+    _held = None
+    return ids
+
+
+def state_owner(overlay: str | None) -> tuple[int, int] | None:
+    """Host ids that own a root container's persistent state: the ``--overlay`` image
+    file (``overlay create`` gives it its slice's ids) or the overlay directory's
+    ``upper/`` (written by the slice that first used it); None without an overlay."""
+    if not overlay:
+        return None
+    path = overlay if os.path.isfile(overlay) else os.path.join(overlay, "upper")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid
 
 
 def launch_maps(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...]
@@ -193,12 +229,22 @@ def uid_in_use(start: int, size: int) -> bool:
             continue
         finally:
             os.close(fd)
+        if _dead(head):
+            continue
         at = head.find(b"\nUid:")
-        # A zombie counts too: a leader whose main thread exited shows as one while its
-        # other threads still run.
         if at >= 0 and any(start <= int(x) < start + size for x in head[at + 5:head.find(b"\n", at + 1)].split()):
             return True
     return False
+
+
+def _dead(status: bytes) -> bool:
+    """A zombie with no thread left: it can do nothing (an init that never reaps, as in
+    some containers, keeps such zombies for ever).  A thread-group leader that exited
+    while its other threads run shows as a zombie too, but with Threads > 1: alive."""
+    zombie = b"\nState:\tZ" in status or b"\nState:\tX" in status
+    at = status.find(b"\nThreads:")
+    threads = status[at + 9:status.find(b"\n", at + 1)].strip() if at >= 0 else b"1"
+    return zombie and threads == b"1"
 
 
 def is_real_root() -> bool:
@@ -263,11 +309,11 @@ def enter_userns(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...], unsha
     os.setresuid(0, 0, 0)
 
 
-def id_maps(uid: int, gid: int, fakeroot: bool, name: str, host_root: bool = False
-            ) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...], bool]:
+def id_maps(uid: int, gid: int, fakeroot: bool, name: str, host_root: bool = False,
+            overlay: str | None = None) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...], bool]:
     """(uid maps, gid maps, made-with-newuidmap) for this caller."""
     if uid == 0 and is_real_root():
-        return (*root_maps(host_root), False)
+        return (*root_maps(host_root, None if host_root else state_owner(overlay)), False)
     inside_uid, inside_gid = (0, 0) if fakeroot else (uid, gid)
     uids: tuple[IdMap, ...] = (IdMap(container_id=inside_uid, host_id=uid, size=1),)
     gids: tuple[IdMap, ...] = (IdMap(container_id=inside_gid, host_id=gid, size=1),)

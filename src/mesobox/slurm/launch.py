@@ -13,7 +13,7 @@ binds for the PMIx server directory Slurm names in the environment (its socket
 rendezvous and shared-memory data store live there, pmix(7) PMIX_SERVER_TMPDIR), the
 host's /dev/shm (intra-node MPI segments must be visible to every rank of the node) and
 ``OMPI_MCA_btl_vader_single_copy_mechanism=none`` (each rank has its own user
-namespace, so CMA/process_vm_readv between ranks is refused; shared/NOTES.md).
+namespace, so CMA/process_vm_readv between ranks is refused: ptrace_may_access(2)).
 With ``--mpi host`` it also binds the node's own Open MPI (``mesobox.slurm.mpihost``).
 """
 
