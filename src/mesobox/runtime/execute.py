@@ -527,7 +527,7 @@ def _mounts_below(fd: int) -> list[str]:
         for line in f:
             fields = line.split(b" ", 5)
             mount_id, parent = int(fields[0]), int(fields[1])
-            points[mount_id] = _unescape(os.fsdecode(fields[4]))
+            points[mount_id] = mountinfo_path(os.fsdecode(fields[4]))
             if mount_id != parent:  # the namespace's root is its own parent
                 children.setdefault(parent, []).append(mount_id)
     prefix = points[top].rstrip("/") + "/"
@@ -543,7 +543,7 @@ def _mounts_below(fd: int) -> list[str]:
     return sorted(found, key=lambda rel: rel.count("/"))
 
 
-def _unescape(field: str) -> str:
+def mountinfo_path(field: str) -> str:
     r"""A mountinfo path: space, tab, newline and backslash are written \ooo (octal)."""
     if "\\" not in field:
         return field

@@ -207,23 +207,20 @@ def _stage(text: str, limit: int) -> int:
 
 def stale_mounts(runtime_root: str, mountinfo: str) -> list[str]:
     """FUSE mount points below ``runtime_root`` (proc(5) /proc/self/mountinfo)."""
+    from mesobox.runtime.execute import mountinfo_path
+
     found: list[str] = []
     prefix = runtime_root.rstrip("/") + "/"
     for line in mountinfo.splitlines():
         fields = line.split()
         if len(fields) < 10 or " - " not in line:
             continue
-        point = _unescape(fields[4])
+        point = mountinfo_path(fields[4])
         fstype = line.split(" - ", 1)[1].split()[0]
         if point.startswith(prefix) and fstype.startswith("fuse"):
             found.append(point)
     # Deepest first, so nested mounts come off before their parents.
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040…)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def epilog(config: Config) -> int:
