@@ -15,7 +15,8 @@ import pytest
 from mesobox.config import Config
 from mesobox.errors import DigestMismatch, ImageNotFound, UsageError
 from mesobox.image.reference import parse_reference
-from mesobox.image.source import ImageSource, open_source
+from mesobox.image.source import ImageSource
+from mesobox.image.transports import open_source
 from registry_support import fetch_all, images, raw_digest, skopeo, tagged  # noqa: F401 - fixture
 
 
@@ -160,7 +161,7 @@ def test_user_reads_docker_archive(
     tar.chmod(0o644)
     code = (
         "from pathlib import Path; from mesobox.config import Config;"
-        "from mesobox.image.reference import parse_reference; from mesobox.image.source import open_source;"
+        "from mesobox.image.reference import parse_reference; from mesobox.image.transports import open_source;"
         f"s = open_source(parse_reference('docker-archive:{tar}'), Config());"
         f"r = s.resolve(None); s.fetch_blob(r.config, Path('{world_tmp}/config.json')); print(r.config.digest)"
     )

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from isolation_support import FakeCgroupV2, python_workload, run_program, spawn_in_cgroup, wait_for, write_program
 from mesobox.errors import PolicyError, UsageError
-from mesobox.runtime import cgroups
-from mesobox.runtime.cgroups import (
+from mesobox.isolation import cgroups
+from mesobox.isolation.cgroups import (
     Cgroup,
     Resources,
     apply_resources,
@@ -375,7 +375,8 @@ def test_unprivileged_user_on_v1_gets_policy_error(user, test_python, mesobox_sr
         "cg_user.py",
         """
         from mesobox.errors import PolicyError
-        from mesobox.runtime.cgroups import Cgroup, Resources
+        from mesobox.isolation.cgroups import Cgroup
+        from mesobox.oci.spec import Resources
         try:
             Cgroup.create("u", Resources(memory_bytes=64 << 20))
             print(json.dumps({"created": True}))

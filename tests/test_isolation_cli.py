@@ -1,7 +1,7 @@
 """End-to-end isolation through the CLI: `mesobox run` with resource, network and seccomp options.
 
 Each test runs a workload that tries to exceed the limit through the real launcher
-(src/mesobox/runtime/launcher.py, cli/run.py).  The building blocks themselves are
+(src/mesobox/launch/launcher.py, cli/run.py).  The building blocks themselves are
 proven in test_cgroups.py, test_seccomp.py and test_network.py.
 """
 

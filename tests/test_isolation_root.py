@@ -46,7 +46,7 @@ def test_root_container_cannot_write_root_owned_bind(mesobox: Mesobox, rootfs: P
     proc = mesobox("exec", "-B", f"{host_file}:/x:rw", str(rootfs), "sh", "-c", script)
     out = proc.stdout.decode().split()
     assert proc.returncode != 0 and b"Permission denied" in proc.stderr, proc.stderr
-    from mesobox.runtime import identity
+    from mesobox.launch import identity
 
     # image files stay readable; root is shifted to a slice of root's pool
     assert out[:3] == ["original", "0", "0"]
@@ -160,11 +160,11 @@ def test_overlay_image_as_user(mesobox: Mesobox, user: User, rootfs: Path, world
 
 
 def test_resolve_follows_docker_rules() -> None:
-    from mesobox.runtime.caps import DEFAULT, resolve
+    from mesobox.isolation.caps import DEFAULT, resolve
 
     assert resolve(True, (), ())["bounding"] == tuple(f"CAP_{n}" for n in caps_in_kernel_order(DEFAULT))
     assert resolve(False, (), ())["bounding"] == ()
-    from mesobox.runtime.build import NO_CAPABILITIES  # build's shortcut for a plain user
+    from mesobox.launch.specbuild import NO_CAPABILITIES  # build's shortcut for a plain user
 
     assert resolve(False, (), ()) == NO_CAPABILITIES
     assert resolve(True, ("cap_sys_admin",), ("ALL",))["bounding"] == ("CAP_SYS_ADMIN",)
@@ -173,6 +173,6 @@ def test_resolve_follows_docker_rules() -> None:
 
 
 def caps_in_kernel_order(names: tuple[str, ...]) -> list[str]:
-    from mesobox.runtime.caps import NAMES
+    from mesobox.isolation.caps import NAMES
 
     return [n for n in NAMES if n in names]

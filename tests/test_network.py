@@ -20,7 +20,7 @@ import pytest
 from conftest import free_port, need_tool
 from isolation_support import run_program, tcp_service, write_program
 from mesobox.errors import UsageError
-from mesobox.runtime.network import parse_publish
+from mesobox.isolation.network import parse_publish
 
 TUN = Path("/dev/net/tun")
 
@@ -63,7 +63,7 @@ early = socket.socket()
 early.bind(("127.0.0.1", 0))
 early.listen()
 result["before_lo_up"] = try_connect(early.getsockname()[1])
-from mesobox.runtime.network import setup_loopback
+from mesobox.isolation.network import setup_loopback
 setup_loopback()
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
@@ -113,7 +113,7 @@ if pid == 0:
     conn.close()
     os._exit(0)
 from mesobox.errors import LaunchError
-from mesobox.runtime.network import Slirp
+from mesobox.isolation.network import Slirp
 os.read(to_parent_r, 1)
 try:
     slirp = Slirp.start(pid, [(pub_port, 8080)])

@@ -1,5 +1,5 @@
-"""The plan cache (runtime/plancache.py): a command line's launch program is saved
-with the questions it asked the host (runtime/probe.py) and run again only while every
+"""The plan cache (launch/plancache.py): a command line's launch program is saved
+with the questions it asked the host (launch/probe.py) and run again only while every
 answer is the same.
 
 End to end as the ordinary user, each test with its own runtime dir.  A launch that
@@ -104,8 +104,8 @@ def test_the_next_identical_launch_runs_the_saved_program(launch: Launch, image:
 def test_a_saved_program_runs_without_the_compiler(launch: Launch, image: Path) -> None:
     """What the plan saves: the second launch imports neither the option parser, the
     config loader, the spec builder, the planner nor the seccomp compiler."""
-    compiler = ("mesobox.cli.run", "mesobox.config", "mesobox.runtime.build", "mesobox.runtime.plan",
-                "mesobox.runtime.seccomp", "mesobox.runtime.launcher", "mesobox.errors")
+    compiler = ("mesobox.cli.run", "mesobox.config", "mesobox.launch.specbuild", "mesobox.launch.mountplan",
+                "mesobox.isolation.seccomp", "mesobox.launch.launcher", "mesobox.errors")
 
     def imported() -> set[str]:
         proc = launch(str(image), "true", env={"PYTHONPROFILEIMPORTTIME": "1"})
@@ -340,7 +340,7 @@ def test_concurrent_first_launches_leave_one_plan(launch: Launch, image: Path) -
 @pytest.mark.slow
 @pytest.mark.userns
 def test_plans_are_bounded(launch: Launch, image: Path) -> None:
-    from mesobox.runtime.plancache import MAX_PLANS
+    from mesobox.launch.plancache import MAX_PLANS
 
     for i in range(MAX_PLANS + 6):
         launch.ok(str(image), "true", str(i))
@@ -351,7 +351,7 @@ def test_plans_are_bounded(launch: Launch, image: Path) -> None:
 
 
 def test_the_journal_holds_each_question_once_and_replays_it(tmp_path: Path) -> None:
-    from mesobox.runtime import probe
+    from mesobox.launch import probe
 
     probe.record()
     try:
@@ -368,7 +368,7 @@ def test_the_journal_holds_each_question_once_and_replays_it(tmp_path: Path) -> 
 
 
 def test_image_questions_are_about_the_file_not_its_place(tmp_path: Path) -> None:
-    from mesobox.runtime import probe
+    from mesobox.launch import probe
 
     (tmp_path / "etc").mkdir()
     passwd = tmp_path / "etc" / "passwd"
@@ -390,7 +390,7 @@ def test_image_questions_are_about_the_file_not_its_place(tmp_path: Path) -> Non
 
 
 def test_a_question_that_fails_now_means_compiling_again(tmp_path: Path) -> None:
-    from mesobox.runtime import probe
+    from mesobox.launch import probe
 
     env_file = tmp_path / "env"
     env_file.write_text("A=1\n")
@@ -408,7 +408,7 @@ def test_host_names_read_from_files_match_nss() -> None:
     import grp
     import pwd
 
-    from mesobox.runtime import probe
+    from mesobox.launch import probe
 
     for uid, gid in ((0, 0), (os.getuid(), os.getgid())):
         entry = pwd.getpwuid(uid)
@@ -418,7 +418,7 @@ def test_host_names_read_from_files_match_nss() -> None:
 
 @pytest.mark.parametrize("conf", ["passwd: sss files\ngroup: files\n", "passwd: files\n", ""])
 def test_host_names_ask_nss_unless_files_come_first(tmp_path: Path, conf: str) -> None:
-    from mesobox.runtime import probe
+    from mesobox.launch import probe
 
     (tmp_path / "nsswitch.conf").write_text(conf)
     (tmp_path / "passwd").write_text("u:x:5:6::/h:/bin/sh\n")
@@ -449,7 +449,7 @@ def test_private_records(tmp_path: Path) -> None:
 
 
 def test_compose_takes_host_values_at_each_call() -> None:
-    from mesobox.runtime.environ import compose
+    from mesobox.launch.environ import compose
 
     recipe = (("PATH=/image/bin", "IMG=1"), False, (("FILE", "f"),), ("COPY", "SET=s"), "/home/u")
     env = dict(item.split("=", 1) for item in compose({"COPY": "c1", "HOST": "h"}, recipe))

@@ -19,7 +19,7 @@ from mesobox.config import Config
 from mesobox.errors import AuthError, DigestMismatch, ImageNotFound, RegistryError
 from mesobox.image.reference import parse_reference
 from mesobox.image.registry import RegistrySource, RetryPolicy
-from mesobox.image.source import open_source
+from mesobox.image.transports import open_source
 from registry_support import fetch_all, images, raw_digest, skopeo  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.registry
@@ -336,7 +336,7 @@ def test_basic_auth_with_docker_config(
         subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(user_home)], check=True)
         code = (
             "from mesobox.config import Config; from mesobox.image.reference import parse_reference;"
-            "from mesobox.image.source import open_source;"
+            "from mesobox.image.transports import open_source;"
             f"print(open_source(parse_reference('{reg.host}/private/img:v1'), Config()).resolve(None)"
             ".manifest_digest)"
         )

@@ -30,7 +30,7 @@ import pytest
 
 from conftest import Mesobox, User, open_busybox_rootfs
 from isolation_support import wait_for
-from mesobox.runtime import identity
+from mesobox.launch import identity
 
 pytestmark = pytest.mark.root
 
@@ -268,7 +268,7 @@ PROGRAM = textwrap.dedent(
     """
     import json, os, sys, time
     from mesobox.errors import MesoboxError
-    from mesobox.runtime import identity
+    from mesobox.launch import identity
     top, start, count, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "hold"
     pool = [(start + i * identity.SLICE, start + i * identity.SLICE) for i in range(count)]
     try:

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from conftest import SRC
 from mesobox.cli.run import parse
 from mesobox.errors import PolicyError, UsageError
-from mesobox.runtime import environ
-from mesobox.runtime.build import RunOptions, command, parse_bind, parse_size
-from mesobox.runtime.identity import group_text, passwd_text, subid_range
-from mesobox.runtime.spec import IdMap, Linux, Mount, Process, Root, Spec, User, from_oci_json, to_oci_json
+from mesobox.launch import environ
+from mesobox.launch.identity import group_text, passwd_text, subid_range
+from mesobox.launch.specbuild import RunOptions, command, parse_bind, parse_size
+from mesobox.oci.spec import IdMap, Linux, Mount, Process, Root, Spec, User, from_oci_json, to_oci_json
 
 
 def test_parser_forms_and_stop_at_image() -> None:
@@ -55,7 +55,7 @@ def test_parse_bind_destinations_are_absolute_and_clean(parts: list[str]) -> Non
 
 
 def test_allowed_bind_sources_resolve_symlinks(tmp_path: os.PathLike[str]) -> None:
-    from mesobox.runtime.build import check_source
+    from mesobox.launch.specbuild import check_source
 
     allowed = os.path.join(tmp_path, "scratch")
     os.mkdir(allowed)
@@ -139,9 +139,9 @@ def test_identity_files_and_subids(tmp_path: os.PathLike[str]) -> None:
 
 def test_run_import_cost_stays_small() -> None:
     """The hot path imports no argparse, json, dataclasses or HTTP code."""
-    code = ("import sys; import mesobox.cli.run, mesobox.runtime.launcher, mesobox.runtime.build, "
-            "mesobox.runtime.plan, mesobox.runtime.mounts, mesobox.runtime.identity, mesobox.runtime.environ, "
-            "mesobox.runtime.plancache, mesobox.runtime.probe, mesobox.runtime.execute; "
+    code = ("import sys; import mesobox.cli.run, mesobox.launch.launcher, mesobox.launch.specbuild, "
+            "mesobox.launch.mountplan, mesobox.launch.mountops, mesobox.launch.identity, mesobox.launch.environ, "
+            "mesobox.launch.plancache, mesobox.launch.probe, mesobox.launch.execute; "
             "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); {code}"],

@@ -26,8 +26,8 @@ import pytest
 from conftest import Mesobox, User, make_busybox_rootfs
 from isolation_support import run_program, write_program
 from mesobox.errors import LaunchError, UsageError
-from mesobox.runtime import seccomp
-from mesobox.runtime.seccomp import load_filter, profile_from_option
+from mesobox.isolation import seccomp
+from mesobox.isolation.seccomp import load_filter, profile_from_option
 
 # syscall numbers per architecture (asm/unistd_64.h, asm-generic/unistd.h)
 NR = {
@@ -40,7 +40,7 @@ NR = {NR!r}
 mode = sys.argv[1]
 no_new_privs()
 if mode != "none":
-    from mesobox.runtime.seccomp import load_filter, profile_from_option
+    from mesobox.isolation.seccomp import load_filter, profile_from_option
     load_filter(profile_from_option(mode))
 result = {{
     # keyctl(9999) → EOPNOTSUPP unfiltered; perf_event_open(NULL, …) → EFAULT unfiltered
@@ -145,7 +145,7 @@ def test_docker_profile_default_errno_with_allow_list(user, test_python, mesobox
         world_tmp,
         "allowlist.py",
         f"""
-        from mesobox.runtime.seccomp import load_filter, profile_from_option
+        from mesobox.isolation.seccomp import load_filter, profile_from_option
         no_new_privs()
         load_filter(profile_from_option({str(path)!r}))
         rc = libc.getppid()  # glibc passes the raw kernel result through: -errno

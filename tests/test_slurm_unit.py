@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from conftest import Mesobox
 from mesobox.config import Config
 from mesobox.errors import UsageError
-from mesobox.slurm.bundle import StateDir, check_id, load_bundle, make_bundle, oci_conf, spec_from_bundle
+from mesobox.oci.bundle import StateDir, check_id, load_bundle, make_bundle, oci_conf, spec_from_bundle
 from mesobox.slurm.hooks import job_image, stale_mounts
 from mesobox.slurm.launch import batch_script, srun_argv, task_setup, wrap_script
 from mesobox.slurm.options import split_args
@@ -118,7 +118,7 @@ def test_spec_from_slurm_rewritten_config(tmp_path: Path, monkeypatch: pytest.Mo
     assert spec.process.env == ("A=1", "PATH=/bin", "SLURMD_NODENAME=n7")
     assert (spec.process.user.uid, spec.process.user.gid) == (os.getuid(), os.getgid())
     # an ordinary caller keeps its uid; real root's container root is shifted to a sub-id range
-    from mesobox.runtime.identity import is_real_root, root_pool
+    from mesobox.launch.identity import is_real_root, root_pool
 
     expected = {uid for uid, _gid in root_pool()} if is_real_root() else {os.getuid()}
     assert spec.linux.uid_mappings and spec.linux.uid_mappings[0].host_id in expected

@@ -364,7 +364,7 @@ def _set_refs(runtime: Path, key: str, user: User, text: str) -> None:
 
 
 def test_alive_compares_pid_and_start_time() -> None:
-    from mesobox.runtime.squashmount import _alive
+    from mesobox.launch.squashmount import _alive
 
     me, start = os.getpid(), _start_time(os.getpid())
     assert _alive(f"{me}:{start}")

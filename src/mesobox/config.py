@@ -72,7 +72,7 @@ class Config:
         # the next run of the image then finds it mounted and its page cache warm.
         ("squashfs_linger", 10.0),
         # Reuse the launch program of an identical command line while nothing it depends
-        # on has changed (runtime/plancache.py); false: compile every launch.
+        # on has changed (launch/plancache.py); false: compile every launch.
         ("plan_cache", True),
         # Every container gets the default seccomp filter: --security-opt seccomp=unconfined
         # and profile files are refused (lock it in the site file to make it the site's rule).

@@ -106,3 +106,11 @@ class CommandNotFound(LaunchError):
     """The command does not exist in the container."""
 
     exit_code = 127
+
+
+def os_error_text(err: BaseException) -> str:
+    """An unexpected OSError as words ("/x: Permission denied"), not "[Errno 13] …"."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [repr(n) if isinstance(n, bytes) else str(n) for n in (err.filename, err.filename2) if n]
+        return f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    return str(err)

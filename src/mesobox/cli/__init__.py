@@ -61,7 +61,7 @@ def _verb_available(module: str) -> bool:
 
 
 def _print_error(err: BaseException, debug: bool) -> None:
-    from mesobox.errors import MesoboxError
+    from mesobox.errors import MesoboxError, os_error_text
 
     if debug:
         import traceback
@@ -73,14 +73,6 @@ def _print_error(err: BaseException, debug: bool) -> None:
             sys.stderr.write(f"mesobox: hint: {err.hint}\n")
     else:
         sys.stderr.write(f"mesobox: error: {os_error_text(err)}\n")
-
-
-def os_error_text(err: BaseException) -> str:
-    """An unexpected OSError as words ("/x: Permission denied"), not "[Errno 13] …"."""
-    if isinstance(err, OSError) and err.strerror:
-        names = [repr(n) if isinstance(n, bytes) else str(n) for n in (err.filename, err.filename2) if n]
-        return f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
-    return str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if verb in LAUNCH_VERBS:
         # From here on a walltime warning or scancel cannot kill a half-started
-        # container: it waits, pending, for the workload (runtime/launcher.py).
-        from mesobox.runtime import hold_signals
+        # container: it waits, pending, for the workload (launch/launcher.py).
+        from mesobox.launch.signals import hold_signals
 
         hold_signals()
     entry = VERBS.get(verb)
@@ -122,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if verb in LAUNCH_VERBS and not debug:
             # The saved program of this very command line, when nothing it depends on
             # has changed: never returns then.  Otherwise this launch records one.
-            from mesobox.runtime.plancache import launch_cached
+            from mesobox.launch.plancache import launch_cached
 
             launch_cached(verb, args)
         from mesobox.config import load_config

@@ -17,7 +17,7 @@ from typing import Any
 
 from mesobox.config import Config
 from mesobox.errors import LaunchError, UsageError
-from mesobox.runtime import instances as st
+from mesobox.instances import state as st
 
 USAGE = """\
 usage: mesobox instance start [RUN-OPTIONS] [--restart no|on-failure[:N]|always] [--time DURATION]
@@ -115,7 +115,7 @@ def cmd_start(argv: list[str], config: Config) -> int:
         with open(path / "output.log", "ab") as log:
             # setsid: the supervisor outlives this command and its terminal; it forks again.
             first = subprocess.run(
-                [sys.executable, "-m", "mesobox.runtime.supervisor", str(path)],
+                [sys.executable, "-m", "mesobox.instances.supervisor", str(path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", start_new_session=True, check=False,
             )
         if first.returncode != 0:
@@ -202,7 +202,9 @@ def stop_one(inst: st.Instance, grace: float) -> None:
         if st.supervisor_alive(inst.path) and pid and st.same_process(pid, inst.state.get("supervisor_start")):
             os.kill(pid, signal.SIGKILL)
             st.wait_gone([pid], 5)
-    st.kill_leftovers(st.Instance(inst.name, inst.path, inst.spec, st.read_json(inst.path / "state.json")), grace)
+    from mesobox.instances.pause import kill_leftovers
+
+    kill_leftovers(st.Instance(inst.name, inst.path, inst.spec, st.read_json(inst.path / "state.json")), grace)
     st.remove(inst)
 
 
@@ -255,7 +257,7 @@ def cmd_exec(argv: list[str], config: Config) -> int:
     pid = inst.workload_pid
     if pid is None or inst.status not in (st.RUNNING, st.DEAD, st.PAUSED):
         raise UsageError(f"instance {inst.name!r} is {inst.status}: nothing to exec into")
-    from mesobox.runtime import nsenter
+    from mesobox.instances import nsenter
 
     sys.stdout.flush()
     return nsenter.run_in(st.namespace_target(pid), argv[1:])
@@ -264,7 +266,7 @@ def cmd_exec(argv: list[str], config: Config) -> int:
 def cmd_pause(argv: list[str], config: Config, resume: bool) -> int:
     if len(argv) != 1:
         raise UsageError(f"instance {'resume' if resume else 'pause'} needs exactly one NAME")
-    from mesobox.runtime import pause
+    from mesobox.instances import pause
 
     inst = st.load(config, argv[0])
     method = pause.resume(inst) if resume else pause.pause(inst)
@@ -277,7 +279,7 @@ def cmd_pause(argv: list[str], config: Config, resume: bool) -> int:
 def cmd_snapshot(argv: list[str], config: Config) -> int:
     if len(argv) != 2:
         raise UsageError("instance snapshot needs NAME and DEST", hint=USAGE.splitlines()[-1].strip())
-    from mesobox.runtime.checkpoint import snapshot
+    from mesobox.instances.checkpoint import snapshot
 
     held = snapshot(st.load(config, argv[0]), Path(argv[1]).absolute())
     sys.stderr.write(f"mesobox: snapshot of {argv[0]} written to {argv[1]} (instance held with: {held})\n")
@@ -307,7 +309,7 @@ def _name_and_dir(argv: list[str], verb: str) -> tuple[str, Path]:
 
 
 def main_checkpoint(argv: list[str], config: Config) -> int:
-    from mesobox.runtime import checkpoint
+    from mesobox.instances import checkpoint
 
     name, images = _name_and_dir(argv, "checkpoint")
     checkpoint.require_criu()  # before touching the instance: say plainly when CRIU cannot work
@@ -319,7 +321,7 @@ def main_checkpoint(argv: list[str], config: Config) -> int:
 
 
 def main_restore(argv: list[str], config: Config) -> int:
-    from mesobox.runtime import checkpoint
+    from mesobox.instances import checkpoint
 
     name, images = _name_and_dir(argv, "restore")
     checkpoint.require_criu()

@@ -62,8 +62,8 @@ def _signal(text: str) -> int:
 
 
 def _launch(config: Config, bundle: Path, container_id: str) -> int:
-    from mesobox.runtime.launcher import launch
-    from mesobox.slurm.bundle import StateDir, load_bundle, spec_from_bundle
+    from mesobox.launch.launcher import launch
+    from mesobox.oci.bundle import StateDir, load_bundle, spec_from_bundle
 
     spec = spec_from_bundle(bundle, load_bundle(bundle))
     state = StateDir(config, container_id)
@@ -75,7 +75,7 @@ def main_oci(argv: list[str], config: Config) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0 if argv else 2
-    from mesobox.slurm.bundle import StateDir, load_bundle
+    from mesobox.oci.bundle import StateDir, load_bundle
 
     verb = argv[0]
     opts, rest = _options(argv[1:])

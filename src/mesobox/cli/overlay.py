@@ -1,5 +1,5 @@
 """CLI wiring for ``mesobox overlay create FILE SIZE``: a disk-quota overlay image
-(runtime/quota.py), used with ``mesobox run --overlay FILE``."""
+(isolation/quota.py), used with ``mesobox run --overlay FILE``."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def main_overlay(argv: list[str], config: Config) -> int:
         return 0 if argv else 2
     if argv[0] != "create" or len(argv) != 3:
         raise UsageError("usage: mesobox overlay create FILE SIZE")
-    from mesobox.runtime import identity, quota
-    from mesobox.runtime.build import parse_size
+    from mesobox.isolation import quota
+    from mesobox.launch import identity
+    from mesobox.launch.specbuild import parse_size
 
     size = parse_size(argv[2], "overlay create")
     # Real root's: a slice free now; the file carries its ids, so its launches take that

@@ -36,7 +36,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--io-read-iops": ("io_read_iops", "list"), "--io-write-iops": ("io_write_iops", "list"),
     "--cap-add": ("cap_add", "list"), "--cap-drop": ("cap_drop", "list"),
     "-p": ("publish", "list"), "--publish": ("publish", "list"),
-    "--mpi": ("mpi", "value"),  # mesobox.slurm.mpihost; popped before RunOptions
+    "--mpi": ("mpi", "value"),  # mesobox.launch.hostmpi; popped before RunOptions
 }
 
 HELP = """\
@@ -131,19 +131,19 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
     publish = values.pop("publish", ())
     mpi = values.pop("mpi", None)
     if values.get("writable_tmpfs") is not None:
-        from mesobox.runtime.build import parse_size
+        from mesobox.launch.specbuild import parse_size
 
         text = values["writable_tmpfs"]
         values["writable_tmpfs"] = parse_size(text, "--writable-tmpfs") if text else 0
     if verb != "run" and values.get("entrypoint") is not None:
         raise UsageError("--entrypoint is for `mesobox run`")
-    from mesobox.runtime.build import RunOptions, make_spec, resolve_image
-    from mesobox.runtime.launcher import launch
+    from mesobox.launch.launcher import launch
+    from mesobox.launch.specbuild import RunOptions, make_spec, resolve_image
 
     image = resolve_image(values["image"], config)
     if mpi is not None:
-        from mesobox.runtime import probe
-        from mesobox.slurm.mpihost import with_host_mpi
+        from mesobox.launch import probe
+        from mesobox.launch.hostmpi import with_host_mpi
 
         probe.untracked()  # the host's MPI libraries are not recorded (plancache.py)
 
@@ -151,7 +151,7 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
     opts = RunOptions(**values)
     spec = make_spec(opts, config, image)
     if opts.host_root:
-        from mesobox.runtime.identity import HOST_ROOT_WARNING
+        from mesobox.launch.identity import HOST_ROOT_WARNING
 
         sys.stderr.write(HOST_ROOT_WARNING)
     if publish:
@@ -164,7 +164,7 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
 def _with_publish(spec: Any, publish: tuple[str, ...], net: str | None) -> Any:
     if net != "slirp":
         raise UsageError("-p/--publish needs --net slirp")
-    from mesobox.runtime.network import parse_publish
+    from mesobox.isolation.network import parse_publish
 
     pairs = [parse_publish(p) for p in publish]
     ann = dict(spec.annotations)

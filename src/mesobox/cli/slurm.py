@@ -108,7 +108,7 @@ def main_bundle(argv: list[str], config: Config) -> int:
     parser.add_argument("dir", type=Path, help="bundle directory to create")
     parser.add_argument("--copy", action="store_true", help="copy the rootfs instead of linking to it")
     args = parser.parse_args(argv)
-    from mesobox.slurm.bundle import make_bundle
+    from mesobox.oci.bundle import make_bundle
     from mesobox.slurm.launch import resolve_image
 
     bundle = make_bundle(config, resolve_image(config, args.image), args.dir, copy=args.copy)
@@ -130,7 +130,7 @@ def main_slurm(argv: list[str], config: Config) -> int:
         status: int = main_exec(exec_args, config)
         return status
     if action == "oci-conf":
-        from mesobox.slurm.bundle import oci_conf
+        from mesobox.oci.bundle import oci_conf
 
         runtime = rest[1] if rest[:1] == ["--runtime"] and len(rest) > 1 else None
         sys.stdout.write(oci_conf(runtime))

@@ -85,7 +85,7 @@ class PullResult:
 
 def resolve_image(config: Config, text: str, platform: str | None, insecure: bool) -> tuple[Any, Any]:
     from mesobox.image.reference import parse_reference
-    from mesobox.image.source import open_source
+    from mesobox.image.transports import open_source
 
     ref = parse_reference(text)
     source = open_source(ref, config, insecure=insecure)

@@ -5,7 +5,7 @@ Room: image/source.  Invariants:
   ``manifest_digest`` (by the registry client or the archive reader).
 - ``ImageSource.fetch_blob`` never leaves unverified content under ``dest``: on a
   digest or size mismatch it deletes ``dest`` and raises DigestMismatch.
-- ``open_source`` imports only the transport asked for (the registry client is never
+- ``transports.open_source`` imports only the transport asked for (the registry client is never
   imported for archives, nor anything of this room by ``mesobox run``).
 """
 
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from mesobox.config import Config
     from mesobox.image.reference import Reference
 
 Progress = Callable[[int], None]
@@ -80,14 +79,3 @@ def host_platform() -> str:
     """This host as an OCI platform string: ``linux/`` + GOARCH[/variant] of uname's machine."""
     machine = os.uname().machine
     return "linux/" + _MACHINE_TO_PLATFORM.get(machine, machine)
-
-
-def open_source(ref: Reference, config: Config, insecure: bool = False) -> ImageSource:
-    """The source for ``ref``'s transport (lazily imported)."""
-    if ref.transport == "docker":
-        from mesobox.image.registry import RegistrySource
-
-        return RegistrySource(ref, config, insecure=insecure)
-    from mesobox.image.archive import open_archive
-
-    return open_archive(ref)

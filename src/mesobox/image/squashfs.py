@@ -57,7 +57,7 @@ def die_with_parent() -> Callable[[], None]:
     that lives as long as the child is waited for (flatten runs in the main thread).  If
     the parent died between fork and prctl, the signal never comes: the child checks
     getppid() and kills itself."""
-    from mesobox.runtime.syscalls import prctl  # the one ctypes leaf; imported before fork
+    from mesobox.launch.syscalls import prctl  # the one ctypes leaf; imported before fork
 
     parent = os.getpid()
 

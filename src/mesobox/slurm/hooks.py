@@ -207,7 +207,7 @@ def _stage(text: str, limit: int) -> int:
 
 def stale_mounts(runtime_root: str, mountinfo: str) -> list[str]:
     """FUSE mount points below ``runtime_root`` (proc(5) /proc/self/mountinfo)."""
-    from mesobox.runtime.execute import mountinfo_path
+    from mesobox.launch.beneath import mountinfo_path
 
     found: list[str] = []
     prefix = runtime_root.rstrip("/") + "/"
@@ -252,7 +252,7 @@ def reap(root: str, job: str) -> None:
     # first the shared squashfs mounts no live launcher uses (refcounts say so): those
     # whose launchers all died and those lingering for a next run (linger 0: the job is
     # over, even if their watcher still lives; it may also have died with the step's cgroup) …
-    from mesobox.runtime.squashmount import reap_stale
+    from mesobox.launch.squashmount import reap_stale
 
     for reaped in reap_stale(os.path.join(root, "mnt"), job_over=True):
         _log(f"epilog: job {job}: {reaped} reaped (no container uses it)")
@@ -268,7 +268,7 @@ def _unmount(point: str) -> bool:
     """Lazily unmount ``point``: root with umount2(UMOUNT_NOFOLLOW), a user with
     fusermount, which unmounts only that user's own FUSE mounts."""
     if os.geteuid() == 0:
-        from mesobox.runtime.syscalls import MNT_DETACH, umount2
+        from mesobox.launch.syscalls import MNT_DETACH, umount2
 
         try:
             umount2(point, MNT_DETACH | _UMOUNT_NOFOLLOW)

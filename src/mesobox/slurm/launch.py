@@ -14,7 +14,7 @@ rendezvous and shared-memory data store live there, pmix(7) PMIX_SERVER_TMPDIR),
 host's /dev/shm (intra-node MPI segments must be visible to every rank of the node) and
 ``OMPI_MCA_btl_vader_single_copy_mechanism=none`` (each rank has its own user
 namespace, so CMA/process_vm_readv between ranks is refused: ptrace_may_access(2)).
-With ``--mpi host`` it also binds the node's own Open MPI (``mesobox.slurm.mpihost``).
+With ``--mpi host`` it also binds the node's own Open MPI (``mesobox.launch.hostmpi``).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def task_setup(argv: list[str], env: MutableMapping[str, str]) -> list[str]:
         env.setdefault(key, value)
     run_args, mpi_host = _take_mpi_host(run_args)
     if mpi_host:
-        from mesobox.slurm.mpihost import host_mpi_args
+        from mesobox.launch.hostmpi import host_mpi_args
 
         extra += host_mpi_args(Path(rest[0]), env)
     return [*extra, *run_args, *rest]

@@ -102,7 +102,7 @@ def split_args(argv: list[str], need_command: bool = True) -> SplitArgs:
         if name == "--image":
             image, i = (value, i + 1) if eq else _take_value(argv, i, name)
         elif name == "--mpi" and (value if eq else "".join(argv[i + 1 : i + 2])) == MPI_HOST:
-            # `--mpi host` is mesobox's bind model (mesobox.slurm.mpihost); any other
+            # `--mpi host` is mesobox's bind model (mesobox.launch.hostmpi); any other
             # --mpi value (pmix, pmi2, none) is srun's plugin choice and goes to Slurm.
             run_args += ["--mpi", MPI_HOST]
             i += 1 if eq else 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User, need_tool
-from mesobox.slurm import mpihost
+from mesobox.launch import hostmpi as mpihost
 from mesobox.slurm.options import split_args
 from slurm_support import CACHE, slurm_cluster
 

@@ -1,6 +1,6 @@
 """Instances room: the detached supervisor that keeps one instance's workload alive.
 
-Started by ``mesobox instance start`` as ``python -m mesobox.runtime.supervisor DIR`` in a
+Started by ``mesobox instance start`` as ``python -m mesobox.instances.supervisor DIR`` in a
 new session (setsid) with stdin from /dev/null and stdout/stderr on ``DIR/output.log``;
 it forks once more so it is not a session leader and can never acquire a controlling
 terminal again (the classic double fork, see daemon(7) "SysV Daemons").
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesobox.runtime import instances as st
+from mesobox.instances import state as st
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 MAX_BACKOFF = 5.0
@@ -117,7 +117,7 @@ class Supervisor:
         """SIGTERM the container's process, wait ``grace`` seconds, then SIGKILL the tree."""
         if self.child is None or self.child_status is not None:
             return
-        from mesobox.runtime.pause import resume_quietly
+        from mesobox.instances.pause import resume_quietly
 
         resume_quietly(st.Instance(self.spec["name"], self.path, self.spec, self.state))
         with contextlib.suppress(ProcessLookupError):
@@ -230,9 +230,10 @@ class Supervisor:
 
 def _make_cgroup(name: str) -> Any:
     """A freezer/accounting cgroup when this user may create one (root on v1 here);
-    None otherwise: pause then falls back to SIGSTOP (see runtime/pause.py)."""
+    None otherwise: pause then falls back to SIGSTOP (see instances/pause.py)."""
     from mesobox.errors import MesoboxError
-    from mesobox.runtime.cgroups import Cgroup, Resources
+    from mesobox.isolation.cgroups import Cgroup
+    from mesobox.oci.spec import Resources
 
     try:
         return Cgroup.create(f"instance-{os.getuid()}-{name}", Resources())
@@ -263,7 +264,7 @@ def main(argv: list[str]) -> int:
     _daemonize()
     lock = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel when we exit, however we exit
-    from mesobox.runtime.syscalls import prctl
+    from mesobox.launch.syscalls import prctl
 
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

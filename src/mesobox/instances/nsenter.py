@@ -63,7 +63,7 @@ def container_environ(pid: int) -> dict[str, str]:
 
 def join(pid: int) -> bool:
     """Enter ``pid``'s namespaces; returns True when a pid namespace was joined."""
-    from mesobox.runtime.syscalls import setns
+    from mesobox.launch.syscalls import setns
 
     joined_pid = False
     opened = _open_namespaces(pid)

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -266,17 +265,3 @@ def namespace_target(root: int) -> int:
 
 def remove(inst: Instance) -> None:
     shutil.rmtree(inst.path, ignore_errors=True)
-
-
-def kill_leftovers(inst: Instance, grace: float) -> None:
-    """For a dead supervisor: end the workload tree ourselves (SIGTERM, grace, SIGKILL)."""
-    from mesobox.runtime.pause import release_cgroup, resume_quietly
-
-    resume_quietly(inst)
-    pid = inst.workload_pid
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not wait_gone([pid], grace):
-            wait_gone(signal_tree(pid, signal.SIGKILL), 5)
-    release_cgroup(inst.state.get("cgroup"))

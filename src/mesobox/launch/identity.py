@@ -33,8 +33,8 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import LaunchError
-from mesobox.runtime.execute import write_file
-from mesobox.runtime.spec import IdMap
+from mesobox.launch.beneath import write_file
+from mesobox.oci.spec import IdMap
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -369,6 +369,6 @@ def _clashes(line: str, name: str, uid: int) -> bool:
 
 def host_names(uid: int, gid: int) -> tuple[str, str, str, str]:
     """(user name, group name, home, shell) from the host (probe.host_names)."""
-    from mesobox.runtime import probe
+    from mesobox.launch import probe
 
     return probe.host_names(uid, gid)

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from mesobox.errors import LaunchError, UsageError
-from mesobox.runtime import instances as st
+from mesobox.instances import state as st
 
 ALTERNATIVE = (
     "use `mesobox instance pause`/`resume` to hold an instance, `mesobox instance snapshot` to keep its writable layer"
@@ -113,7 +113,7 @@ def snapshot(inst: st.Instance, dest: Path) -> str:
     source = overlay_dir(inst)
     if dest.exists():
         raise UsageError(f"{dest} already exists", hint="snapshots never overwrite: pick a new destination")
-    from mesobox.runtime import pause
+    from mesobox.instances import pause
 
     held = "not paused (instance not running)"
     if inst.status == st.RUNNING:

@@ -68,9 +68,18 @@ import os
 import stat
 import sys
 
-from mesobox import paths, runtime
-from mesobox.runtime import FORWARDED
-from mesobox.runtime import syscalls as sc
+from mesobox import paths
+from mesobox.launch import signals
+from mesobox.launch import syscalls as sc
+from mesobox.launch.beneath import (
+    O_PATH_FLAGS,
+    hold_root,
+    mountinfo_path,
+    open_beneath,
+    release_roots,
+    write_file,
+)
+from mesobox.launch.signals import FORWARDED, wait_forwarding
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,10 +92,7 @@ if TYPE_CHECKING:
 
     Program = dict[str, Any]
 
-O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_BENEATH = sc.RESOLVE_BENEATH | sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS
 _exec_fd: int | None = None  # write end of the "workload exec'd" pipe (close-on-exec)
-_held: dict[str, int] = {}  # root directory -> its O_PATH fd (hold_root)
 
 
 # mesobox.errors (14 classes) is imported only when something fails: ≈0.5 ms of every
@@ -180,15 +186,6 @@ def write_own_maps(uid_map: str, gid_map: str, privileged: bool) -> None:
         raise _launch_error(f"cannot write the user namespace id maps: {err.strerror}") from None
 
 
-def write_file(path: str, text: str) -> None:
-    """One write(2) of ``text``: what /proc's map files demand."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def container(program: Program) -> NoReturn:
     """Inside the new namespaces: the root, then the workload (or, with a pid
     namespace, an init that forks it)."""
@@ -197,8 +194,6 @@ def container(program: Program) -> NoReturn:
         pid = os.fork()
         if pid:
             close_exec_fd()  # only the workload holds it: its execve closes it
-            from mesobox.runtime.launcher import wait_forwarding
-
             os._exit(wait_forwarding(pid))
         in_child(lambda: _container_init(program))
     setup_root(program)
@@ -213,8 +208,6 @@ def _container_init(program: Program) -> None:
     if workload == 0:
         in_child(lambda: exec_workload(program))
     close_exec_fd()
-    from mesobox.runtime.launcher import wait_forwarding
-
     os._exit(wait_forwarding(workload, everyone=True))
 
 
@@ -232,7 +225,7 @@ def in_child(body: Callable[[], Any]) -> NoReturn:
                 sys.stderr.write(f"mesobox: hint: {err.hint}\n")
             code = err.exit_code
         elif isinstance(err, OSError):
-            from mesobox.cli import os_error_text
+            from mesobox.errors import os_error_text
 
             sys.stderr.write(f"mesobox: error: {os_error_text(err)}\n")
         else:  # a bug: still one line (the parent has its own --debug)
@@ -252,13 +245,13 @@ def setup_root(program: Program) -> None:
     workspace = program["workspace"]
     make_workspace(program)
     if program["overlay_image"]:  # disk-quota overlay: loop-mounted here, gone with this mount namespace
-        from mesobox.runtime.quota import mount_image
+        from mesobox.isolation.quota import mount_image
 
         mount_image(program["overlay_image"], os.path.join(workspace, "ovl"))
     root = os.path.join(workspace, "root")
     run_steps(program["steps"], root)
     if program["loopback"]:
-        from mesobox.runtime.network import setup_loopback
+        from mesobox.isolation.network import setup_loopback
 
         setup_loopback()  # before pivot_root: it imports socket/fcntl from the host's stdlib
     pivot(root)
@@ -337,104 +330,6 @@ def run_steps(steps: list[tuple[Any, ...]] | tuple[tuple[Any, ...], ...], root: 
             hold_root(root)
     finally:
         release_roots()
-
-
-def hold_root(root: str) -> None:
-    """Keep an O_PATH fd of ``root`` for open_beneath to start from (one open(2) saved
-    per lookup) until ``release_roots`` — which every mount *on* the root calls: the
-    held fd would name the directory the new mount covers."""
-    if root not in _held:
-        _held[root] = os.open(root, O_PATH_FLAGS | os.O_DIRECTORY)
-
-
-def release_roots() -> None:
-    while _held:
-        os.close(_held.popitem()[1])
-
-
-def open_beneath(root: str, rel: str, create: str | None = None) -> int:
-    """O_PATH fd of ``root/rel`` without following symlinks; ``create`` = "dir"/"file"
-    makes a missing last component (and missing parent directories)."""
-    held = _held.get(root)
-    fd = held if held is not None else os.open(root, O_PATH_FLAGS | os.O_DIRECTORY)
-    try:
-        # The common case in one syscall; any refusal (missing, a symlink anywhere,
-        # the last component included: no O_NOFOLLOW here, so RESOLVE_NO_SYMLINKS
-        # refuses it with ELOOP; not a directory) is walked again below, component by
-        # component, for its message.
-        found = sc.openat2(fd, rel.strip("/") or ".", os.O_PATH | os.O_CLOEXEC, _BENEATH)
-    except FileNotFoundError:
-        # A mount point to make (/dev/null in the fresh /dev tmpfs): when its parent
-        # resolves, create it there and resolve it again, still beneath the root.
-        found = _create_beneath(fd, rel.strip("/"), create) if create else None
-    except OSError:
-        found = None
-    except BaseException:
-        if held is None:
-            os.close(fd)
-        raise
-    if held is None:
-        os.close(fd)
-    if found is not None:
-        return found
-    fd = os.open(root, O_PATH_FLAGS | os.O_DIRECTORY)  # the walk below closes what it leaves
-    parts = [p for p in rel.split("/") if p and p != "."]
-    try:
-        for i, name in enumerate(parts):
-            last = i == len(parts) - 1
-            try:
-                nxt = os.open(name, O_PATH_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if create is None:
-                    raise
-                _create(fd, name, "file" if last and create == "file" else "dir")
-                nxt = os.open(name, O_PATH_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISLNK(mode):
-                raise _launch_error(
-                    f"refusing to mount on /{rel}: /{'/'.join(parts[:i + 1])} is a symlink in the image",
-                    hint="images may not redirect the runtime's mount points; bind to the link's target instead",
-                )
-            if not last and not stat.S_ISDIR(mode):
-                raise _launch_error(f"cannot mount on /{rel}: /{'/'.join(parts[:i + 1])} is not a directory")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _create_beneath(root_fd: int, rel: str, kind: str) -> int | None:
-    """fd of ``rel`` created as ``kind`` in its existing parent, or None (the caller
-    then walks the path component by component)."""
-    parent, _, name = rel.rpartition("/")
-    try:
-        parent_fd = sc.openat2(root_fd, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, _BENEATH)
-    except OSError:
-        return None
-    if parent_fd is None:
-        return None
-    try:
-        _create(parent_fd, name, kind)
-        return sc.openat2(parent_fd, name, os.O_PATH | os.O_CLOEXEC, _BENEATH)
-    except Exception:  # refused or raced: the walk below says why
-        return None
-    finally:
-        os.close(parent_fd)
-
-
-def _create(dir_fd: int, name: str, kind: str) -> None:
-    try:
-        if kind == "dir":
-            os.mkdir(name, 0o755, dir_fd=dir_fd)
-        else:
-            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o644, dir_fd=dir_fd))
-    except FileExistsError:
-        pass
-    except OSError as err:
-        raise _launch_error(f"cannot create mount point {name!r}: {err.strerror}") from None
 
 
 def _mount_at(root: str, rel: str, create: str | None, source: str | None, fstype: str | None,
@@ -543,14 +438,6 @@ def _mounts_below(fd: int) -> list[str]:
     return sorted(found, key=lambda rel: rel.count("/"))
 
 
-def mountinfo_path(field: str) -> str:
-    r"""A mountinfo path: space, tab, newline and backslash are written \ooo (octal)."""
-    if "\\" not in field:
-        return field
-    head, *rest = field.split("\\")
-    return head + "".join(chr(int(part[:3], 8)) + part[3:] for part in rest)
-
-
 def _mount(root: str, fstype: str, source: str, target: str, flags: int, data: str | None) -> None:
     _mount_at(root, target, "dir", source, fstype, flags, data)
 
@@ -650,7 +537,7 @@ def exec_workload(program: Program) -> NoReturn:
     parent = os.getppid()
     real_root = program["enter_userns"] is not None
     if real_root:
-        from mesobox.runtime import identity
+        from mesobox.launch import identity
 
         uid_maps, gid_maps = program["enter_userns"]
         identity.enter_userns(uid_maps, gid_maps, sc.unshare, sc.CLONE_NEWUSER)
@@ -670,7 +557,7 @@ def exec_workload(program: Program) -> NoReturn:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
     if program["seccomp"] is not None:
         # Last: the runtime's own setup syscalls are never filtered (runc, bubblewrap).
-        install_seccomp(program["seccomp"])
+        sc.install_seccomp(program["seccomp"])
     sys.stdout.flush()
     sys.stderr.flush()
     _signals_for_exec()
@@ -680,20 +567,6 @@ def exec_workload(program: Program) -> NoReturn:
         raise _not_found(f"{args[0]}: cannot execute: interpreter or loader not found") from None
     except OSError as err:
         raise _not_executable(f"{args[0]}: cannot execute: {err.strerror}") from None
-
-
-def install_seccomp(program: bytes) -> None:
-    """Load a compiled filter (seccomp.prepare) into this process: last step before execve."""
-    try:
-        # libseccomp's seccomp_load set no_new_privs itself (SCMP_FLTATR_CTL_NNP is on
-        # by default, seccomp_attr_set(3)); the kernel demands it without CAP_SYS_ADMIN.
-        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        sc.seccomp_set_filter(program)
-    except OSError as err:
-        raise _launch_error(
-            f"cannot load the seccomp filter: {err.strerror}",
-            hint="the kernel needs CONFIG_SECCOMP_FILTER; set no_new_privs before loading",
-        ) from None
 
 
 def find_command(name: str, search: str) -> str:
@@ -767,8 +640,6 @@ def _signals_for_exec() -> None:
     (fork(2)) and the parent delivers them once the workload is ready — even a tty's
     ^C, which came before the workload existed to get its own copy."""
     if _exec_fd is None and set(FORWARDED) & _signal.sigpending():
-        from mesobox.runtime.launcher import wait_forwarding
-
         queued = []
         while (info := _signal.sigtimedwait(FORWARDED, 0)) is not None:
             queued.append(info.si_signo)
@@ -778,4 +649,4 @@ def _signals_for_exec() -> None:
             close_exec_fd()
             os._exit(wait_forwarding(pid, r, queued=tuple(queued)))
         os.close(r)
-    _signal.pthread_sigmask(_signal.SIG_SETMASK, runtime.caller_sigmask or set())
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, signals.caller_sigmask or set())

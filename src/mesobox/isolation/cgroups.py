@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from mesobox.errors import LaunchError, PolicyError, UsageError
-from mesobox.runtime.spec import _Record
+from mesobox.oci.spec import Resources
+from mesobox.records import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ _ADMIN_HINT_V2 = (
 )
 
 
-class _Frozen(_Record):
+class _Frozen(Record):
     """The runtime spec's frozen record (value equality, ``replace``), built from
     positional arguments in ``__slots__`` order.  Not a dataclass: importing dataclasses
     (with inspect) costs ≈16 ms of `mesobox run` start-up (see mesobox.config)."""
@@ -55,49 +56,6 @@ class _Frozen(_Record):
         names: tuple[str, ...] = type(self).__slots__
         for name, value in zip(names, values, strict=True):
             object.__setattr__(self, name, value)
-
-
-DeviceRates = tuple[tuple[str, int], ...]
-
-
-class Resources(_Frozen):
-    """OCI runtime-spec ``linux.resources``, the subset mesobox supports.
-
-    io_* entries are (``major:minor`` or ``/dev`` path, bytes/s or operations/s)."""
-
-    # constructor order; kept unsorted on purpose
-    __slots__ = ("memory_bytes", "cpu_quota_us", "cpu_period_us", "cpuset_cpus", "pids_limit",  # noqa: RUF023
-                 "io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
-    memory_bytes: int | None
-    cpu_quota_us: int | None
-    cpu_period_us: int
-    cpuset_cpus: str | None
-    pids_limit: int | None
-    io_read_bps: DeviceRates
-    io_write_bps: DeviceRates
-    io_read_iops: DeviceRates
-    io_write_iops: DeviceRates
-
-    def __init__(
-        self,
-        memory_bytes: int | None = None,
-        cpu_quota_us: int | None = None,
-        cpu_period_us: int = 100_000,
-        cpuset_cpus: str | None = None,
-        pids_limit: int | None = None,
-        io_read_bps: DeviceRates = (),
-        io_write_bps: DeviceRates = (),
-        io_read_iops: DeviceRates = (),
-        io_write_iops: DeviceRates = (),
-    ) -> None:
-        rates = (io_read_bps, io_write_bps, io_read_iops, io_write_iops)
-        self._set(memory_bytes, cpu_quota_us, cpu_period_us, cpuset_cpus, pids_limit, *map(tuple, rates))
-
-    def any_io(self) -> bool:
-        return bool(self.io_read_bps or self.io_write_bps or self.io_read_iops or self.io_write_iops)
-
-    def is_empty(self) -> bool:
-        return self == Resources(cpu_period_us=self.cpu_period_us)
 
 
 class Usage(_Frozen):

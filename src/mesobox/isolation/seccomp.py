@@ -3,7 +3,7 @@
 Invariants:
 - ``prepare`` runs in the launcher *before* pivot_root, while the host's files are
   visible: it returns the filter as a classic-BPF program (the bytes libseccomp's
-  ``seccomp_export_bpf`` writes).  ``execute.install_seccomp`` loads those bytes in the
+  ``seccomp_export_bpf`` writes).  ``syscalls.install_seccomp`` loads those bytes in the
   container's process after ``no_new_privs`` and right before ``execve`` (runc order:
   seccomp last, so the runtime's own setup syscalls are never filtered).  Once loaded
   a filter cannot be removed (seccomp(2)).
@@ -167,7 +167,7 @@ def load_filter(profile: dict[str, Any] | None) -> None:
     """Compile and install in one go, without the cache (test harnesses, tools)."""
     program = None if profile is not None and profile.get("unconfined") else compile_program(profile)
     if program is not None:
-        from mesobox.runtime.execute import install_seccomp
+        from mesobox.launch.syscalls import install_seccomp
 
         install_seccomp(program)
 

@@ -20,7 +20,7 @@ import signal
 from typing import Any
 
 from mesobox.errors import LaunchError, UsageError
-from mesobox.runtime import instances as st
+from mesobox.instances import state as st
 
 SIGSTOP_NOTE = (
     "note: no cgroup freezer for this instance (unprivileged on this host): paused with SIGSTOP, "
@@ -33,7 +33,7 @@ def _cgroup(record: Any) -> Any:
         return None
     from pathlib import Path
 
-    from mesobox.runtime.cgroups import Cgroup
+    from mesobox.isolation.cgroups import Cgroup
 
     cg = Cgroup(str(record["name"]), int(record["version"]), {k: Path(v) for k, v in record["dirs"].items()})
     return cg
@@ -115,3 +115,15 @@ def release_cgroup(record: Any) -> None:
     cg.created = [p for p in cg.dirs.values() if p.is_dir()]
     with contextlib.suppress(LaunchError):
         cg.remove()
+
+
+def kill_leftovers(inst: st.Instance, grace: float) -> None:
+    """For a dead supervisor: end the workload tree ourselves (SIGTERM, grace, SIGKILL)."""
+    resume_quietly(inst)
+    pid = inst.workload_pid
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not st.wait_gone([pid], grace):
+            st.wait_gone(st.signal_tree(pid, signal.SIGKILL), 5)
+    release_cgroup(inst.state.get("cgroup"))

@@ -473,7 +473,7 @@ def _unmount(mountpoint: str) -> None:
     if not _exists(mountpoint):
         return
     if os.getuid() == 0:
-        from mesobox.runtime.syscalls import MNT_DETACH, umount2
+        from mesobox.launch.syscalls import MNT_DETACH, umount2
 
         # UMOUNT_NOFOLLOW (umount2(2)): never unmount through a symlink at the path.
         _quietly(lambda p: umount2(p, MNT_DETACH | _UMOUNT_NOFOLLOW), mountpoint)

@@ -39,22 +39,22 @@ from __future__ import annotations
 import os
 
 from mesobox import paths
-from mesobox.runtime import probe
+from mesobox.launch import probe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
     from mesobox.config import Config
-    from mesobox.runtime.execute import Program
+    from mesobox.launch.execute import Program
 
 FORMAT = 1
 MAX_PLANS = 64
 # The modules whose code shapes a program: any change to them is another key.
-_SOURCES = ("cli/run.py", "config.py", "paths.py", "runtime/__init__.py", "runtime/build.py",
-            "runtime/caps.py", "runtime/environ.py", "runtime/execute.py", "runtime/identity.py",
-            "runtime/launcher.py", "runtime/mounts.py", "runtime/plan.py", "runtime/plancache.py",
-            "runtime/probe.py", "runtime/seccomp.py", "runtime/spec.py")
+_SOURCES = ("cli/run.py", "config.py", "paths.py", "runtime/__init__.py", "launch/specbuild.py",
+            "isolation/caps.py", "launch/environ.py", "launch/execute.py", "launch/identity.py",
+            "launch/launcher.py", "launch/mountops.py", "launch/mountplan.py", "launch/plancache.py",
+            "launch/probe.py", "isolation/seccomp.py", "oci/spec.py")
 _pending: tuple[Any, ...] | None = None  # the key of the launch being recorded
 
 
@@ -98,16 +98,15 @@ def save(program: Program, config: Config) -> None:
 def _run(saved: dict[str, Any]) -> None:
     """Execute a saved program (never returns), or return when its squashfs mount
     cannot be had as when it was saved: watched, at the same place."""
-    from mesobox import runtime
-    from mesobox.runtime import environ, execute
+    from mesobox.launch import environ, execute, reaping
 
     program = dict(saved["program"])
     program["env"] = environ.compose(dict(os.environ), saved["environment"])
     environ.check(program["env"])
     execute.check_ids()  # never setuid: real == effective == saved
-    runtime.reap_stale_mounts(saved["runtime_dir"], saved["linger"])
+    reaping.reap_stale_mounts(saved["runtime_dir"], saved["linger"])
     if program["squashfs"] is not None:
-        from mesobox.runtime import squashmount
+        from mesobox.launch import squashmount
 
         # As launcher.launch does: the node's shared mount, made before unshare.
         lease = squashmount.attach(saved["runtime_dir"], saved["linger"], program["squashfs"])

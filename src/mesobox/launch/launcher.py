@@ -39,35 +39,34 @@ from __future__ import annotations
 import os
 import sys
 
-from mesobox import paths, runtime
+from mesobox import paths
 from mesobox.errors import LaunchError
-from mesobox.runtime import FORWARDED, SIGCHLD, execute, hold_signals
-from mesobox.runtime import syscalls as sc
-from mesobox.runtime.spec import (
+from mesobox.launch import beneath, execute, reaping
+from mesobox.launch import syscalls as sc
+from mesobox.launch.signals import block_signals, exit_status, wait_forwarding
+from mesobox.oci.spec import (
     ANN_FORMAT,
     ANN_IMAGE_LOCK,
     ANN_OVERLAY,
     ANN_OVERLAY_IMAGE,
     ANN_SUBIDS,
     ANN_WRITABLE_TMPFS,
+    Resources,
     Spec,
 )
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import signal as _signal
+    pass
 else:
-    import _signal  # the C half of `signal`: the same calls, without its enum import (≈3 ms)
+    pass  # the C half of `signal`: the same calls, without its enum import (≈3 ms)
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn
 
     from mesobox.config import Config
-    from mesobox.runtime.execute import Program
+    from mesobox.launch.execute import Program
 
-_SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel (a tty) generated (sigaction(2))
-_TTY_SIGNALS = (2, 3, 28)  # ^C ^\ and resizes go to the whole foreground process group
-HOLD_S = 1.0  # longest an early signal waits for the workload's handler
 ANN_NET = "org.mesobox.net"  # "none" | "slirp"
 ANN_PUBLISH = "org.mesobox.publish"  # "HOST:CONTAINER,…"
 _NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
@@ -83,14 +82,14 @@ def launch(spec: Spec, config: Config) -> int:
     image_dir = spec.root.path
     # Mounts, workspace and caches go below it: refused unless it is ours alone.
     paths.runtime_dir(config.runtime_dir_str)
-    runtime.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
+    reaping.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
     if spec.annotations.get(ANN_FORMAT) == "squashfs":
-        from mesobox.runtime import squashmount
+        from mesobox.launch import squashmount
 
         # Mounted in the initial mount namespace so every rank on the node shares it.
         lease = squashmount.acquire(config, spec.root.path)
         image_dir = lease.mountpoint
-        from mesobox.runtime import probe
+        from mesobox.launch import probe
 
         probe.pin(image_dir)
     # A watched lease needs nobody to wait: its ref is this pid and start time, which
@@ -109,7 +108,7 @@ def launch(spec: Spec, config: Config) -> int:
         raise
     execute.hold_image(program)
     if not supervised:
-        from mesobox.runtime import plancache
+        from mesobox.launch import plancache
 
         plancache.save(program, config)
         execute.run(program)  # never returns
@@ -128,7 +127,8 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
     passwd/group, capabilities, the compiled seccomp filter.  Reads the host (bind
     sources, the image's /etc files) through probe.py, so a recording plan cache sees
     every question asked; makes no change anywhere but the per-user seccomp cache."""
-    from mesobox.runtime import identity, plan
+    from mesobox.launch import identity
+    from mesobox.launch import mountplan as plan
 
     userns_last = identity.enters_userns_last()
     flags = 0
@@ -151,7 +151,7 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
     if proc.capabilities is not None:
         keep_caps = ()
         if proc.capabilities.get("bounding"):
-            from mesobox.runtime.caps import numbers
+            from mesobox.isolation.caps import numbers
 
             keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
     return {
@@ -183,7 +183,7 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
 
 def _identity_files(spec: Spec, image: str) -> tuple[tuple[str, str], ...]:
     """/etc/passwd and /etc/group: the image's entries plus the caller's."""
-    from mesobox.runtime import identity, probe
+    from mesobox.launch import identity, probe
 
     ann = spec.annotations
     user = spec.process.user
@@ -200,7 +200,7 @@ def _seccomp_program(spec: Spec, config: Config) -> bytes | None:
     and cached (seccomp.py)."""
     if spec.linux.seccomp is None:
         return None
-    from mesobox.runtime.seccomp import prepare
+    from mesobox.isolation.seccomp import prepare
 
     profile = None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp
     return prepare(profile, os.path.join(config.runtime_dir_str, "seccomp"))
@@ -250,7 +250,7 @@ def _with_held_slice(program: Program) -> Program:
     """Real root's program, running with the id slice this supervisor holds for the
     container's life (identity.launch_maps): a bundle's config.json may name a slice
     that its writer released long ago, and another root container may have it now."""
-    from mesobox.runtime import identity
+    from mesobox.launch import identity
 
     uid_maps, gid_maps = program["enter_userns"]
     held = identity.launch_maps(uid_maps, gid_maps)
@@ -273,7 +273,7 @@ def _supervised_child(program: Program, ready_w: int, go_r: int) -> NoReturn:
 
 def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int], None]]:
     """Id maps (newuidmap for sub-id ranges), cgroup, slirp4netns for ``pid``."""
-    from mesobox.runtime import identity
+    from mesobox.launch import identity
 
     if spec.annotations.get(ANN_SUBIDS) == "1":
         for tool, maps in (("newuidmap", spec.linux.uid_mappings), ("newgidmap", spec.linux.gid_mappings)):
@@ -282,9 +282,9 @@ def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int
         _write_child_maps(program, pid)
     cleanups: list[Callable[[int], None]] = []
     if spec.linux.resources is not None:
-        cleanups.append(_join_cgroup(spec, pid))
+        cleanups.append(_join_cgroup(spec.linux.resources, pid))
     if spec.annotations.get(ANN_NET) == "slirp":
-        from mesobox.runtime.network import Slirp
+        from mesobox.isolation.network import Slirp
 
         ports = [tuple(int(x) for x in p.split(":")) for p in spec.annotations.get(ANN_PUBLISH, "").split(",") if p]
         slirp = Slirp.start(pid, ports)  # type: ignore[arg-type]
@@ -295,9 +295,9 @@ def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int
 def _write_child_maps(program: Program, pid: int) -> None:
     try:
         if os.getuid() != 0:
-            execute.write_file(f"/proc/{pid}/setgroups", "deny")
-        execute.write_file(f"/proc/{pid}/uid_map", program["uid_map"])
-        execute.write_file(f"/proc/{pid}/gid_map", program["gid_map"])
+            beneath.write_file(f"/proc/{pid}/setgroups", "deny")
+        beneath.write_file(f"/proc/{pid}/uid_map", program["uid_map"])
+        beneath.write_file(f"/proc/{pid}/gid_map", program["gid_map"])
     except OSError as err:
         raise LaunchError(f"cannot write the container's id maps: {err.strerror}") from None
 
@@ -311,15 +311,13 @@ def _run_helper(argv: list[str]) -> None:
                           hint="check your ranges in /etc/subuid and /etc/subgid")
 
 
-def _join_cgroup(spec: Spec, pid: int) -> Callable[[int], None]:
-    try:
-        from mesobox.runtime.cgroups import apply_resources
-    except ImportError:
-        raise LaunchError("resource limits were asked for but this mesobox has no cgroup support") from None
-    cg = apply_resources(pid, spec.linux.resources, f"mesobox-{os.getpid()}")
+def _join_cgroup(resources: Resources, pid: int) -> Callable[[int], None]:
+    from mesobox.isolation.cgroups import apply_resources
+
+    cg = apply_resources(pid, resources, f"mesobox-{os.getpid()}")
 
     def cleanup(status: int) -> None:
-        if status == 137 and spec.linux.resources.memory_bytes is not None:
+        if status == 137 and resources.memory_bytes is not None:
             try:
                 if cg.usage().oom_kills:
                     sys.stderr.write("mesobox: the container was killed: out of memory (its --memory limit)\n")
@@ -333,89 +331,9 @@ def _join_cgroup(spec: Spec, pid: int) -> Callable[[int], None]:
 # --- waiting ------------------------------------------------------------------------------
 
 
-def exit_status(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
 def _wait_status(pid: int) -> int:
     while True:
         try:
             return exit_status(os.waitpid(pid, 0)[1])
         except ChildProcessError:
             return 125
-
-
-def block_signals() -> None:
-    """Hold every forwarded signal (and SIGCHLD) pending from here on: none kills a
-    half-built container; forwarders take them with sigwaitinfo(2)."""
-    hold_signals()
-
-
-
-def _reaped(pid: int, everyone: bool) -> int | None:
-    """The exit status of ``pid`` if it has ended; with ``everyone`` (pid 1) reap orphans too."""
-    while True:
-        try:
-            got, status = os.waitpid(-1 if everyone else pid, os.WNOHANG)
-        except ChildProcessError:
-            return 125
-        if got == pid:
-            return exit_status(status)
-        if got == 0:
-            return None
-
-
-def _ready_for(pid: int, signum: int, until: float) -> None:
-    """Wait (≤ ``until``) until ``pid`` catches, ignores or blocks ``signum``: a shell
-    sets its trap a few hundred µs after execve (proc(5) SigBlk/SigIgn/SigCgt)."""
-    import time
-
-    bit, delay = 1 << (signum - 1), 0.0005
-    while time.monotonic() < until:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                fields = dict(line.split(":\t", 1) for line in f if ":\t" in line)
-        except OSError:
-            return
-        if fields.get("State", "Z").startswith("Z"):
-            return
-        if any(int(fields.get(k, "0"), 16) & bit for k in ("SigBlk", "SigIgn", "SigCgt")):
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-def wait_forwarding(pid: int, exec_r: int | None = None, everyone: bool = False,
-                    queued: tuple[int, ...] = ()) -> int:
-    """Wait for ``pid``, passing on the signals a batch system sends.  With ``exec_r``
-    nothing is passed on before the workload has exec'd (EOF): until then they queue.
-    ``queued`` are signals taken earlier, passed on first whoever sent them."""
-    import time
-
-    block_signals()  # sigwaitinfo needs them blocked, or SIGCHLD is just discarded
-    if exec_r is not None:
-        os.read(exec_r, 1)
-        os.close(exec_r)
-    hold_until = time.monotonic() + HOLD_S
-    for signum in queued:
-        _ready_for(pid, signum, hold_until)
-        _kill(pid, signum)
-    while True:
-        status = _reaped(pid, everyone)
-        if status is not None:
-            return status
-        info = _signal.sigwaitinfo((*FORWARDED, SIGCHLD))
-        signum = info.si_signo
-        if signum == SIGCHLD or (info.si_code == _SI_KERNEL and signum in _TTY_SIGNALS):
-            continue  # a tty signal: the container, in the same foreground group, has it
-        _ready_for(pid, signum, hold_until)
-        _kill(pid, signum)
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:  # noqa: SIM105 - contextlib is not worth its import on the hot path
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-

@@ -28,8 +28,9 @@ import os
 import sys
 
 from mesobox.errors import ImageNotFound, PolicyError, UsageError
-from mesobox.runtime import probe
-from mesobox.runtime import spec as S
+from mesobox.launch import probe
+from mesobox.oci import spec as S
+from mesobox.records import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ SYSTEM_DIRS = ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "
                "sys", "usr", "var")
 
 
-class RunOptions(S._Record):
+class RunOptions(Record):
     """What the CLI parsed; defaults are mesobox's documented defaults (docs/running.md)."""
 
     __slots__ = (
@@ -118,7 +119,7 @@ class RunOptions(S._Record):
     cap_drop: tuple[str, ...]
 
 
-class Image(S._Record):
+class Image(Record):
     __slots__ = ("config", "format", "lock", "path", "reference")
     _defaults = {"lock": None}
     format: str  # "dir" | "squashfs"
@@ -195,7 +196,7 @@ def resolve_image(text: str, config: Config) -> Image:
     record = store.lookup(text)
     if record is None and text.startswith("docker://"):
         from mesobox.image.pull import pull
-        from mesobox.runtime import hold_signals, release_signals
+        from mesobox.launch.signals import hold_signals, release_signals
 
         probe.untracked()  # pulled by this launch: the next one records the stored image
         release_signals()  # a pull may take minutes: Ctrl-C must still stop it
@@ -470,7 +471,7 @@ def _seccomp(opts: RunOptions, config: Config) -> dict[str, Any] | None:
         # Docker's choice: a default filter denying what containers never need (kexec,
         # bpf, keyctl, …; see seccomp.DEFAULT_DENIED), unless seccomp=unconfined.
         return {"mesobox.builtin": True}
-    from mesobox.runtime.seccomp import profile_from_option
+    from mesobox.isolation.seccomp import profile_from_option
 
     if value not in ("default", "unconfined"):
         probe.untracked()  # a profile file's content is not recorded (plancache.py)
@@ -485,14 +486,14 @@ def _resources(opts: RunOptions) -> Any:
     if opts.memory is None and opts.cpus is None and opts.pids_limit is None and opts.cpuset_cpus is None \
             and not any(io):
         return None
-    from mesobox.runtime.cgroups import parse_resource_options
+    from mesobox.isolation.cgroups import parse_resource_options
 
     return parse_resource_options(opts.memory, opts.cpus, opts.cpuset_cpus, opts.pids_limit, *(list(x) for x in io))
 
 
 def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     """Everything the launcher needs, decided here, validated as a whole."""
-    from mesobox.runtime import environ, identity
+    from mesobox.launch import environ, identity
 
     uid, gid = os.getuid(), os.getgid()
     name, group, home, shell = identity.host_names(uid, gid)
@@ -526,7 +527,7 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     if inside[0] != 0 and not opts.cap_add and not opts.cap_drop:
         caps = dict(NO_CAPABILITIES)  # what caps.resolve says for a non-root uid, without its import
     else:
-        from mesobox.runtime.caps import resolve
+        from mesobox.isolation.caps import resolve
 
         caps = resolve(inside[0] == 0, opts.cap_add, opts.cap_drop)
     process = S.Process(args=args, env=env, cwd=_cwd(opts, mounts, image.config, home),
@@ -545,7 +546,8 @@ def _option_annotations(opts: RunOptions, subids: bool) -> dict[str, str]:
     if opts.writable_tmpfs is not None:
         ann[S.ANN_WRITABLE_TMPFS] = str(opts.writable_tmpfs)
     if opts.overlay:
-        from mesobox.runtime import identity, quota
+        from mesobox.isolation import quota
+        from mesobox.launch import identity
 
         probe.untracked()  # an overlay's state is not recorded (plancache.py)
 

@@ -138,7 +138,7 @@ def environ(name: str) -> str | None:
 
 def image_exists(root: str, rel: str) -> bool:
     """Whether ``root/rel`` exists with no symlink on the way (a symlink counts as
-    existing: execute.open_beneath will refuse it with a clear message)."""
+    existing: beneath.open_beneath will refuse it with a clear message)."""
     return _note("image_exists", (root, rel), _image_exists(root, rel))
 
 
@@ -163,7 +163,7 @@ def host_names(uid: int, gid: int) -> tuple[str, str, str, str]:
 
 def env_file(path: str) -> tuple[tuple[str, str], ...]:
     """The KEY=VALUE pairs of an --env-file (environ.read_env_file)."""
-    from mesobox.runtime.environ import read_env_file
+    from mesobox.launch.environ import read_env_file
 
     return _note("env_file", (path,), tuple(read_env_file(path)))
 
@@ -186,18 +186,18 @@ def recently_changed(config: tuple[Any, ...]) -> bool:
 
 def unchanged(entries: list[Entry]) -> bool:
     """Whether every recorded question gets the same answer now."""
-    from mesobox.runtime import execute
+    from mesobox.launch import beneath
 
     try:
         for question, args, answer in entries:
             if question.startswith("image_"):
-                execute.hold_root(args[0])  # one open(2) of the image for all its questions
+                beneath.hold_root(args[0])  # one open(2) of the image for all its questions
             if _ASK[question](*args) != answer:
                 return False
     except Exception:  # a question that fails now (an env file gone…): compile again
         return False
     finally:
-        execute.release_roots()
+        beneath.release_roots()
     return True
 
 
@@ -205,7 +205,7 @@ def unchanged(entries: list[Entry]) -> bool:
 
 
 def _image_exists(root: str, rel: str) -> bool:
-    from mesobox.runtime.execute import open_beneath
+    from mesobox.launch.beneath import open_beneath
 
     try:
         os.close(open_beneath(root, rel))
@@ -239,7 +239,7 @@ def _refused(err: Exception) -> bool:
 
 def _image_text(root: str, rel: str, limit: int = 1 << 20) -> tuple[str, tuple[int, ...] | None]:
     """(text, identity) of a regular file beneath root; ("", None) for anything else."""
-    from mesobox.runtime.execute import open_beneath
+    from mesobox.launch.beneath import open_beneath
 
     try:
         fd = open_beneath(root, rel)
@@ -263,7 +263,7 @@ def _image_text(root: str, rel: str, limit: int = 1 << 20) -> tuple[str, tuple[i
 
 
 def _image_file(root: str, rel: str) -> tuple[int, ...] | None:
-    from mesobox.runtime.execute import open_beneath
+    from mesobox.launch.beneath import open_beneath
 
     try:
         fd = open_beneath(root, rel)

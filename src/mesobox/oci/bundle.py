@@ -50,8 +50,8 @@ def bundle_config(config: Config, image: str, args: tuple[str, ...] = ()) -> dic
     written with ``to_oci_json``, so ``mesobox oci run`` reads back exactly what the
     launcher understands.  A squashfs image stays one file: root.path names it and the
     ``org.mesobox.root.format`` annotation says how to mount it."""
-    from mesobox.runtime.build import RunOptions, make_spec, resolve_image
-    from mesobox.runtime.spec import to_oci_json
+    from mesobox.launch.specbuild import RunOptions, make_spec, resolve_image
+    from mesobox.oci.spec import to_oci_json
 
     opts = RunOptions(mode="run", image=image, args=args, contain=True, cleanenv=True)
     spec = make_spec(opts, config, resolve_image(image, config))
@@ -112,8 +112,8 @@ def spec_from_bundle(bundle: Path, data: dict[str, Any]) -> Any:
     the caller's own identity and id maps, and Slurm's SLURMD_NODENAME."""
     import copy
 
-    from mesobox.runtime import identity
-    from mesobox.runtime.spec import from_oci_json
+    from mesobox.launch import identity
+    from mesobox.oci.spec import from_oci_json
 
     doc = copy.deepcopy(data)
     root = Path(doc["root"]["path"])

@@ -9,11 +9,11 @@ locked flags repeated on remounts).  The planner (plan.py) orders them parents-f
 
 from __future__ import annotations
 
-from mesobox.runtime import syscalls as sc
-from mesobox.runtime.spec import _Record
+from mesobox.launch import syscalls as sc
+from mesobox.records import Record
 
 
-class Op(_Record):
+class Op(Record):
     __slots__ = ()
 
     def describe(self) -> str:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import LaunchError
-from mesobox.runtime import mounts as M
-from mesobox.runtime import probe
-from mesobox.runtime import syscalls as sc
-from mesobox.runtime.spec import ANN_OVERLAY, ANN_WRITABLE_TMPFS, Spec
+from mesobox.launch import mountops as M
+from mesobox.launch import probe
+from mesobox.launch import syscalls as sc
+from mesobox.oci.spec import ANN_OVERLAY, ANN_WRITABLE_TMPFS, Spec
 
 _FLAG_OPTIONS = {"nosuid": sc.MS_NOSUID, "nodev": sc.MS_NODEV, "noexec": sc.MS_NOEXEC}
 _IGNORED = {"bind", "rbind", "ro", "rw", "private", "rprivate", "slave", "rslave"}

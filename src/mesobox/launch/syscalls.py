@@ -298,3 +298,19 @@ def mount_setattr(fd: int, flags: int, recursive: bool) -> bool:
         return False
     _check(result)
     return True
+
+
+def install_seccomp(program: bytes) -> None:
+    """Load a compiled filter (seccomp.prepare) into this process: last step before execve."""
+    try:
+        # libseccomp's seccomp_load set no_new_privs itself (SCMP_FLTATR_CTL_NNP is on
+        # by default, seccomp_attr_set(3)); the kernel demands it without CAP_SYS_ADMIN.
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        seccomp_set_filter(program)
+    except OSError as err:
+        from mesobox.errors import LaunchError
+
+        raise LaunchError(
+            f"cannot load the seccomp filter: {err.strerror}",
+            hint="the kernel needs CONFIG_SECCOMP_FILTER; set no_new_privs before loading",
+        ) from None

@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import UsageError
-from mesobox.runtime import environ
+from mesobox.launch import environ
+from mesobox.records import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,47 +36,7 @@ ANN_SUBIDS = "org.mesobox.subids"  # "1": maps were made with newuidmap/newgidma
 ANN_IMAGE_LOCK = "org.mesobox.image-lock"  # store lock file held shared while the container runs
 
 
-class _Record:
-    """Frozen keyword-constructed record; ``_defaults`` holds the optional fields."""
-
-    __slots__: tuple[str, ...] = ()
-    _defaults: dict[str, Any] = {}
-
-    def __init__(self, **values: Any) -> None:
-        for name in self.__slots__:
-            if name in values:
-                value = values.pop(name)
-            elif name in self._defaults:
-                value = self._defaults[name]
-            else:
-                raise TypeError(f"{type(self).__name__}: missing field {name!r}")
-            object.__setattr__(self, name, value)
-        if values:
-            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(values)}")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is frozen: use replace()")
-
-    def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, n) for n in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(tuple(repr(v) for v in self._values()))
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
-        return f"{type(self).__name__}({inner})"
-
-    def replace(self, **changes: Any) -> Any:
-        values = {n: getattr(self, n) for n in self.__slots__}
-        values.update(changes)
-        return type(self)(**values)
-
-
-class User(_Record):
+class User(Record):
     __slots__ = ("additional_gids", "gid", "uid")
     _defaults = {"additional_gids": ()}
     uid: int
@@ -83,7 +44,7 @@ class User(_Record):
     additional_gids: tuple[int, ...]
 
 
-class Process(_Record):
+class Process(Record):
     __slots__ = ("args", "capabilities", "cwd", "env", "no_new_privileges", "rlimits", "terminal", "user")
     _defaults = {"terminal": False, "no_new_privileges": True, "rlimits": (), "capabilities": None}
     args: tuple[str, ...]
@@ -96,14 +57,14 @@ class Process(_Record):
     capabilities: dict[str, tuple[str, ...]] | None  # OCI sets: bounding, effective, …
 
 
-class Root(_Record):
+class Root(Record):
     __slots__ = ("path", "readonly")
     _defaults = {"readonly": True}
     path: str
     readonly: bool
 
 
-class Mount(_Record):
+class Mount(Record):
     __slots__ = ("destination", "options", "source", "type")
     _defaults = {"options": ()}
     destination: str
@@ -112,14 +73,14 @@ class Mount(_Record):
     options: tuple[str, ...]
 
 
-class IdMap(_Record):
+class IdMap(Record):
     __slots__ = ("container_id", "host_id", "size")
     container_id: int
     host_id: int
     size: int
 
 
-class Linux(_Record):
+class Linux(Record):
     __slots__ = (
         "gid_mappings",
         "masked_paths",
@@ -134,13 +95,58 @@ class Linux(_Record):
     namespaces: tuple[str, ...]
     uid_mappings: tuple[IdMap, ...]
     gid_mappings: tuple[IdMap, ...]
-    resources: Any  # mesobox.runtime.cgroups.Resources | None (imported only when used)
+    resources: Resources | None
     seccomp: dict[str, Any] | None
     masked_paths: tuple[str, ...]
     readonly_paths: tuple[str, ...]
 
 
-class Spec(_Record):
+DeviceRates = tuple[tuple[str, int], ...]
+
+
+class Resources(Record):
+    """OCI runtime-spec ``linux.resources``, the subset mesobox supports.
+
+    io_* entries are (``major:minor`` or ``/dev`` path, bytes/s or operations/s)."""
+
+    # constructor order; kept unsorted on purpose
+    __slots__ = ("memory_bytes", "cpu_quota_us", "cpu_period_us", "cpuset_cpus", "pids_limit",  # noqa: RUF023
+                 "io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
+    memory_bytes: int | None
+    cpu_quota_us: int | None
+    cpu_period_us: int
+    cpuset_cpus: str | None
+    pids_limit: int | None
+    io_read_bps: DeviceRates
+    io_write_bps: DeviceRates
+    io_read_iops: DeviceRates
+    io_write_iops: DeviceRates
+
+    def __init__(
+        self,
+        memory_bytes: int | None = None,
+        cpu_quota_us: int | None = None,
+        cpu_period_us: int = 100_000,
+        cpuset_cpus: str | None = None,
+        pids_limit: int | None = None,
+        io_read_bps: DeviceRates = (),
+        io_write_bps: DeviceRates = (),
+        io_read_iops: DeviceRates = (),
+        io_write_iops: DeviceRates = (),
+    ) -> None:
+        rates = (io_read_bps, io_write_bps, io_read_iops, io_write_iops)
+        values = (memory_bytes, cpu_quota_us, cpu_period_us, cpuset_cpus, pids_limit, *map(tuple, rates))
+        for name, value in zip(type(self).__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def any_io(self) -> bool:
+        return bool(self.io_read_bps or self.io_write_bps or self.io_read_iops or self.io_write_iops)
+
+    def is_empty(self) -> bool:
+        return self == Resources(cpu_period_us=self.cpu_period_us)
+
+
+class Spec(Record):
     __slots__ = ("annotations", "hostname", "linux", "mounts", "process", "root")
     _defaults = {"mounts": (), "hostname": None, "annotations": {}}
     process: Process
@@ -238,7 +244,7 @@ def _map_json(m: IdMap) -> dict[str, int]:
     return {"containerID": m.container_id, "hostID": m.host_id, "size": m.size}
 
 
-def _resources_json(r: Any) -> dict[str, Any]:
+def _resources_json(r: Resources) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if r.memory_bytes is not None:
         out["memory"] = {"limit": r.memory_bytes}
@@ -294,9 +300,7 @@ def _map_from(m: dict[str, Any]) -> IdMap:
     return IdMap(container_id=int(m["containerID"]), host_id=int(m["hostID"]), size=int(m["size"]))
 
 
-def _resources_from(r: dict[str, Any]) -> Any:
-    from mesobox.runtime.cgroups import Resources
-
+def _resources_from(r: dict[str, Any]) -> Resources:
     cpu = r.get("cpu") or {}
     return Resources(
         memory_bytes=(r.get("memory") or {}).get("limit"),
