@@ -17,7 +17,7 @@ from mesobox.errors import PolicyError, UsageError
 from mesobox.launch import environ
 from mesobox.launch.identity import group_text, passwd_text, subid_range
 from mesobox.launch.specbuild import RunOptions, command, parse_bind, parse_size
-from mesobox.oci.spec import IdMap, Linux, Mount, Process, Root, Spec, User, from_oci_json, to_oci_json
+from mesobox.oci.spec import IdMap, Linux, Mount, Process, Root, Settings, Spec, User, from_oci_json, to_oci_json
 
 
 def test_parser_forms_and_stop_at_image() -> None:
@@ -103,18 +103,26 @@ def _spec() -> Spec:
         root=Root(path="/img"), mounts=(Mount(destination="/d", type="bind", source="/s", options=("rbind", "ro")),),
         hostname="h", linux=Linux(namespaces=("user", "mount", "uts"),
                                   uid_mappings=(IdMap(container_id=0, host_id=1000, size=1),)),
-        annotations={"org.mesobox.root.format": "dir"})
+        mesobox=Settings(root_format="squashfs", writable_tmpfs=0, net="slirp", publish=((8080, 80),),
+                         subids=True, user_name="alice", home="/home/alice"),
+        annotations={"org.example.kept": "yes"})
 
 
 def test_spec_oci_round_trip_and_validation() -> None:
     spec = _spec()
     spec.validate()
     assert from_oci_json(to_oci_json(spec)) == spec
+    # mesobox's typed settings cross the JSON boundary as annotations, beside the others
+    written = to_oci_json(spec)["annotations"]
+    assert written["org.example.kept"] == "yes" and written["org.mesobox.publish"] == "8080:80"
+    assert written["org.mesobox.net"] == "slirp" and written["org.mesobox.writable-tmpfs"] == "0"
     with pytest.raises(AttributeError):
         spec.hostname = "x"  # type: ignore[misc]
     bad = [spec.replace(hostname="h", linux=Linux()), spec.replace(root=Root(path="rel")),
            spec.replace(mounts=(Mount(destination="/a/../b", type="tmpfs", source="t"),)),
            spec.replace(process=spec.process.replace(args=())),
+           spec.replace(mesobox=spec.mesobox.replace(net="host")),  # -p needs slirp
+           spec.replace(mesobox=spec.mesobox.replace(root_format="tarball")),
            spec.replace(linux=spec.linux.replace(uid_mappings=(IdMap(container_id=0, host_id=1, size=5),
                                                                IdMap(container_id=3, host_id=9, size=1))))]
     for item in bad:
@@ -141,8 +149,9 @@ def test_run_import_cost_stays_small() -> None:
     """The hot path imports no argparse, json, dataclasses or HTTP code."""
     code = ("import sys; import mesobox.cli.run, mesobox.launch.launcher, mesobox.launch.specbuild, "
             "mesobox.launch.mountplan, mesobox.launch.mountops, mesobox.launch.identity, mesobox.launch.environ, "
+            "mesobox.launch.program, mesobox.launch.signals, mesobox.launch.beneath, mesobox.oci.spec, "
             "mesobox.launch.plancache, mesobox.launch.probe, mesobox.launch.execute; "
-            "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request') "
+            "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request', 'typing', 'collections') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); {code}"],
                          capture_output=True, text=True, check=True)

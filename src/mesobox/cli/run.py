@@ -128,10 +128,9 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
         return 0
     if values.pop("debug", False):
         config = config.replace(debug=True)
-    publish = values.pop("publish", ())
     mpi = values.pop("mpi", None)
     if values.get("writable_tmpfs") is not None:
-        from mesobox.launch.specbuild import parse_size
+        from mesobox.sizes import parse_size
 
         text = values["writable_tmpfs"]
         values["writable_tmpfs"] = parse_size(text, "--writable-tmpfs") if text else 0
@@ -154,22 +153,9 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
         from mesobox.launch.identity import HOST_ROOT_WARNING
 
         sys.stderr.write(HOST_ROOT_WARNING)
-    if publish:
-        spec = _with_publish(spec, publish, opts.net)
     if config.debug:
         sys.stderr.write(f"mesobox: spec: {spec!r}\n")
     return launch(spec, config)
-
-
-def _with_publish(spec: Any, publish: tuple[str, ...], net: str | None) -> Any:
-    if net != "slirp":
-        raise UsageError("-p/--publish needs --net slirp")
-    from mesobox.isolation.network import parse_publish
-
-    pairs = [parse_publish(p) for p in publish]
-    ann = dict(spec.annotations)
-    ann["org.mesobox.publish"] = ",".join(f"{h}:{c}" for h, c in pairs)
-    return spec.replace(annotations=ann)
 
 
 def main_run(argv: list[str], config: Config) -> int:

@@ -1,7 +1,7 @@
 """Execute room: run a launch *program* — the container side of a launch.
 
 A program is plain data (a dict of str, int, bytes and tuples) that
-``launcher.compile_program`` derives from a validated Spec.  Every decision is already
+``program.compile_program`` derives from a validated Spec.  Every decision is already
 taken in it: mount steps, passwd/group text, the capabilities to keep, the compiled
 seccomp filter.  This module only makes the syscalls, in bubblewrap's order:
 unshare → id maps → make / slave → workspace tmpfs → root and mount steps →
@@ -9,40 +9,8 @@ pivot_root → chdir → hostname/loopback → capabilities → user switch → 
 seccomp (last) → execve.  Being plain data, a program can be reused by the next
 launch of the same command line (plancache.py); only the environment is made anew.
 
-Program keys:
-  squashfs           the image file whose shared mount image_dir is (plancache.py
-                     attaches to it before running a saved program), or None
-  image_dir          the image's root directory (the lower layer of every root step)
-  image_lock         the store's in-use lock file of a stored directory image, held shared
-                     for the container's life (``hold_image``), or None
-  flags              unshare(2) flags (without CLONE_NEWUSER when the user namespace
-                     is entered last: real root, identity.enter_userns)
-  uid_map, gid_map   text for /proc/PID/uid_map and gid_map
-  pid                a new pid namespace: a minimal init forks the workload
-  workspace          the private tmpfs directory (root/, etc/, rw/ below it)
-  scratch            --writable-tmpfs size in bytes as text ("0": tmpfs default), or None
-  persistent         --overlay directory (upper/ and work/ are made in it), or None
-  overlay_image      ext4 image to loop-mount on workspace/ovl (real root), or None
-  files              ((name, text), …) written to workspace/etc (passwd, group)
-  steps              mount steps (below), applied in order below workspace/root
-  loopback           bring up lo (a new network namespace)
-  hostname, cwd      set after pivot_root
-  enter_userns       (uid maps, gid maps) for real root, or None
-  keep_caps          capability numbers left in the bounding set, or None: leave them
-  user               (uid, gid, additional gids) inside
-  no_new_privs       prctl(PR_SET_NO_NEW_PRIVS) before execve
-  seccomp            compiled BPF program, or None
-  args, env          argv and "K=V" strings
-
-Mount steps (``step[0]``, then its fields; targets are relative to the new root):
-  ("bind", source, target, kind, recursive, hide, flags)   kind "dir"/"file": the mount
-        point to create; hide: the workspace's path below source, detached after an
-        rbind; flags: MS_RDONLY/NOSUID/… for the remount that follows (0: none)
-  ("mount", fstype, source, target, flags, data)           tmpfs, proc, devpts
-  ("overlay", lower, upper, work, target)
-  ("remount", target, flags, source)    source: whose locked flags to keep ("" if ours)
-  ("skeleton", target)                  tmpfs + binds of the image directory's entries
-  ("symlink", link, target)
+The program's fields are listed, typed, in program.py (``Program``); the mount steps'
+kinds and fields in mountops.py.
 
 Invariants:
 - Every target is reached with ``open_beneath``: one ``openat2`` with
@@ -90,7 +58,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, NoReturn
 
-    Program = dict[str, Any]
+    from mesobox.launch.mountops import MountStep
+    from mesobox.launch.program import Program
 
 _exec_fd: int | None = None  # write end of the "workload exec'd" pipe (close-on-exec)
 
@@ -281,7 +250,7 @@ def make_workspace(program: Program) -> None:
         os.mkdir(scratch, 0o755)
         # The size cap is the disk quota of --writable-tmpfs: writes past it get ENOSPC.
         sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-                 "mode=755" + (f",size={size}" if size != "0" else ""))
+                 "mode=755" + (f",size={size}" if size else ""))
         os.mkdir(scratch + "/upper", 0o755)
         os.mkdir(scratch + "/work", 0o755)
     persistent = program["persistent"]
@@ -323,10 +292,24 @@ def pivot(root: str) -> None:
 # --- mount steps -------------------------------------------------------------------------
 
 
-def run_steps(steps: list[tuple[Any, ...]] | tuple[tuple[Any, ...], ...], root: str) -> None:
+def run_steps(steps: tuple[MountStep, ...] | list[MountStep], root: str) -> None:
+    """Apply the mount steps (mountops.py lists the kinds and their fields) below ``root``."""
     try:
-        for step in steps:
-            _STEPS[step[0]](root, *step[1:])
+        for kind, target, source, flags, data, file, recursive, hide, upper, work in steps:
+            if kind == "bind":
+                _bind(root, source, target, "file" if file else "dir", recursive, hide, flags)
+            elif kind in ("tmpfs", "proc", "devpts"):
+                _mount_at(root, target, "dir", source, kind, flags, data or None)
+            elif kind == "overlay":
+                _overlay(root, source, upper, work, target)
+            elif kind == "remount":
+                _remount(root, target, flags, source)
+            elif kind == "skeleton":
+                _skeleton(root, target)
+            elif kind == "symlink":
+                _symlink(root, target, source)
+            else:
+                raise _launch_error(f"unknown mount step {kind!r}")
             hold_root(root)
     finally:
         release_roots()
@@ -438,10 +421,6 @@ def _mounts_below(fd: int) -> list[str]:
     return sorted(found, key=lambda rel: rel.count("/"))
 
 
-def _mount(root: str, fstype: str, source: str, target: str, flags: int, data: str | None) -> None:
-    _mount_at(root, target, "dir", source, fstype, flags, data)
-
-
 def _overlay(root: str, lower: str, upper: str, work: str, target: str) -> None:
     """Kernel overlayfs on ``target``, fuse-overlayfs when the kernel refuses."""
     data = f"lowerdir={lower},upperdir={upper},workdir={work}"
@@ -521,12 +500,6 @@ def _symlink(root: str, link: str, target: str) -> None:
         os.close(fd)
 
 
-_STEPS: dict[str, Callable[..., None]] = {
-    "bind": _bind, "mount": _mount, "overlay": _overlay, "remount": _remount, "skeleton": _skeleton,
-    "symlink": _symlink,
-}
-
-
 # --- the workload ----------------------------------------------------------------------
 
 
@@ -535,11 +508,12 @@ def exec_workload(program: Program) -> NoReturn:
     args = program["args"]
     path = find_command(args[0], env.get("PATH", ""))
     parent = os.getppid()
-    real_root = program["enter_userns"] is not None
-    if real_root:
+    enter = program["enter_userns"]
+    real_root = enter is not None
+    if enter is not None:
         from mesobox.launch import identity
 
-        uid_maps, gid_maps = program["enter_userns"]
+        uid_maps, gid_maps = enter
         identity.enter_userns(uid_maps, gid_maps, sc.unshare, sc.CLONE_NEWUSER)
     if program["keep_caps"] is not None:
         # Before the user switch: dropping from the bounding set needs CAP_SETPCAP.

@@ -44,33 +44,15 @@ from mesobox.errors import LaunchError
 from mesobox.launch import beneath, execute, reaping
 from mesobox.launch import syscalls as sc
 from mesobox.launch.signals import block_signals, exit_status, wait_forwarding
-from mesobox.oci.spec import (
-    ANN_FORMAT,
-    ANN_IMAGE_LOCK,
-    ANN_OVERLAY,
-    ANN_OVERLAY_IMAGE,
-    ANN_SUBIDS,
-    ANN_WRITABLE_TMPFS,
-    Resources,
-    Spec,
-)
+from mesobox.oci.spec import Resources, Spec
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    pass
-else:
-    pass  # the C half of `signal`: the same calls, without its enum import (≈3 ms)
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn
 
     from mesobox.config import Config
-    from mesobox.launch.execute import Program
-
-ANN_NET = "org.mesobox.net"  # "none" | "slirp"
-ANN_PUBLISH = "org.mesobox.publish"  # "HOST:CONTAINER,…"
-_NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
-             "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "network": sc.CLONE_NEWNET}
+    from mesobox.launch.program import Program
 
 
 def launch(spec: Spec, config: Config) -> int:
@@ -83,7 +65,7 @@ def launch(spec: Spec, config: Config) -> int:
     # Mounts, workspace and caches go below it: refused unless it is ours alone.
     paths.runtime_dir(config.runtime_dir_str)
     reaping.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
-    if spec.annotations.get(ANN_FORMAT) == "squashfs":
+    if spec.mesobox.root_format == "squashfs":
         from mesobox.launch import squashmount
 
         # Mounted in the initial mount namespace so every rank on the node shares it.
@@ -98,9 +80,10 @@ def launch(spec: Spec, config: Config) -> int:
     # A map of more than one's own id must be written from the parent user namespace
     # (user_namespaces(7)): root's full identity map needs the supervisor too.
     supervised = ((lease is not None and not lease.watched) or spec.linux.resources is not None
-                  or os.getuid() == 0 or spec.annotations.get(ANN_NET) == "slirp"
-                  or spec.annotations.get(ANN_SUBIDS) == "1")
+                  or os.getuid() == 0 or spec.mesobox.net == "slirp" or spec.mesobox.subids)
     try:
+        from mesobox.launch.program import compile_program
+
         program = compile_program(spec, config, image_dir)
     except BaseException:
         if lease is not None:
@@ -117,93 +100,6 @@ def launch(spec: Spec, config: Config) -> int:
     finally:
         if lease is not None:
             lease.release()
-
-
-# --- compiling the program ----------------------------------------------------------------
-
-
-def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
-    """Every decision of the launch, as plain data for execute.py: the mount plan,
-    passwd/group, capabilities, the compiled seccomp filter.  Reads the host (bind
-    sources, the image's /etc files) through probe.py, so a recording plan cache sees
-    every question asked; makes no change anywhere but the per-user seccomp cache."""
-    from mesobox.launch import identity
-    from mesobox.launch import mountplan as plan
-
-    userns_last = identity.enters_userns_last()
-    flags = 0
-    for ns in spec.linux.namespaces:
-        flags |= _NS_FLAGS.get(ns, 0)
-    if userns_last:
-        flags &= ~sc.CLONE_NEWUSER  # entered last, in execute: set-up runs as real root
-    workspace = os.path.join(config.runtime_dir_str, "ws")
-    overlay_image = spec.annotations.get(ANN_OVERLAY_IMAGE)
-    if overlay_image:  # disk-quota overlay: loop-mounted on ws/ovl by execute.setup_root
-        spec = spec.replace(annotations={**spec.annotations, ANN_OVERLAY: os.path.join(workspace, "ovl")})
-    ops = plan.mount_ops(spec, workspace)
-    before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir))
-    ops = [*before, *ops, *after]
-    if config.debug:
-        for op in ops:
-            sys.stderr.write(f"mesobox: mount: {op.describe()}\n")
-    proc = spec.process
-    keep_caps: tuple[int, ...] | None = None
-    if proc.capabilities is not None:
-        keep_caps = ()
-        if proc.capabilities.get("bounding"):
-            from mesobox.isolation.caps import numbers
-
-            keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
-    return {
-        "squashfs": spec.root.path if spec.annotations.get(ANN_FORMAT) == "squashfs" else None,
-        "image_lock": spec.annotations.get(ANN_IMAGE_LOCK),
-        "image_dir": image_dir,
-        "flags": flags,
-        "uid_map": identity.map_text(spec.linux.uid_mappings),
-        "gid_map": identity.map_text(spec.linux.gid_mappings),
-        "pid": "pid" in spec.linux.namespaces,
-        "workspace": workspace,
-        "scratch": spec.annotations.get(ANN_WRITABLE_TMPFS),
-        "persistent": None if overlay_image else spec.annotations.get(ANN_OVERLAY),
-        "overlay_image": overlay_image,
-        "files": _identity_files(spec, image_dir),
-        "steps": tuple(op.step() for op in ops),
-        "loopback": "network" in spec.linux.namespaces,
-        "hostname": spec.hostname,
-        "cwd": proc.cwd,
-        "enter_userns": (spec.linux.uid_mappings, spec.linux.gid_mappings) if userns_last else None,
-        "keep_caps": keep_caps,
-        "user": (proc.user.uid, proc.user.gid, tuple(proc.user.additional_gids)),
-        "no_new_privs": proc.no_new_privileges,
-        "seccomp": _seccomp_program(spec, config),
-        "args": tuple(proc.args),
-        "env": tuple(proc.env),
-    }
-
-
-def _identity_files(spec: Spec, image: str) -> tuple[tuple[str, str], ...]:
-    """/etc/passwd and /etc/group: the image's entries plus the caller's."""
-    from mesobox.launch import identity, probe
-
-    ann = spec.annotations
-    user = spec.process.user
-    passwd = identity.passwd_text(probe.image_text(image, "etc/passwd"), ann.get("org.mesobox.user", "user"),
-                                  user.uid, user.gid, ann.get("org.mesobox.home", "/"),
-                                  ann.get("org.mesobox.shell", "/bin/sh"))
-    group = identity.group_text(probe.image_text(image, "etc/group"), ann.get("org.mesobox.group", "group"),
-                                user.gid, ann.get("org.mesobox.user", "user"))
-    return (("passwd", passwd), ("group", group))
-
-
-def _seccomp_program(spec: Spec, config: Config) -> bytes | None:
-    """The compiled filter, read from the per-user cache or compiled with libseccomp
-    and cached (seccomp.py)."""
-    if spec.linux.seccomp is None:
-        return None
-    from mesobox.isolation.seccomp import prepare
-
-    profile = None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp
-    return prepare(profile, os.path.join(config.runtime_dir_str, "seccomp"))
 
 
 # --- supervisor (outside every namespace) ------------------------------------------------
@@ -252,7 +148,9 @@ def _with_held_slice(program: Program) -> Program:
     that its writer released long ago, and another root container may have it now."""
     from mesobox.launch import identity
 
-    uid_maps, gid_maps = program["enter_userns"]
+    enter = program["enter_userns"]
+    assert enter is not None  # only real root's programs enter the user namespace last
+    uid_maps, gid_maps = enter
     held = identity.launch_maps(uid_maps, gid_maps)
     if held == (uid_maps, gid_maps):
         return program
@@ -275,7 +173,7 @@ def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int
     """Id maps (newuidmap for sub-id ranges), cgroup, slirp4netns for ``pid``."""
     from mesobox.launch import identity
 
-    if spec.annotations.get(ANN_SUBIDS) == "1":
+    if spec.mesobox.subids:
         for tool, maps in (("newuidmap", spec.linux.uid_mappings), ("newgidmap", spec.linux.gid_mappings)):
             _run_helper(identity.newidmap_argv(tool, pid, maps))
     elif program["enter_userns"] is None:
@@ -283,11 +181,10 @@ def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int
     cleanups: list[Callable[[int], None]] = []
     if spec.linux.resources is not None:
         cleanups.append(_join_cgroup(spec.linux.resources, pid))
-    if spec.annotations.get(ANN_NET) == "slirp":
+    if spec.mesobox.net == "slirp":
         from mesobox.isolation.network import Slirp
 
-        ports = [tuple(int(x) for x in p.split(":")) for p in spec.annotations.get(ANN_PUBLISH, "").split(",") if p]
-        slirp = Slirp.start(pid, ports)  # type: ignore[arg-type]
+        slirp = Slirp.start(pid, list(spec.mesobox.publish))
         cleanups.append(lambda _status: slirp.stop())
     return cleanups
 

@@ -1,10 +1,23 @@
-"""Mount room: the container's filesystem as a list of small, frozen operations.
+"""Mount steps: the container's filesystem as one ordered list of ``MountOp`` records.
 
-Each operation has ``describe()`` (one line, printed by ``--debug``) and ``step()``:
-the plain tuple that ``execute.run_steps`` applies below the new root (execute.py
-lists the steps and the invariants that make them safe: every target reached
-without following a symlink, mount points created only in filesystems mesobox owns,
-locked flags repeated on remounts).  The planner (plan.py) orders them parents-first.
+One kind of step, as bubblewrap's setup operations and mkosi's FSOperation are: a
+``kind`` and the fields that kind uses.  mountplan.py makes them from the spec (parents
+first); ``describe()`` is the line ``--debug`` prints; ``step()`` is the same values
+as a plain tuple (``MountStep``), which is what a program holds (the plan cache saves
+programs with ``marshal``) and what ``execute.run_steps`` applies below the new root.
+
+Kinds (targets are relative to the new root; "" is the root itself):
+  bind      ``source`` (a host path) on ``target``; ``file``: the mount point to make is
+            a file; ``recursive``: rbind; ``hide``: the workspace's path below source,
+            detached after an rbind; ``flags``: MS_RDONLY/NOSUID/… of the remount that
+            follows (locked flags are repeated by execute)
+  tmpfs, proc, devpts   a new filesystem of that type, with ``flags`` and ``data``
+  overlay   ``source`` (lower) + ``upper`` + ``work`` on ``target`` (kernel overlayfs,
+            fuse-overlayfs where the kernel refuses)
+  remount   ``target`` with ``flags``; ``source``: whose locked flags to keep ("": ours)
+  skeleton  the image directory ``target`` replaced by a tmpfs holding binds of each
+            of its entries (Apptainer's "underlay"): missing mount points go there
+  symlink   ``target`` made a symlink to ``source``
 """
 
 from __future__ import annotations
@@ -12,133 +25,83 @@ from __future__ import annotations
 from mesobox.launch import syscalls as sc
 from mesobox.records import Record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    # (kind, target, source, flags, data, file, recursive, hide, upper, work)
+    MountStep = tuple[str, str, str, int, str, bool, bool, str, str, str]
 
-class Op(Record):
-    __slots__ = ()
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def step(self) -> tuple[object, ...]:
-        """The mount step execute.run_steps applies (execute.py lists their fields)."""
-        raise NotImplementedError
+NOSUID_NODEV = sc.MS_NOSUID | sc.MS_NODEV
+KINDS = ("bind", "tmpfs", "proc", "devpts", "overlay", "remount", "skeleton", "symlink")
 
 
-class Bind(Op):
-    """Bind ``source`` (a host path) on ``target`` (relative to the new root)."""
-
-    __slots__ = ("flags", "hide", "kind", "readonly", "recursive", "source", "target")
-    _defaults = {"readonly": False, "kind": "dir", "flags": sc.MS_NOSUID | sc.MS_NODEV, "recursive": True,
-                 "hide": ""}
+class MountOp(Record):
+    # step() order; kept unsorted on purpose
+    __slots__ = ("kind", "target", "source", "flags", "data", "file", "recursive", "hide",  # noqa: RUF023
+                 "upper", "work")
+    _defaults = {"source": "", "flags": 0, "data": "", "file": False, "recursive": False, "hide": "",
+                 "upper": "", "work": ""}
+    kind: str
+    target: str
     source: str
-    target: str
-    readonly: bool
-    kind: str  # "dir" or "file": what to create as the mount point
-    flags: int
-    recursive: bool
-    hide: str  # the workspace's path below source: its copy is detached after an rbind
-
-    def describe(self) -> str:
-        return f"bind {self.source} -> /{self.target} ({'ro' if self.readonly else 'rw'})"
-
-    def step(self) -> tuple[object, ...]:
-        remount = (sc.MS_RDONLY if self.readonly else 0) | self.flags
-        return ("bind", self.source, self.target, self.kind, self.recursive, self.hide, remount)
-
-
-class Tmpfs(Op):
-    __slots__ = ("data", "flags", "target")
-    _defaults = {"flags": sc.MS_NOSUID | sc.MS_NODEV, "data": "mode=755"}
-    target: str
     flags: int
     data: str
-
-    def describe(self) -> str:
-        return f"tmpfs on /{self.target} ({self.data})"
-
-    def step(self) -> tuple[object, ...]:
-        return ("mount", "tmpfs", "tmpfs", self.target, self.flags, self.data)
-
-
-class Proc(Op):
-    """A new proc (with a pid namespace: it must show that namespace's pids)."""
-
-    __slots__ = ("target",)
-    target: str
-
-    def describe(self) -> str:
-        return f"proc on /{self.target}"
-
-    def step(self) -> tuple[object, ...]:
-        return ("mount", "proc", "proc", self.target, sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None)
-
-
-class Devpts(Op):
-    """A private devpts instance: ptys made inside are not the host's (devpts docs)."""
-
-    __slots__ = ("target",)
-    target: str
-
-    def describe(self) -> str:
-        return f"devpts (newinstance) on /{self.target}"
-
-    def step(self) -> tuple[object, ...]:
-        return ("mount", "devpts", "devpts", self.target, sc.MS_NOSUID | sc.MS_NOEXEC,
-                "newinstance,ptmxmode=0666,mode=620")
-
-
-class Overlay(Op):
-    """Overlay ``lower`` + ``upper`` on ``target`` (kernel overlayfs, fuse-overlayfs fallback)."""
-
-    __slots__ = ("lower", "target", "upper", "work")
-    lower: str
+    file: bool
+    recursive: bool
+    hide: str
     upper: str
     work: str
-    target: str
 
     def describe(self) -> str:
-        return f"overlay lower={self.lower} upper={self.upper} -> /{self.target}"
+        where = f"/{self.target}"
+        if self.kind == "bind":
+            return f"bind {self.source} -> {where} ({'ro' if self.flags & sc.MS_RDONLY else 'rw'})"
+        if self.kind in ("tmpfs", "proc", "devpts"):
+            return f"{self.kind} on {where}" + (f" ({self.data})" if self.data else "")
+        if self.kind == "overlay":
+            return f"overlay lower={self.source} upper={self.upper} -> {where}"
+        if self.kind == "remount":
+            return f"remount {where} read-only"
+        if self.kind == "skeleton":
+            return f"skeleton of {where} (tmpfs + binds of its entries)"
+        return f"symlink {where} -> {self.source}"
 
-    def step(self) -> tuple[object, ...]:
-        return ("overlay", self.lower, self.upper, self.work, self.target)
-
-
-class Remount(Op):
-    """Make an existing mount read-only (the root, after its mount points exist)."""
-
-    __slots__ = ("flags", "source", "target")
-    target: str
-    flags: int
-    source: str  # whose locked flags to keep; "" for a mount made in this namespace
-
-    def describe(self) -> str:
-        return f"remount /{self.target} read-only"
-
-    def step(self) -> tuple[object, ...]:
-        return ("remount", self.target, self.flags, self.source)
+    def step(self) -> MountStep:
+        return (self.kind, self.target, self.source, self.flags, self.data, self.file, self.recursive, self.hide,
+                self.upper, self.work)
 
 
-class Skeleton(Op):
-    """Replace the image directory ``target`` by a tmpfs holding binds of each of its
-    entries (Apptainer's "underlay"): missing mount points are made in the tmpfs."""
-
-    __slots__ = ("target",)
-    target: str
-
-    def describe(self) -> str:
-        return f"skeleton of /{self.target} (tmpfs + binds of its entries)"
-
-    def step(self) -> tuple[object, ...]:
-        return ("skeleton", self.target)
+def bind(source: str, target: str, readonly: bool = False, file: bool = False, flags: int = NOSUID_NODEV,
+         recursive: bool = True, hide: str = "") -> MountOp:
+    return MountOp(kind="bind", target=target, source=source, flags=flags | (sc.MS_RDONLY if readonly else 0),
+                   file=file, recursive=recursive, hide=hide)
 
 
-class Symlink(Op):
-    __slots__ = ("link", "target")
-    link: str
-    target: str
+def tmpfs(target: str, flags: int = NOSUID_NODEV, data: str = "mode=755") -> MountOp:
+    return MountOp(kind="tmpfs", target=target, source="tmpfs", flags=flags, data=data)
 
-    def describe(self) -> str:
-        return f"symlink /{self.link} -> {self.target}"
 
-    def step(self) -> tuple[object, ...]:
-        return ("symlink", self.link, self.target)
+def proc(target: str) -> MountOp:
+    """A new proc (with a pid namespace it must show that namespace's pids)."""
+    return MountOp(kind="proc", target=target, source="proc", flags=NOSUID_NODEV | sc.MS_NOEXEC)
+
+
+def devpts(target: str) -> MountOp:
+    """A private devpts instance: ptys made inside are not the host's (devpts docs)."""
+    return MountOp(kind="devpts", target=target, source="devpts", flags=sc.MS_NOSUID | sc.MS_NOEXEC,
+                   data="newinstance,ptmxmode=0666,mode=620")
+
+
+def overlay(lower: str, upper: str, work: str, target: str = "") -> MountOp:
+    return MountOp(kind="overlay", target=target, source=lower, upper=upper, work=work)
+
+
+def remount(target: str, flags: int, source: str = "") -> MountOp:
+    return MountOp(kind="remount", target=target, flags=flags, source=source)
+
+
+def skeleton(target: str) -> MountOp:
+    return MountOp(kind="skeleton", target=target)
+
+
+def symlink(link: str, points_to: str) -> MountOp:
+    return MountOp(kind="symlink", target=link, source=points_to)

@@ -1,4 +1,4 @@
-"""Mount-plan room: ``Spec`` + workspace → the ordered list of ``mounts.Op``.
+"""Mount plan: ``Spec`` + workspace → the ordered list of ``MountOp`` steps (mountops.py).
 
 Invariants:
 - The plan is computed completely before the first mount, and ``--debug`` prints it.
@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import LaunchError
+from mesobox.files import under
 from mesobox.launch import mountops as M
 from mesobox.launch import probe
 from mesobox.launch import syscalls as sc
-from mesobox.oci.spec import ANN_OVERLAY, ANN_WRITABLE_TMPFS, Spec
+from mesobox.launch.mountops import MountOp
+from mesobox.oci.spec import Spec
 
 _FLAG_OPTIONS = {"nosuid": sc.MS_NOSUID, "nodev": sc.MS_NODEV, "noexec": sc.MS_NOEXEC}
 _IGNORED = {"bind", "rbind", "ro", "rw", "private", "rprivate", "slave", "rslave"}
@@ -37,56 +39,51 @@ def _data(options: tuple[str, ...]) -> str:
     return ",".join(o for o in options if o not in _FLAG_OPTIONS and o not in _IGNORED)
 
 
-def _under(path: str, top: str) -> bool:
-    return top == "/" or path == top or path.startswith(top.rstrip("/") + "/")
-
-
-def mount_ops(spec: Spec, workspace: str) -> list[M.Op]:
+def mount_ops(spec: Spec, workspace: str) -> list[MountOp]:
     """The spec's mounts (parents-first) plus /dev links and passwd/group binds."""
-    ops: list[M.Op] = []
+    ops: list[MountOp] = []
     for m in sorted(spec.mounts, key=lambda m: m.destination.rstrip("/").count("/")):
         rel = m.destination.strip("/")
         if m.type == "bind":
-            kind = "dir" if probe.isdir(m.source) else "file"
             recursive = "rbind" in m.options
             # A non-recursive bind of a directory with host submounts is refused (EINVAL:
             # it would reveal what they cover), so bind recursively and detach the copy
             # of our workspace instead.
-            hide = os.path.relpath(workspace, m.source) if recursive and _under(workspace, m.source) else ""
-            ops.append(M.Bind(source=m.source, target=rel, readonly="ro" in m.options, kind=kind,
+            hide = os.path.relpath(workspace, m.source) if recursive and under(workspace, m.source) else ""
+            ops.append(M.bind(m.source, rel, readonly="ro" in m.options, file=not probe.isdir(m.source),
                               flags=_flags(m.options), recursive=recursive, hide=hide))
         elif m.type == "tmpfs":
-            ops.append(M.Tmpfs(target=rel, flags=_flags(m.options), data=_data(m.options)))
+            ops.append(M.tmpfs(rel, flags=_flags(m.options), data=_data(m.options)))
         elif m.type == "proc":
-            ops.append(M.Proc(target=rel))
+            ops.append(M.proc(rel))
         elif m.type == "devpts":
-            ops.append(M.Devpts(target=rel))
+            ops.append(M.devpts(rel))
         else:
             raise LaunchError(f"unsupported mount type {m.type!r} for {m.destination}")
         if rel == "dev" and m.type == "tmpfs":
-            ops += [M.Symlink(link=link, target=target) for link, target in DEV_LINKS]
+            ops += [M.symlink(link, points_to) for link, points_to in DEV_LINKS]
     for name in ("passwd", "group"):
-        ops.append(M.Bind(source=os.path.join(workspace, "etc", name), target=f"etc/{name}", readonly=True,
-                          kind="file", flags=sc.MS_NOSUID | sc.MS_NODEV, recursive=False))
+        ops.append(M.bind(os.path.join(workspace, "etc", name), f"etc/{name}", readonly=True, file=True,
+                          recursive=False))
     return ops
 
 
-def skeletons(ops: list[M.Op], image_dir: str) -> list[str]:
+def skeletons(ops: list[MountOp], image_dir: str) -> list[str]:
     """Image directories to rebuild as skeletons because a mount point below them is
     missing; LaunchError if one is missing inside a host bind."""
     found: set[str] = set()
-    covered: list[tuple[str, M.Op]] = []
+    covered: list[tuple[str, MountOp]] = []
     for op in ops:
-        target = op.link if isinstance(op, M.Symlink) else str(getattr(op, "target", ""))
-        inner = next(((t, o) for t, o in reversed(covered) if t and _under(target, t)), None)
+        target = op.target
+        inner = next(((t, o) for t, o in reversed(covered) if t and under(target, t)), None)
         if inner is None and not probe.image_exists(image_dir, target):
             found.add(_deepest_existing(image_dir, target))
-        elif isinstance(inner, tuple) and isinstance(inner[1], M.Bind):
+        elif inner is not None and inner[1].kind == "bind":
             rest = os.path.relpath(target, inner[0])
             if not probe.lexists(os.path.join(inner[1].source, rest)):
                 raise LaunchError(f"cannot mount on /{target}: it does not exist in the bind of {inner[1].source}",
                                   hint=f"create {os.path.join(inner[1].source, rest)} on the host first")
-        if not isinstance(op, M.Symlink):
+        if op.kind != "symlink":
             covered.append((target, op))
     return sorted(found, key=lambda t: (t.count("/") + bool(t), t))
 
@@ -101,25 +98,26 @@ def _deepest_existing(image_dir: str, target: str) -> str:
     return ""
 
 
-def root_ops(spec: Spec, image_dir: str, workspace: str, skeleton_dirs: list[str]) -> tuple[list[M.Op], list[M.Op]]:
+def root_ops(spec: Spec, image_dir: str, workspace: str,
+             skeleton_dirs: list[str]) -> tuple[list[MountOp], list[MountOp]]:
     """(ops before the mounts, ops after them) that make the container's root."""
-    writable = spec.annotations.get(ANN_WRITABLE_TMPFS)
-    persistent = spec.annotations.get(ANN_OVERLAY)
+    writable = spec.mesobox.writable_tmpfs
+    persistent = spec.mesobox.overlay
     nosuid = sc.MS_NOSUID | sc.MS_NODEV
-    before: list[M.Op]
+    before: list[MountOp]
     if persistent:
         upper, work = os.path.join(persistent, "upper"), os.path.join(persistent, "work")
-        before = [M.Overlay(lower=image_dir, upper=upper, work=work, target="")]
+        before = [M.overlay(image_dir, upper, work)]
     elif writable is not None:
         scratch = os.path.join(workspace, "rw")
-        before = [M.Overlay(lower=image_dir, upper=scratch + "/upper", work=scratch + "/work", target="")]
+        before = [M.overlay(image_dir, scratch + "/upper", scratch + "/work")]
     else:
-        before = [M.Bind(source=image_dir, target="", readonly=True, kind="dir", flags=nosuid, recursive=False)]
-    before += [M.Skeleton(target=t) for t in skeleton_dirs]
+        before = [M.bind(image_dir, "", readonly=True, flags=nosuid, recursive=False)]
+    before += [M.skeleton(t) for t in skeleton_dirs]
     if persistent or writable is not None:
         # A writable root keeps its skeletons writable: files created next to a
         # missing mount point land in the skeleton's tmpfs (docs/running.md).
         return before, []
-    after: list[M.Op] = [M.Remount(target=t, flags=sc.MS_RDONLY | nosuid, source="")
+    after: list[MountOp] = [M.remount(t, sc.MS_RDONLY | nosuid)
                          for t in reversed(skeleton_dirs)]
     return before, after

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from mesobox.config import Config
-    from mesobox.launch.execute import Program
+    from mesobox.launch.program import Program
 
 FORMAT = 1
 MAX_PLANS = 64
@@ -100,7 +100,7 @@ def _run(saved: dict[str, Any]) -> None:
     cannot be had as when it was saved: watched, at the same place."""
     from mesobox.launch import environ, execute, reaping
 
-    program = dict(saved["program"])
+    program: Program = saved["program"]  # a fresh dict: paths.load unmarshalled it
     program["env"] = environ.compose(dict(os.environ), saved["environment"])
     environ.check(program["env"])
     execute.check_ids()  # never setuid: real == effective == saved

@@ -76,6 +76,7 @@ class RunOptions(Record):
         "overlay",
         "pid",
         "pids_limit",
+        "publish",
         "security_opts",
         "uts",
         "workdir",
@@ -86,7 +87,7 @@ class RunOptions(Record):
                  "pid": False, "ipc": False, "uts": False, "hostname": None, "net": None, "memory": None,
                  "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": (),
                  "host_root": False, "cpuset_cpus": None, "io_read_bps": (), "io_write_bps": (),
-                 "io_read_iops": (), "io_write_iops": ()}
+                 "io_read_iops": (), "io_write_iops": (), "publish": ()}
     mode: str
     image: str
     args: tuple[str, ...]
@@ -106,6 +107,7 @@ class RunOptions(Record):
     uts: bool
     hostname: str | None
     net: str | None
+    publish: tuple[str, ...]  # -p HOST:CONTAINER, with --net slirp
     memory: str | None
     cpus: str | None
     pids_limit: str | None
@@ -519,11 +521,9 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     recipe = (tuple(image.config.get("Env") or ()), opts.cleanenv, file_pairs, tuple(opts.env), home)
     probe.note_environment(recipe)
     env = environ.compose(dict(os.environ), recipe)
-    ann = {S.ANN_FORMAT: image.format, "org.mesobox.user": "root" if inside[0] == 0 else name,
-           "org.mesobox.group": group, "org.mesobox.home": home, "org.mesobox.shell": shell}
-    ann.update(_option_annotations(opts, subids))
-    if image.lock:
-        ann[S.ANN_IMAGE_LOCK] = image.lock
+    settings = _settings(opts, subids).replace(
+        root_format=image.format, image_lock=image.lock, user_name="root" if inside[0] == 0 else name,
+        group_name=group, home=home, shell=shell)
     if inside[0] != 0 and not opts.cap_add and not opts.cap_drop:
         caps = dict(NO_CAPABILITIES)  # what caps.resolve says for a non-root uid, without its import
     else:
@@ -535,16 +535,14 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     linux = S.Linux(namespaces=_namespaces(opts), uid_mappings=uid_maps, gid_mappings=gid_maps,
                     resources=_resources(opts), seccomp=_seccomp(opts, config))
     spec = S.Spec(process=process, root=S.Root(path=image.path, readonly=opts.writable_tmpfs is None),
-                  mounts=mounts, hostname=opts.hostname, linux=linux, annotations=ann)
+                  mounts=mounts, hostname=opts.hostname, linux=linux, mesobox=settings)
     spec.validate()
     return spec
 
 
-def _option_annotations(opts: RunOptions, subids: bool) -> dict[str, str]:
+def _settings(opts: RunOptions, subids: bool) -> S.Settings:
     """mesobox-only settings with no OCI field: writable root, overlay, sub-ids, network."""
-    ann: dict[str, str] = {}
-    if opts.writable_tmpfs is not None:
-        ann[S.ANN_WRITABLE_TMPFS] = str(opts.writable_tmpfs)
+    overlay = overlay_image = None
     if opts.overlay:
         from mesobox.isolation import quota
         from mesobox.launch import identity
@@ -552,20 +550,25 @@ def _option_annotations(opts: RunOptions, subids: bool) -> dict[str, str]:
         probe.untracked()  # an overlay's state is not recorded (plancache.py)
 
         if quota.is_image(opts.overlay):
-            ann[S.ANN_OVERLAY_IMAGE] = quota.check_can_mount(opts.overlay, identity.is_real_root())
+            overlay_image = quota.check_can_mount(opts.overlay, identity.is_real_root())
         elif os.path.isdir(opts.overlay) or os.path.isdir(os.path.dirname(os.path.abspath(opts.overlay))):
-            ann[S.ANN_OVERLAY] = os.path.abspath(opts.overlay)  # made at launch when missing
+            overlay = os.path.abspath(opts.overlay)  # made at launch when missing
         else:
             raise UsageError(f"--overlay {opts.overlay}: neither it nor its parent directory exists",
                              hint="give a directory (made if missing; changes are kept there), or an image "
                                   "made with `mesobox overlay create FILE SIZE`")
-    if subids:
-        ann[S.ANN_SUBIDS] = "1"
-    if opts.net in ("none", "slirp"):
-        ann["org.mesobox.net"] = opts.net
-    elif opts.net not in (None, "host"):
+    net = opts.net or "host"
+    if net not in ("host", "none", "slirp"):
         raise UsageError(f"unknown --net {opts.net!r}", hint="use host, none or slirp")
-    return ann
+    publish: tuple[tuple[int, int], ...] = ()
+    if opts.publish:
+        if net != "slirp":
+            raise UsageError("-p/--publish needs --net slirp")
+        from mesobox.isolation.network import parse_publish
+
+        publish = tuple(parse_publish(p) for p in opts.publish)
+    return S.Settings(writable_tmpfs=opts.writable_tmpfs, overlay=overlay, overlay_image=overlay_image,
+                      subids=subids, net=net, publish=publish)
 
 
 def _here() -> str:

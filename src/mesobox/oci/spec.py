@@ -1,18 +1,17 @@
-"""Container spec room: the frozen model every launch is described by.
+"""The one model: a container described as the OCI runtime spec describes it.
 
 The shape follows the OCI runtime spec's config.md (``process``, ``root``, ``mounts``,
-``hostname``, ``linux``) so the Slurm/OCI side can write and read ``config.json`` bundles
-with the same model (``to_oci_json`` / ``from_oci_json``).  mesobox-only settings that
-have no OCI field (squashfs root, --writable-tmpfs, --overlay) travel as
-``annotations`` under ``org.mesobox.*``, which is what annotations are for.
+``hostname``, ``linux``), so the OCI/Slurm side writes and reads ``config.json``
+bundles with the same model (``to_oci_json`` / ``from_oci_json``).  mesobox's own
+settings that have no OCI field (a squashfs root, --writable-tmpfs, --overlay, the
+network mode, the names in the generated /etc/passwd) are typed fields of
+``Spec.mesobox`` (``Settings``); only at the JSON boundary do they become
+``org.mesobox.*`` annotations, which is what OCI annotations are for.
 
 Invariants:
 - Records are immutable (``replace`` makes a changed copy) and ``validate()`` checks
   the whole spec before the launcher makes its first syscall.
-- Records are a small ``__slots__`` base rather than ``dataclasses``: importing
-  ``dataclasses`` costs ≈15 ms here (it pulls ``inspect``), most of the start-up budget
-  of ``mesobox run`` (≈12 ms for the interpreter alone on the test hosts).  Stdlib only,
-  no ``json`` import.
+- Stdlib only, no ``json`` import: every ``mesobox run`` imports this module.
 """
 
 from __future__ import annotations
@@ -28,12 +27,19 @@ if TYPE_CHECKING:
     from typing import Any
 
 NAMESPACES = ("user", "mount", "pid", "ipc", "uts", "network", "cgroup")
-ANN_FORMAT = "org.mesobox.root.format"  # "dir" | "squashfs"
-ANN_WRITABLE_TMPFS = "org.mesobox.writable-tmpfs"  # size in bytes, "0" = unlimited (half of RAM)
-ANN_OVERLAY = "org.mesobox.overlay"  # persistent upper directory
-ANN_OVERLAY_IMAGE = "org.mesobox.overlay.image"  # ext4 image holding upper/ and work/ (disk quota)
-ANN_SUBIDS = "org.mesobox.subids"  # "1": maps were made with newuidmap/newgidmap
-ANN_IMAGE_LOCK = "org.mesobox.image-lock"  # store lock file held shared while the container runs
+# config.json annotations that carry Settings across the JSON boundary (to_oci_json).
+ANN_FORMAT = "org.mesobox.root.format"
+ANN_WRITABLE_TMPFS = "org.mesobox.writable-tmpfs"
+ANN_OVERLAY = "org.mesobox.overlay"
+ANN_OVERLAY_IMAGE = "org.mesobox.overlay.image"
+ANN_SUBIDS = "org.mesobox.subids"
+ANN_IMAGE_LOCK = "org.mesobox.image-lock"
+ANN_NET = "org.mesobox.net"
+ANN_PUBLISH = "org.mesobox.publish"
+ANN_USER = "org.mesobox.user"
+ANN_GROUP = "org.mesobox.group"
+ANN_HOME = "org.mesobox.home"
+ANN_SHELL = "org.mesobox.shell"
 
 
 class User(Record):
@@ -146,15 +152,38 @@ class Resources(Record):
         return self == Resources(cpu_period_us=self.cpu_period_us)
 
 
+class Settings(Record):
+    """mesobox's own settings, the ones the OCI runtime spec has no field for."""
+
+    __slots__ = ("group_name", "home", "image_lock", "net", "overlay", "overlay_image", "publish",
+                 "root_format", "shell", "subids", "user_name", "writable_tmpfs")
+    _defaults = {"root_format": "dir", "image_lock": None, "writable_tmpfs": None, "overlay": None,
+                 "overlay_image": None, "subids": False, "net": "host", "publish": (), "user_name": "user",
+                 "group_name": "group", "home": "/", "shell": "/bin/sh"}
+    root_format: str  # "dir" | "squashfs": root.path is a directory, or a squashfs file to mount
+    image_lock: str | None  # the store's lock file, held shared while the container runs
+    writable_tmpfs: int | None  # a writable root in a tmpfs of this many bytes (0: tmpfs default)
+    overlay: str | None  # a writable root whose changes are kept in this directory
+    overlay_image: str | None  # the same, in an ext4 image (a disk quota) that root loop-mounts
+    subids: bool  # the id maps hold sub-id ranges: newuidmap/newgidmap write them
+    net: str  # "host" | "none" (loopback only) | "slirp" (slirp4netns)
+    publish: tuple[tuple[int, int], ...]  # (host port, container port) forwarded by slirp4netns
+    user_name: str  # the caller's entry in the generated /etc/passwd and /etc/group
+    group_name: str
+    home: str
+    shell: str
+
+
 class Spec(Record):
-    __slots__ = ("annotations", "hostname", "linux", "mounts", "process", "root")
-    _defaults = {"mounts": (), "hostname": None, "annotations": {}}
+    __slots__ = ("annotations", "hostname", "linux", "mesobox", "mounts", "process", "root")
+    _defaults = {"mounts": (), "hostname": None, "annotations": {}, "mesobox": Settings()}
     process: Process
     root: Root
     mounts: tuple[Mount, ...]
     hostname: str | None
     linux: Linux
-    annotations: dict[str, str]
+    mesobox: Settings
+    annotations: dict[str, str]  # other annotations, passed through as OCI has them
 
     def validate(self) -> None:
         """Check the whole spec; UsageError names the first problem."""
@@ -176,6 +205,18 @@ class Spec(Record):
             raise UsageError(f"bad hostname {self.hostname[:80]!r}: it must be 1 to 64 bytes (HOST_NAME_MAX)")
         for maps in (self.linux.uid_mappings, self.linux.gid_mappings):
             _validate_maps(maps)
+        _validate_settings(self.mesobox)
+
+
+def _validate_settings(m: Settings) -> None:
+    if m.root_format not in ("dir", "squashfs"):
+        raise UsageError(f"unknown root format {m.root_format!r}: dir or squashfs")
+    if m.net not in ("host", "none", "slirp"):
+        raise UsageError(f"unknown --net {m.net!r}", hint="use host, none or slirp")
+    if m.publish and m.net != "slirp":
+        raise UsageError("-p/--publish needs --net slirp")
+    if m.writable_tmpfs is not None and m.writable_tmpfs < 0:
+        raise UsageError(f"bad --writable-tmpfs size {m.writable_tmpfs}")
 
 
 def _validate_process(p: Process) -> None:
@@ -233,11 +274,39 @@ def to_oci_json(spec: Spec) -> dict[str, Any]:
         "root": {"path": spec.root.path, "readonly": spec.root.readonly},
         "mounts": [{"destination": m.destination, "type": m.type, "source": m.source, "options": list(m.options)}
                    for m in spec.mounts],
-        "linux": linux, "annotations": dict(spec.annotations),
+        "linux": linux, "annotations": {**spec.annotations, **_settings_json(spec.mesobox)},
     }
     if spec.hostname is not None:
         doc["hostname"] = spec.hostname
     return doc
+
+
+def _settings_json(m: Settings) -> dict[str, str]:
+    out = {ANN_FORMAT: m.root_format, ANN_USER: m.user_name, ANN_GROUP: m.group_name, ANN_HOME: m.home,
+           ANN_SHELL: m.shell}
+    optional = {ANN_IMAGE_LOCK: m.image_lock, ANN_OVERLAY: m.overlay, ANN_OVERLAY_IMAGE: m.overlay_image,
+                ANN_WRITABLE_TMPFS: None if m.writable_tmpfs is None else str(m.writable_tmpfs),
+                ANN_SUBIDS: "1" if m.subids else None, ANN_NET: None if m.net == "host" else m.net,
+                ANN_PUBLISH: ",".join(f"{h}:{c}" for h, c in m.publish) or None}
+    out.update((k, v) for k, v in optional.items() if v is not None)
+    return out
+
+
+def _settings_from(annotations: dict[str, str]) -> tuple[Settings, dict[str, str]]:
+    """Settings read back from a config.json's annotations, and the other annotations."""
+    ann = {str(k): str(v) for k, v in annotations.items()}
+    take = ann.pop
+    tmpfs = take(ANN_WRITABLE_TMPFS, None)
+    publish = take(ANN_PUBLISH, "")
+    settings = Settings(
+        root_format=take(ANN_FORMAT, "dir"), image_lock=take(ANN_IMAGE_LOCK, None),
+        writable_tmpfs=None if tmpfs is None else int(tmpfs), overlay=take(ANN_OVERLAY, None),
+        overlay_image=take(ANN_OVERLAY_IMAGE, None), subids=take(ANN_SUBIDS, "") == "1",
+        net=take(ANN_NET, "host"),
+        publish=tuple((int(h), int(c)) for h, _, c in (p.partition(":") for p in publish.split(",") if p)),
+        user_name=take(ANN_USER, "user"), group_name=take(ANN_GROUP, "group"), home=take(ANN_HOME, "/"),
+        shell=take(ANN_SHELL, "/bin/sh"))
+    return settings, ann
 
 
 def _map_json(m: IdMap) -> dict[str, int]:
@@ -291,9 +360,10 @@ def _from_oci(doc: dict[str, Any]) -> Spec:
     mounts = tuple(Mount(destination=m["destination"], type=m.get("type", "bind"), source=m.get("source", ""),
                          options=tuple(m.get("options") or ())) for m in doc.get("mounts") or ())
     root = doc["root"]
+    settings, annotations = _settings_from(doc.get("annotations") or {})
     return Spec(process=process, root=Root(path=root["path"], readonly=bool(root.get("readonly", True))),
-                mounts=mounts, hostname=doc.get("hostname"), linux=linux,
-                annotations=dict(doc.get("annotations") or {}))
+                mounts=mounts, hostname=doc.get("hostname"), linux=linux, mesobox=settings,
+                annotations=annotations)
 
 
 def _map_from(m: dict[str, Any]) -> IdMap:

@@ -1,0 +1,138 @@
+"""The launch program: every decision of a launch, taken before the first namespace.
+
+``compile_program`` turns a validated Spec into a ``Program``: plain data (str, int,
+bytes, tuples) that execute.py runs without deciding anything, and that the plan
+cache (plancache.py) can save with ``marshal`` and replay for the next identical
+command line.  Compiling reads the host only through probe.py (bind sources, the
+image's /etc files), so a recording plan cache sees every question asked; it changes
+nothing anywhere but the per-user seccomp cache.
+
+``Program`` is a TypedDict for the type checker only: at run time it is a plain dict
+(importing ``typing`` would cost ≈3 ms of every launch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from mesobox.launch import syscalls as sc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypedDict
+
+    from mesobox.config import Config
+    from mesobox.launch.mountops import MountStep
+    from mesobox.oci.spec import IdMap, Spec
+
+    class Program(TypedDict):
+        squashfs: str | None  # the image file whose shared mount image_dir is (plancache attaches to it)
+        image_dir: str  # the image's root directory: the lower layer of every root step
+        image_lock: str | None  # the store's in-use lock of a stored image, held shared (execute.hold_image)
+        flags: int  # unshare(2) flags; without CLONE_NEWUSER when the user namespace is entered last
+        uid_map: str  # text for /proc/PID/uid_map
+        gid_map: str  # text for /proc/PID/gid_map
+        pid: bool  # a new pid namespace: a minimal init forks the workload
+        workspace: str  # the private tmpfs directory (root/, etc/, rw/ below it)
+        scratch: int | None  # --writable-tmpfs size in bytes (0: the tmpfs default), or None
+        persistent: str | None  # --overlay directory (upper/ and work/ are made in it)
+        overlay_image: str | None  # ext4 image loop-mounted on workspace/ovl (real root only)
+        files: tuple[tuple[str, str], ...]  # (name, text) written to workspace/etc: passwd, group
+        steps: tuple[MountStep, ...]  # mount steps (mountops.py), applied in order below workspace/root
+        loopback: bool  # bring up lo (a new network namespace)
+        hostname: str | None  # set after pivot_root
+        cwd: str  # chdir'd to after pivot_root
+        enter_userns: tuple[tuple[IdMap, ...], tuple[IdMap, ...]] | None  # (uid, gid maps): real root, last
+        keep_caps: tuple[int, ...] | None  # capabilities left in the bounding set; None: leave them
+        user: tuple[int, int, tuple[int, ...]]  # (uid, gid, additional gids) inside
+        no_new_privs: bool  # prctl(PR_SET_NO_NEW_PRIVS) before execve
+        seccomp: bytes | None  # the compiled BPF filter
+        args: tuple[str, ...]  # argv of the workload
+        env: tuple[str, ...]  # its environment, "K=V"
+
+_NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
+             "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "network": sc.CLONE_NEWNET}
+
+
+def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
+    """Every decision of the launch, as plain data for execute.py: the mount plan,
+    passwd/group, capabilities, the compiled seccomp filter.  Reads the host (bind
+    sources, the image's /etc files) through probe.py, so a recording plan cache sees
+    every question asked; makes no change anywhere but the per-user seccomp cache."""
+    from mesobox.launch import identity
+    from mesobox.launch import mountplan as plan
+
+    userns_last = identity.enters_userns_last()
+    flags = 0
+    for ns in spec.linux.namespaces:
+        flags |= _NS_FLAGS.get(ns, 0)
+    if userns_last:
+        flags &= ~sc.CLONE_NEWUSER  # entered last, in execute: set-up runs as real root
+    workspace = os.path.join(config.runtime_dir_str, "ws")
+    settings = spec.mesobox
+    overlay_image = settings.overlay_image
+    if overlay_image:  # disk-quota overlay: loop-mounted on ws/ovl by execute.setup_root
+        spec = spec.replace(mesobox=settings.replace(overlay=os.path.join(workspace, "ovl")))
+    ops = plan.mount_ops(spec, workspace)
+    before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir))
+    ops = [*before, *ops, *after]
+    if config.debug:
+        for op in ops:
+            sys.stderr.write(f"mesobox: mount: {op.describe()}\n")
+    proc = spec.process
+    keep_caps: tuple[int, ...] | None = None
+    if proc.capabilities is not None:
+        keep_caps = ()
+        if proc.capabilities.get("bounding"):
+            from mesobox.isolation.caps import numbers
+
+            keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
+    return {
+        "squashfs": spec.root.path if settings.root_format == "squashfs" else None,
+        "image_lock": settings.image_lock,
+        "image_dir": image_dir,
+        "flags": flags,
+        "uid_map": identity.map_text(spec.linux.uid_mappings),
+        "gid_map": identity.map_text(spec.linux.gid_mappings),
+        "pid": "pid" in spec.linux.namespaces,
+        "workspace": workspace,
+        "scratch": settings.writable_tmpfs,
+        "persistent": None if overlay_image else settings.overlay,
+        "overlay_image": overlay_image,
+        "files": _identity_files(spec, image_dir),
+        "steps": tuple(op.step() for op in ops),
+        "loopback": "network" in spec.linux.namespaces,
+        "hostname": spec.hostname,
+        "cwd": proc.cwd,
+        "enter_userns": (spec.linux.uid_mappings, spec.linux.gid_mappings) if userns_last else None,
+        "keep_caps": keep_caps,
+        "user": (proc.user.uid, proc.user.gid, tuple(proc.user.additional_gids)),
+        "no_new_privs": proc.no_new_privileges,
+        "seccomp": _seccomp_program(spec, config),
+        "args": tuple(proc.args),
+        "env": tuple(proc.env),
+    }
+
+
+def _identity_files(spec: Spec, image: str) -> tuple[tuple[str, str], ...]:
+    """/etc/passwd and /etc/group: the image's entries plus the caller's."""
+    from mesobox.launch import identity, probe
+
+    names = spec.mesobox
+    user = spec.process.user
+    passwd = identity.passwd_text(probe.image_text(image, "etc/passwd"), names.user_name, user.uid, user.gid,
+                                  names.home, names.shell)
+    group = identity.group_text(probe.image_text(image, "etc/group"), names.group_name, user.gid, names.user_name)
+    return (("passwd", passwd), ("group", group))
+
+
+def _seccomp_program(spec: Spec, config: Config) -> bytes | None:
+    """The compiled filter, read from the per-user cache or compiled with libseccomp
+    and cached (seccomp.py)."""
+    if spec.linux.seccomp is None:
+        return None
+    from mesobox.isolation.seccomp import prepare
+
+    profile = None if spec.linux.seccomp.get("mesobox.builtin") else spec.linux.seccomp
+    return prepare(profile, os.path.join(config.runtime_dir_str, "seccomp"))
