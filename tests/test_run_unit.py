@@ -16,8 +16,9 @@ from mesobox.cli.run import parse
 from mesobox.errors import PolicyError, UsageError
 from mesobox.launch import environ
 from mesobox.launch.identity import group_text, passwd_text, subid_range
-from mesobox.launch.specbuild import RunOptions, command, parse_bind, parse_size
+from mesobox.launch.specbuild import RunOptions, command, parse_bind
 from mesobox.oci.spec import IdMap, Linux, Mount, Process, Root, Settings, Spec, User, from_oci_json, to_oci_json
+from mesobox.sizes import parse_size
 
 
 def test_parser_forms_and_stop_at_image() -> None:
@@ -149,9 +150,11 @@ def test_run_import_cost_stays_small() -> None:
     """The hot path imports no argparse, json, dataclasses or HTTP code."""
     code = ("import sys; import mesobox.cli.run, mesobox.launch.launcher, mesobox.launch.specbuild, "
             "mesobox.launch.mountplan, mesobox.launch.mountops, mesobox.launch.identity, mesobox.launch.environ, "
-            "mesobox.launch.program, mesobox.launch.signals, mesobox.launch.beneath, mesobox.oci.spec, "
+            "mesobox.launch.program, mesobox.launch.signals, mesobox.launch.beneath, "
+            "mesobox.oci.spec, "
             "mesobox.launch.plancache, mesobox.launch.probe, mesobox.launch.execute; "
-            "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request', 'typing', 'collections') "
+            "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request', 'typing', "
+            "'collections') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); {code}"],
                          capture_output=True, text=True, check=True)

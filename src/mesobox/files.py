@@ -34,14 +34,24 @@ def is_squashfs(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600, durable: bool = False) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600, durable: bool = False,
+                 dir_fd: int | None = None) -> None:
     """Replace ``path`` with ``data`` in one rename(2): a reader sees the old file or the
-    new one, never a part.  The temporary name is unique to this process, created
-    exclusively and without following a symlink.  ``durable`` also fsyncs the file and
-    its directory, for records that must survive a power cut."""
+    new one, never a part.  The temporary name is unique to this process and thread,
+    created exclusively and never through a symlink (a leftover of a killed process
+    that had the same pid is removed first).  With ``dir_fd``, ``path`` is relative to
+    it.  ``durable`` also fsyncs the file and its directory, for records that must
+    survive a power cut.  OSError propagates; nothing is left behind."""
+    from _thread import get_ident  # threading's C half: no import cost
+
     path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.{os.getpid()}.{get_ident()}.tmp")
+    try:  # noqa: SIM105 - contextlib is not worth its import here
+        os.unlink(tmp, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         try:
             view = memoryview(data)
@@ -51,16 +61,20 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600, d
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        try:  # noqa: SIM105 - contextlib is not worth its import here
-            os.unlink(tmp)
+        try:  # noqa: SIM105
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise
     if durable:
-        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_directory(head, dir_fd)
+
+
+def _fsync_directory(head: str, dir_fd: int | None) -> None:
+    fd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -299,23 +299,14 @@ def store(directory: str, name: str, fmt: int, signature: Any, payload: Any) -> 
         dir_fd = os.open(directory, _DIR_FLAGS)
     except Exception:  # UnsafeDirectory too: an unusable runtime dir only means no cache
         return False
-    temp = f".{name}.{os.getpid()}.tmp"
     try:
         if not own(os.fstat(dir_fd)):
             return False
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dir_fd)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        from mesobox.files import write_atomic
+
+        write_atomic(name, data, dir_fd=dir_fd)
         return True
     except OSError:
-        try:  # noqa: SIM105 - contextlib costs an import on the launch path
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass
         return False
     finally:
         os.close(dir_fd)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mesobox import procs
 from mesobox.config import Config
 from mesobox.errors import LaunchError, UsageError
 from mesobox.instances import state as st
@@ -194,12 +195,12 @@ def stop_one(inst: st.Instance, grace: float) -> None:
     if inst.supervisor_alive:
         st.write_json(inst.path / "stop.json", {"grace": grace})
         pid = int(inst.state.get("supervisor_pid") or 0)
-        if pid and st.same_process(pid, inst.state.get("supervisor_start")):
+        if pid and procs.same_process(pid, inst.state.get("supervisor_start")):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace + 15
         while st.supervisor_alive(inst.path) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if st.supervisor_alive(inst.path) and pid and st.same_process(pid, inst.state.get("supervisor_start")):
+        if st.supervisor_alive(inst.path) and pid and procs.same_process(pid, inst.state.get("supervisor_start")):
             os.kill(pid, signal.SIGKILL)
             st.wait_gone([pid], 5)
     from mesobox.instances.pause import kill_leftovers

@@ -29,7 +29,7 @@ def main_overlay(argv: list[str], config: Config) -> int:
         raise UsageError("usage: mesobox overlay create FILE SIZE")
     from mesobox.isolation import quota
     from mesobox.launch import identity
-    from mesobox.launch.specbuild import parse_size
+    from mesobox.sizes import parse_size
 
     size = parse_size(argv[2], "overlay create")
     # Real root's: a slice free now; the file carries its ids, so its launches take that

@@ -21,18 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mesobox.errors import StoreError
+from mesobox.files import SQUASHFS_MAGIC
 
-SQUASHFS_MAGIC = b"hsqs"
 _BYTES_USED = struct.Struct("<Q")  # superblock offset 40: bytes_used (squashfs 4.0)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def is_squashfs(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == SQUASHFS_MAGIC
-    except OSError:
-        return False
 
 
 def looks_complete(path: Path) -> bool:

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesobox import files
 from mesobox.config import Config
 from mesobox.errors import ImageNotFound, StoreError
 
@@ -280,17 +281,9 @@ class Store:
             raise _store_error(err, f"opening lock {path}") from None
 
     def write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            files.write_atomic(path, data, mode=0o666, durable=True)  # the umask decides, as open() does
         except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise _store_error(err, f"writing {path}") from None
 
     def make_tmpdir(self, digest: str) -> Path:
@@ -612,8 +605,8 @@ def _tree_size(path: Path) -> int:
     if not path.is_dir() or path.is_symlink():
         return path.lstat().st_size if os.path.lexists(path) else 0
     total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total

@@ -35,6 +35,8 @@ from typing import Any
 
 from mesobox.config import Config
 from mesobox.errors import LaunchError, UsageError
+from mesobox.files import write_atomic
+from mesobox.procs import proc_stat, same_process
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # Statuses written by the supervisor; "dead" and "paused" are derived when reading.
@@ -82,12 +84,7 @@ def claim(config: Config, name: str) -> Path:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write-then-rename, so a reader sees the old or the new record, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o666, durable=True)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -104,30 +101,6 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 # --- processes --------------------------------------------------------------------------
-
-
-def proc_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, starttime) of a live, non-zombie process, or None (proc(5) /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: split after the *last* ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def start_time(pid: int) -> int | None:
-    stat = proc_stat(pid)
-    return None if stat is None else stat[1]
-
-
-def same_process(pid: int | None, started: int | None) -> bool:
-    """True when ``pid`` is still the process that was recorded (not a reused pid)."""
-    return bool(pid) and started is not None and start_time(pid or 0) == started
 
 
 def children_map() -> dict[int, list[int]]:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mesobox import procs
 from mesobox.instances import state as st
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
@@ -44,7 +45,7 @@ class Supervisor:
         self.spec: dict[str, Any] = st.read_json(path / "spec.json")
         now = time.time()
         self.state: dict[str, Any] = {
-            "supervisor_pid": os.getpid(), "supervisor_start": st.start_time(os.getpid()),
+            "supervisor_pid": os.getpid(), "supervisor_start": procs.start_time(os.getpid()),
             "status": st.STARTING, "restarts": 0, "started": now, "run_started": now,
             "workload_pid": None, "workload_start": None, "exit_code": None, "cgroup": None,
         }
@@ -78,7 +79,7 @@ class Supervisor:
             cwd=self.spec.get("cwd") or "/", preexec_fn=join, start_new_session=False,
         )
         self.child_status = None
-        self.save(workload_pid=self.child.pid, workload_start=st.start_time(self.child.pid),
+        self.save(workload_pid=self.child.pid, workload_start=procs.start_time(self.child.pid),
                   run_started=time.time(), exit_code=None)
 
     def launcher_failed(self) -> bool:
@@ -142,7 +143,7 @@ class Supervisor:
         deadline = time.monotonic() + 5
         while mine and time.monotonic() < deadline:
             self.reap()
-            mine = [p for p in mine if st.proc_stat(p) is not None]
+            mine = [p for p in mine if procs.proc_stat(p) is not None]
             time.sleep(0.01)
 
     # --- policy ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from mesobox.errors import LaunchError, PolicyError, UsageError
 from mesobox.oci.spec import Resources
 from mesobox.records import Record
+from mesobox.sizes import parse_size
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -74,29 +75,6 @@ class Usage(_Frozen):
 
 
 # --- option parsing --------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_size(text: str, what: str) -> int:
-    """Docker sizes: ``512m``, ``1.5g``, ``4096``, ``10mb``, ``2GiB`` (binary units)."""
-    value = text.strip().lower()
-    for suffix in ("ib", "b"):
-        if value.endswith(suffix) and value[: -len(suffix)][-1:] in ("k", "m", "g", "t"):
-            value = value[: -len(suffix)]
-            break
-    unit = value[-1:] if value[-1:] in _UNITS and not value[-1:].isdigit() else ""
-    number = value[: len(value) - len(unit)]
-    try:
-        amount = float(number)
-    except ValueError:
-        raise UsageError(f"bad {what} {text!r}", hint="use a size like 512m, 2g or 1048576") from None
-    if not amount > 0 or amount != amount or amount == float("inf"):
-        raise UsageError(f"bad {what} {text!r}: must be positive")
-    if number.isdigit():  # exact for whole numbers of any size
-        return int(number) * _UNITS[unit]
-    return int(amount * _UNITS[unit])
-
 
 def _parse_cpus(text: str) -> tuple[int, int]:
     try:

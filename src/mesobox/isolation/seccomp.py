@@ -262,25 +262,12 @@ def _store(cache_dir: str, name: str, program: bytes) -> None:
     dir_fd = _open_cache_dir(cache_dir)
     if dir_fd is None:
         return
-    from contextlib import suppress
+    from mesobox.files import write_atomic
 
-    temp = f".{name}.{os.getpid()}.tmp"
-    try:
-        with suppress(FileNotFoundError):
-            os.unlink(temp, dir_fd=dir_fd)  # left by a killed launch that had our pid
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dir_fd)
-        try:
-            view = memoryview(program)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)  # complete before it has its name, even after a crash
-        finally:
-            os.close(fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    try:  # durable: complete before it has its name, even after a crash
+        write_atomic(name, program, durable=True, dir_fd=dir_fd)
     except OSError:
-        with suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
+        pass  # no cache: the next launch compiles again
     finally:
         os.close(dir_fd)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 from mesobox import paths
+from mesobox.files import racy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ journal: list[Entry] | None = None  # recording when a list
 _asked: set[tuple[str, tuple[Any, ...]]] = set()
 _pinned: set[str] = set()  # image roots whose content a recorded file identity fixes
 environment: tuple[Any, ...] | None = None  # environ.compose's recipe of this launch
-_RACY_NS = 2_000_000_000  # as config.racy: a file changed this recently may change unseen
 
 
 def _note(question: str, args: tuple[Any, ...], answer: T) -> T:
@@ -127,7 +127,7 @@ def file_identity(path: str) -> tuple[int, ...] | None:
         identity = _identity(os.stat(path))
     except OSError:
         identity = None
-    if identity is not None and _racy(identity[3]):
+    if identity is not None and racy(identity[3]):
         untracked()
     return _note("file_identity", (path,), identity)
 
@@ -147,9 +147,9 @@ def image_text(root: str, rel: str) -> str:
     (an image's /etc/passwd -> /etc/shadow must not make mesobox read the host's).
     The question written down is the file's identity, not its text: the same device,
     inode, size, mtime and ctime is the same text, unless the file changed in the last
-    seconds (then the launch is untracked, as config.racy)."""
+    seconds (then the launch is untracked, as files.racy)."""
     text, identity = _image_text(root, rel)
-    if identity is not None and _racy(identity[3]) and root not in _pinned:
+    if identity is not None and racy(identity[3]) and root not in _pinned:
         untracked()
     _note("image_file", (root, rel), identity)
     return text
@@ -181,7 +181,7 @@ def config_files() -> tuple[Any, ...]:
 
 def recently_changed(config: tuple[Any, ...]) -> bool:
     """Whether a file in a ``config_files`` answer changed in the last seconds."""
-    return any(sig and _racy(sig[5]) for sig in config[1])
+    return any(sig and racy(sig[5]) for sig in config[1])
 
 
 def unchanged(entries: list[Entry]) -> bool:
@@ -353,12 +353,6 @@ def _signature(path: str) -> tuple[Any, ...] | None:
     except OSError:
         return None
     return (path, st.st_dev, st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _racy(mtime_ns: int) -> bool:
-    import time
-
-    return abs(time.time_ns() - mtime_ns) < _RACY_NS
 
 
 _ASK: dict[str, Callable[..., Any]] = {

@@ -28,6 +28,7 @@ import os
 import sys
 
 from mesobox.errors import ImageNotFound, PolicyError, UsageError
+from mesobox.files import under
 from mesobox.launch import probe
 from mesobox.oci import spec as S
 from mesobox.records import Record
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
     from mesobox.config import Config
 
-SQUASHFS_MAGIC = b"hsqs"
 PRIVATE_TMP = S.Mount(destination="/tmp", type="tmpfs", source="tmpfs", options=("nosuid", "nodev", "mode=1777"))
 NO_CAPABILITIES: dict[str, tuple[str, ...]] = {"bounding": (), "effective": (), "permitted": ()}
 # Working directories never bound over the image: the image's own software lives there.
@@ -134,17 +134,14 @@ class Image(Record):
 # --- image -------------------------------------------------------------------------------
 
 
-def is_squashfs(path: str) -> bool:
-    if path.endswith((".sqfs", ".squashfs")):
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == SQUASHFS_MAGIC
-    except OSError:
-        return False
-
-
 IMAGE_FILE_SUFFIXES = (".sqfs", ".squashfs")
+
+
+def _squashfs_file(path: str) -> bool:
+    """A squashfs image file by its name, or else by its magic."""
+    from mesobox.files import is_squashfs as has_magic
+
+    return path.endswith(IMAGE_FILE_SUFFIXES) or has_magic(path)
 
 
 def is_path_name(text: str) -> bool:
@@ -177,7 +174,7 @@ def path_image(text: str) -> Image:
     if error is None and probe.file_identity(text) is not None:  # the same file: the same squashfs tree
         if not probe.access(text, os.R_OK):
             raise UsageError(f"cannot read image file {text}: permission denied")
-        if not is_squashfs(text):
+        if not _squashfs_file(text):
             raise UsageError(f"{text} is neither a directory nor a squashfs image")
         return Image(format="squashfs", path=probe.abspath(text), config={}, reference=text)
     if error in ("EACCES", "EPERM"):
@@ -299,11 +296,7 @@ def check_source(src: str, allowed: tuple[str, ...]) -> str:
 
 
 def allowed_source(real: str, allowed: tuple[str, ...]) -> bool:
-    return not allowed or any(_under(real, probe.realpath(a)) for a in allowed)
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
+    return not allowed or any(under(real, probe.realpath(a)) for a in allowed)
 
 
 def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[S.Mount, ...]:
@@ -330,7 +323,7 @@ def _automatic_binds(home: str, cwd: str, allowed: tuple[str, ...]) -> list[str]
     caller cannot reach is left out (_cwd says where the container starts instead),
     one outside the site's allowed sources too, with a warning."""
     kept = [path for path in (home, "/tmp") if path and probe.isdir(path) and _allowed_automatic(path, allowed)]
-    if cwd != "/" and cwd.split("/")[1] not in SYSTEM_DIRS and not any(_under(cwd, p) for p in kept) \
+    if cwd != "/" and cwd.split("/")[1] not in SYSTEM_DIRS and not any(under(cwd, p) for p in kept) \
             and _reachable(cwd) and _allowed_automatic(cwd, allowed):
         kept.append(cwd)
     return kept
@@ -370,15 +363,6 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
 
 
 # --- the spec ---------------------------------------------------------------------------------
-
-
-def parse_size(text: str, option: str) -> int:
-    units = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    low = text.strip().lower().removesuffix("ib").removesuffix("b") if text else ""
-    number, unit = (low[:-1], low[-1]) if low and low[-1] in units else (low, "")
-    if not number.isdigit() or int(number) == 0:
-        raise UsageError(f"bad size {text!r} for {option}", hint="use e.g. 512m or 2g")
-    return int(number) * units[unit]
 
 
 def resolve_user(text: str, image: Image) -> tuple[int, int]:
@@ -441,7 +425,7 @@ def _cwd(opts: RunOptions, mounts: tuple[S.Mount, ...], image_config: dict[str, 
         return opts.workdir
     here = probe.getcwd()
     bound = [m.destination for m in mounts if m.type == "bind" and m.source == m.destination]
-    if here and any(_under(here, b) for b in bound):
+    if here and any(under(here, b) for b in bound):
         return here
     if here and not _reachable(here):
         # Unreachable (a sudo'd command left in /root/…): not fatal, as in Apptainer.

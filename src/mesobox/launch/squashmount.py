@@ -132,8 +132,9 @@ class Lease:
         if not refs:  # no file at all: the next launcher's stale check stays one listdir
             _quietly(os.unlink, path)
             return
-        _write(path + ".tmp", "".join(f"{ref}\n" for ref in refs))
-        os.replace(path + ".tmp", path)  # atomic: a watcher reads refs without the lock
+        from mesobox.files import write_atomic
+
+        write_atomic(path, "".join(f"{ref}\n" for ref in refs).encode())  # a watcher reads refs unlocked
 
     def _idle_since(self) -> float | None:
         """When the mount went idle (the stamp's mtime), or None when it is not lingering."""
@@ -326,15 +327,6 @@ def _name_watcher(comm: str) -> None:
         os.close(fd)
 
 
-def _write(path: str, text: str) -> None:
-    """Replace the contents of ``path`` (never through a symlink planted there)."""
-    fd = os.open(path, _CREATE | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def acquire(config: Config, image: str) -> Lease:
     """Attach this process (its pid and start time) to the node's shared mount of
     ``image``, making it if need be; with a linger, make sure a watcher serves it."""
@@ -344,12 +336,13 @@ def acquire(config: Config, image: str) -> Lease:
 def attach(runtime_dir: str, linger: float, image: str) -> Lease:
     """``acquire`` with the two settings it uses (a saved launch plan has no Config)."""
     from mesobox import paths
+    from mesobox.procs import start_time
 
     base = paths.private_subdir(runtime_dir, "mnt")
     key = image_key(image)
     pid = os.getpid()
-    start = _start_time(str(pid))
-    ref = f"{pid}:{start}" if start else str(pid)  # both survive execve(2) into the workload
+    start = start_time(pid)
+    ref = f"{pid}:{start}" if start is not None else str(pid)  # both survive execve(2) into the workload
     lease = Lease(base, key, os.path.join(base, key), ref, linger)
     lease.acquire(image)
     return lease
@@ -404,25 +397,16 @@ def _unused(lease: Lease, linger: float) -> bool:
     return time.time() - idle >= linger
 
 
-def _start_time(pid: str) -> str | None:
-    """Field 22 of /proc/PID/stat, starttime (clock ticks after boot; proc(5)), or None
-    when the process is gone or a zombie (whose launcher has ended all the same)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # comm, in parentheses, may hold anything
-        return None if fields[0] in ("Z", "X") else fields[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _alive(ref: str) -> bool:
     """Is the launcher of ``ref`` (``PID:STARTTIME``) still running?  A recycled pid has
     another start time.  A bare PID (mesobox before start times) is alive if it runs."""
     pid, colon, start = ref.partition(":")
     if not pid.isdigit() or (colon and not start.isdigit()):
         return False
-    now = _start_time(pid)
-    return now is not None and (now == start or not colon)
+    from mesobox.procs import start_time
+
+    now = start_time(int(pid))
+    return now is not None and (not colon or now == int(start))
 
 
 def _healthy(mountpoint: str) -> bool:

@@ -28,6 +28,8 @@ from typing import Any
 from mesobox import paths
 from mesobox.config import Config
 from mesobox.errors import LaunchError, StoreError, UsageError
+from mesobox.files import write_atomic
+from mesobox.procs import alive
 
 OCI_VERSION = "1.0.2"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
@@ -155,7 +157,7 @@ class StateDir:
         except FileNotFoundError:
             raise UsageError(f"container {self.id!r} does not exist") from None
         pid = int(state.get("pid", 0))
-        if state.get("status") == "running" and not _alive(pid):
+        if state.get("status") == "running" and not alive(pid):
             state["status"] = "stopped"
         return state
 
@@ -163,25 +165,13 @@ class StateDir:
         paths.private_subdir(self.top, "oci", self.id)
         state = {"ociVersion": OCI_VERSION, "id": self.id, "status": status, "pid": pid,
                  "bundle": str(bundle.resolve()), "annotations": {}}
-        tmp = self.path / "state.json.tmp"
-        tmp.write_text(json.dumps(state) + "\n")
-        os.replace(tmp, self.path / "state.json")
+        write_atomic(self.path / "state.json", (json.dumps(state) + "\n").encode(), mode=0o644)
 
     def exists(self) -> bool:
         return (self.path / "state.json").exists()
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def oci_conf(runtime: str | None = None) -> str:

@@ -37,10 +37,10 @@ import time
 from collections.abc import Callable
 
 from mesobox.config import Config
+from mesobox.files import SQUASHFS_MAGIC
 
 _COMMENT_RE = re.compile(r"mesobox:(\S+)")
 STAGE_DEADLINE_S = 120.0  # a prolog that reads for longer delays the job more than it saves
-SQUASHFS_MAGIC = b"hsqs"
 _UMOUNT_NOFOLLOW = 0x8  # umount2(2): never unmount through a symlink at the path
 
 
