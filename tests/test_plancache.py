@@ -433,19 +433,19 @@ def test_private_records(tmp_path: Path) -> None:
     from mesobox import paths
 
     d = tmp_path / "cache"
-    assert paths.store(str(d), "r", 1, ("sig",), {"a": (1, b"x")})
-    assert paths.load(str(d), "r", 1, ("sig",)) == {"a": (1, b"x")}
-    assert paths.load(str(d), "r", 1, ("other",)) is None
-    assert paths.load(str(d), "r", 2, ("sig",)) is None
+    assert paths.save_cached(str(d), "r", 1, ("sig",), {"a": (1, b"x")})
+    assert paths.load_cached(str(d), "r", 1, ("sig",)) == {"a": (1, b"x")}
+    assert paths.load_cached(str(d), "r", 1, ("other",)) is None
+    assert paths.load_cached(str(d), "r", 2, ("sig",)) is None
     assert [p.name for p in d.iterdir()] == ["r"] and (d.stat().st_mode & 0o777) == 0o700
     os.chmod(d / "r", 0o666)
-    assert paths.load(str(d), "r", 1, ("sig",)) is None
+    assert paths.load_cached(str(d), "r", 1, ("sig",)) is None
     os.chmod(d / "r", 0o600)
     os.chmod(d, 0o770)
-    assert paths.load(str(d), "r", 1, ("sig",)) is None
+    assert paths.load_cached(str(d), "r", 1, ("sig",)) is None
     os.chmod(d, 0o700)
     (d / "r").write_bytes(b"\xffnot marshal")
-    assert paths.load(str(d), "r", 1, ("sig",)) is None
+    assert paths.load_cached(str(d), "r", 1, ("sig",)) is None
 
 
 def test_compose_takes_host_values_at_each_call() -> None:

@@ -281,7 +281,7 @@ def _cache_name(signature: tuple[Any, ...]) -> str | None:
 
 def _cache_load(cache_dir: str, signature: tuple[Any, ...]) -> dict[str, Any] | None:
     name = _cache_name(signature)
-    parsed = paths.load(cache_dir, name, _CACHE_FORMAT, signature) if name else None
+    parsed = paths.load_cached(cache_dir, name, _CACHE_FORMAT, signature) if name else None
     return parsed if isinstance(parsed, dict) else None
 
 
@@ -289,7 +289,7 @@ def _cache_store(cache_dir: str, signature: tuple[Any, ...], parsed: dict[str, A
     """Best effort: TOML dates, which marshal cannot hold, are parsed again next time."""
     name = _cache_name(signature)
     if name is not None:
-        paths.store(cache_dir, name, _CACHE_FORMAT, signature, parsed)
+        paths.save_cached(cache_dir, name, _CACHE_FORMAT, signature, parsed)
 
 
 def _locked_keys(value: Any, origin: str, known: set[str]) -> set[str]:

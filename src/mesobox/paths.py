@@ -95,7 +95,7 @@ def outer_uid() -> int:
 
 
 def cache_root(env: dict[str, str] | os._Environ[str]) -> str:
-    """Where per-user caches live (parsed config files, launch plans): the runtime dir
+    """Where per-user caches live (parsed config files, saved launch programs): the runtime dir
     as far as the environment alone says — a runtime_dir set *in* a config file cannot
     move the cache of that very file.  A relative MESOBOX_RUNTIME_DIR is refused by
     the config; here it only means the default place."""
@@ -257,7 +257,7 @@ def own(st: os.stat_result) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def load(directory: str, name: str, fmt: int, signature: Any) -> Any:
+def load_cached(directory: str, name: str, fmt: int, signature: Any) -> Any:
     """The payload stored under ``name`` for ``signature``, or None."""
     try:
         dir_fd = os.open(directory, _DIR_FLAGS)
@@ -284,7 +284,7 @@ def load(directory: str, name: str, fmt: int, signature: Any) -> Any:
     return None
 
 
-def store(directory: str, name: str, fmt: int, signature: Any, payload: Any) -> bool:
+def save_cached(directory: str, name: str, fmt: int, signature: Any, payload: Any) -> bool:
     """Best effort; False when nothing was written (unwritable, foreign directory,
     data marshal cannot hold, too big).  ``directory`` is a subdirectory of a runtime
     dir (``cache_root``), which must be private (``runtime_dir``)."""

@@ -137,9 +137,9 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
     if verb != "run" and values.get("entrypoint") is not None:
         raise UsageError("--entrypoint is for `mesobox run`")
     from mesobox.launch.launcher import launch
-    from mesobox.launch.specbuild import RunOptions, make_spec, resolve_image
+    from mesobox.launch.specbuild import RunOptions, find_image, make_spec
 
-    image = resolve_image(values["image"], config)
+    image = find_image(values["image"], config)
     if mpi is not None:
         from mesobox.launch import probe
         from mesobox.launch.hostmpi import with_host_mpi

@@ -109,9 +109,9 @@ def main_bundle(argv: list[str], config: Config) -> int:
     parser.add_argument("--copy", action="store_true", help="copy the rootfs instead of linking to it")
     args = parser.parse_args(argv)
     from mesobox.oci.bundle import make_bundle
-    from mesobox.slurm.launch import resolve_image
+    from mesobox.slurm.launch import image_path
 
-    bundle = make_bundle(config, resolve_image(config, args.image), args.dir, copy=args.copy)
+    bundle = make_bundle(config, image_path(config, args.image), args.dir, copy=args.copy)
     sys.stdout.write(f"{bundle}\n")
     return 0
 

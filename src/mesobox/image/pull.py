@@ -2,7 +2,7 @@
 
 Steps, each named after what it does::
 
-    resolve_image      ask the source for the manifest of the wanted platform
+    open_image_source      ask the source for the manifest of the wanted platform
     fetch_blobs        config + layers into the store, in parallel, each once
     flatten            apply the layers into a directory (and mksquashfs it)
     record             write the image record: reference -> digest + config
@@ -83,7 +83,7 @@ class PullResult:
     fetched: int  # blobs downloaded by this process (0 when all were present)
 
 
-def resolve_image(config: Config, text: str, platform: str | None, insecure: bool) -> tuple[Any, Any]:
+def open_image_source(config: Config, text: str, platform: str | None, insecure: bool) -> tuple[Any, Any]:
     from mesobox.image.reference import parse_reference
     from mesobox.image.transports import open_source
 
@@ -340,7 +340,7 @@ def pull_image(
     store = Store(config)
     store.init()
     with store.in_use():  # `mesobox prune` waits for this pull
-        source, resolved = resolve_image(config, text, platform, insecure)
+        source, resolved = open_image_source(config, text, platform, insecure)
         try:
             total = resolved.config.size + sum(d.size for d in resolved.layers)
             if total > config.max_image_bytes:

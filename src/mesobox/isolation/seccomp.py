@@ -159,7 +159,7 @@ def prepare(profile: dict[str, Any] | None, cache_dir: str) -> bytes | None:
     program = _read_cached(cache_dir, name)
     if program is None:
         program = compile_program(profile)
-        _store(cache_dir, name, program)
+        _save_cached(cache_dir, name, program)
     return program
 
 
@@ -247,7 +247,7 @@ def _read_cached(cache_dir: str, name: str) -> bytes | None:
     return program if len(program) == st.st_size else None
 
 
-def _store(cache_dir: str, name: str, program: bytes) -> None:
+def _save_cached(cache_dir: str, name: str, program: bytes) -> None:
     """Best effort: write ``program`` under ``name`` atomically; any failure (read-only
     or foreign directory, ENOSPC…) only means the next launch compiles again."""
     from mesobox import paths

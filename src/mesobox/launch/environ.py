@@ -58,7 +58,7 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
 def compose(host: dict[str, str], recipe: tuple[Any, ...]) -> tuple[str, ...]:
     """The container's environment from this launch's host environment and the recipe
     make_spec decided: (image Env, cleanenv, --env-file pairs, -e options, home).  A
-    launch plan keeps the recipe and composes each launch's environment anew."""
+    saved program keeps the recipe and composes each launch's environment anew."""
     image_env, cleanenv, file_pairs, options, home = recipe
     extra = list(file_pairs)
     for item in options:

@@ -66,7 +66,7 @@ def launch_cached(verb: str, args: list[str]) -> None:
         return  # root's launches are supervised (root isolation): never saved, never run from here
     config = probe.config_files()
     key = _key(verb, args, config)
-    saved = paths.load(_directory(), _name(key), FORMAT, key)
+    saved = paths.load_cached(_directory(), _name(key), FORMAT, key)
     if isinstance(saved, dict) and probe.unchanged(saved["journal"]):
         try:
             _run(saved)  # returns only when the saved program cannot run as it is
@@ -91,7 +91,7 @@ def save(program: Program, config: Config) -> None:
     payload = {"journal": journal, "program": {**program, "env": ()}, "environment": recipe,
                "runtime_dir": config.runtime_dir_str, "linger": config.squashfs_linger}
     directory = _directory()
-    if paths.store(directory, _name(key), FORMAT, key, payload):
+    if paths.save_cached(directory, _name(key), FORMAT, key, payload):
         _trim(directory)
 
 
@@ -100,7 +100,7 @@ def _run(saved: dict[str, Any]) -> None:
     cannot be had as when it was saved: watched, at the same place."""
     from mesobox.launch import environ, execute, reaping
 
-    program: Program = saved["program"]  # a fresh dict: paths.load unmarshalled it
+    program: Program = saved["program"]  # a fresh dict: paths.load_cached unmarshalled it
     program["env"] = environ.compose(dict(os.environ), saved["environment"])
     environ.check(program["env"])
     execute.check_ids()  # never setuid: real == effective == saved
@@ -135,7 +135,7 @@ def _key(verb: str, args: list[str], config: tuple[Any, ...]) -> tuple[Any, ...]
 
 
 def _name(key: tuple[Any, ...]) -> str:
-    # A short name; the whole key is stored in the file and compared (paths.load).
+    # A short name; the whole key is stored in the file and compared (paths.load_cached).
     # The hash of a tuple of ints is the same in every process (only str and bytes
     # hashes are salted), and needs no zlib or hashlib import.
     return f"{hash(tuple(repr(key).encode())) & 0xFFFFFFFF:08x}.plan"

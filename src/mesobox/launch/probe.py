@@ -1,5 +1,5 @@
 """Probe room: the questions a launch asks the host, answered — and written down while
-a launch plan is being recorded.
+a launch program is being recorded (plancache.py).
 
 A launch program (execute.py) is a function of the command line and of the answers to
 a few questions about the host: is this bind source a directory, what is its real
@@ -171,7 +171,7 @@ def env_file(path: str) -> tuple[tuple[str, str], ...]:
 def config_files() -> tuple[Any, ...]:
     """What the Config of this launch is made of: every MESOBOX_* and XDG_* variable,
     HOME and USER, the identity of the site and user files, the default runtime dir.
-    Part of a plan's key (plancache.py) rather than a question."""
+    Part of a saved program's key (plancache.py) rather than a question."""
     env = os.environ
     names = tuple(sorted((k, v) for k, v in env.items() if k.startswith(("MESOBOX_", "XDG_"))
                          or k in ("HOME", "USER")))

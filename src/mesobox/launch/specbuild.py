@@ -185,7 +185,7 @@ def path_image(text: str) -> Image:
     raise ImageNotFound(f"no such image file or directory: {text}")
 
 
-def resolve_image(text: str, config: Config) -> Image:
+def find_image(text: str, config: Config) -> Image:
     """A directory, a squashfs file, a stored reference, or docker://… (pulled if missing)."""
     if is_path_name(text):
         return path_image(text)
@@ -221,7 +221,7 @@ def resolve_image(text: str, config: Config) -> Image:
 
 
 def _note_record(store: Any, text: str, digest: str) -> None:
-    """What Store.lookup read, as questions a launch plan asks again: which store's
+    """What Store.lookup read, as questions a saved program asks again: which store's
     record file names the image (the same file is the same record: digest and config),
     and whether that store holds its rootfs or squashfs (and which squashfs file)."""
     from mesobox.image.reference import parse_reference
@@ -500,7 +500,7 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     # unreadable to it anyway); it uses the image's own $HOME directory.
     shifted = identity.is_shifted(uid_maps)
     mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home)
-    # The recipe, not the values: a launch plan merges this launch's environment anew.
+    # The recipe, not the values: a saved program merges this launch's environment anew.
     file_pairs = tuple(pair for path in opts.env_files for pair in probe.env_file(path))
     recipe = (tuple(image.config.get("Env") or ()), opts.cleanenv, file_pairs, tuple(opts.env), home)
     probe.note_environment(recipe)

@@ -334,7 +334,7 @@ def acquire(config: Config, image: str) -> Lease:
 
 
 def attach(runtime_dir: str, linger: float, image: str) -> Lease:
-    """``acquire`` with the two settings it uses (a saved launch plan has no Config)."""
+    """``acquire`` with the two settings it uses (a saved program has no Config)."""
     from mesobox import paths
     from mesobox.procs import start_time
 

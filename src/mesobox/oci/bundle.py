@@ -52,11 +52,11 @@ def bundle_config(config: Config, image: str, args: tuple[str, ...] = ()) -> dic
     written with ``to_oci_json``, so ``mesobox oci run`` reads back exactly what the
     launcher understands.  A squashfs image stays one file: root.path names it and the
     ``org.mesobox.root.format`` annotation says how to mount it."""
-    from mesobox.launch.specbuild import RunOptions, make_spec, resolve_image
+    from mesobox.launch.specbuild import RunOptions, find_image, make_spec
     from mesobox.oci.spec import to_oci_json
 
     opts = RunOptions(mode="run", image=image, args=args, contain=True, cleanenv=True)
-    spec = make_spec(opts, config, resolve_image(image, config))
+    spec = make_spec(opts, config, find_image(image, config))
     return to_oci_json(spec.replace(process=spec.process.replace(terminal=False)))
 
 

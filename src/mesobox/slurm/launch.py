@@ -40,7 +40,7 @@ def mesobox_argv() -> list[str]:
     return [sys.executable, "-m", "mesobox"]
 
 
-def resolve_image(config: Config, text: str) -> Path:
+def image_path(config: Config, text: str) -> Path:
     """A path to hand to every task: an existing path as is, else the store's copy.
 
     A stored image is pulled at most once here, on the submit side; squashfs is
@@ -66,7 +66,7 @@ def image_for(config: Config, split: SplitArgs) -> Path:
     text = split.image or os.environ.get(IMAGE_ENV)
     if not text:
         raise UsageError("no image given", hint="pass --image REF (a reference, a squashfs file or a directory)")
-    return resolve_image(config, text)
+    return image_path(config, text)
 
 
 def task_argv(image: Path, run_args: tuple[str, ...], command: tuple[str, ...]) -> list[str]:
