@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from conftest import Mesobox
 from mesobox.config import Config
 from mesobox.errors import UsageError
-from mesobox.oci.bundle import StateDir, check_id, load_bundle, make_bundle, oci_conf, spec_from_bundle
+from mesobox.oci.bundle import StateDir, check_id, load_bundle, make_bundle, spec_from_bundle
 from mesobox.slurm.hooks import job_image, stale_mounts
 from mesobox.slurm.launch import batch_script, srun_argv, task_setup, wrap_script
+from mesobox.slurm.ociconf import oci_conf
 from mesobox.slurm.options import split_args
 
 

@@ -130,7 +130,7 @@ def main_slurm(argv: list[str], config: Config) -> int:
         status: int = main_exec(exec_args, config)
         return status
     if action == "oci-conf":
-        from mesobox.oci.bundle import oci_conf
+        from mesobox.slurm.ociconf import oci_conf
 
         runtime = rest[1] if rest[:1] == ["--runtime"] and len(rest) > 1 else None
         sys.stdout.write(oci_conf(runtime))
