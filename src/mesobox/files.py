@@ -21,8 +21,9 @@ def racy(mtime_ns: int) -> bool:
 
 
 def under(path: str, top: str) -> bool:
-    """``path`` is ``top`` or below it (both normalised; ``/`` holds every absolute path)."""
-    return path == top or path.startswith(top.rstrip("/") + "/")
+    """``path`` is ``top`` or below it, component-wise (``/`` holds every absolute path)."""
+    top = top.rstrip("/")
+    return path == top or path.startswith(top + "/")
 
 
 def is_squashfs(path: str | os.PathLike[str]) -> bool:
