@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mesobox.errors import UsageError
-from mesobox.files import is_squashfs, racy, under, write_atomic
+from mesobox.files import is_squashfs, under, write_atomic
+from mesobox.paths import racy
 from mesobox.procs import alive, same_process, start_time
 from mesobox.sizes import parse_size
 

@@ -152,11 +152,11 @@ def _waits_on_fifo(pid: int) -> bool:
         return False
 
 
-# The supervisor's forwarding loop (signals.wait_forwarding) under a real pty: a child
+# The supervisor's forwarding loop (forwarding.wait_forwarding) under a real pty: a child
 # in the same foreground process group counts the SIGINTs it gets and who sent them.
 PTY_SCRIPT = r"""
 import os, signal, sys, time
-from mesobox.launch import signals
+from mesobox.launch import forwarding
 pid = os.fork()
 if pid == 0:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR1})
@@ -168,7 +168,7 @@ if pid == 0:
             got.append(f"{info.si_signo}/{info.si_code}")
     os.write(1, ("got " + " ".join(got) + "\n").encode())
     os._exit(0)
-sys.exit(signals.wait_forwarding(pid))
+sys.exit(forwarding.wait_forwarding(pid))
 """
 
 

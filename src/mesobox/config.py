@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from mesobox import files, paths
+from mesobox import paths
 from mesobox.errors import ConfigError
 
 # typing and pathlib cost ≈15 ms of `mesobox run` start-up (pathlib pulls in re,
@@ -232,7 +232,7 @@ def _read_toml(path: str, cache_dir: str | None = None) -> dict[str, Any]:
         signature = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         # A file changed in the last seconds may change again within one timestamp tick
         # at the same size (git's "racy" files): parse it, cache it only once it is older.
-        if cache_dir and files.racy(st.st_mtime_ns):
+        if cache_dir and paths.racy(st.st_mtime_ns):
             cache_dir = None
         cached = _cache_load(cache_dir, signature) if cache_dir else None
         if cached is not None:
@@ -262,7 +262,7 @@ def _read_toml(path: str, cache_dir: str | None = None) -> dict[str, Any]:
 # than a whole `mesobox run`, paid by every MPI rank on a site with a config file.  So
 # each file's parse is cached, per user, as marshal data keyed by the file's identity
 # (device, inode, size, mtime, ctime): an edited file is parsed again (and a file edited
-# in the last 2 s is never cached: see files.racy).  The cache lives in the per-user runtime
+# in the last 2 s is never cached: see paths.racy).  The cache lives in the per-user runtime
 # directory and is used only if that directory and the file are the user's own and
 # writable by nobody else (paths.py, which says why that is enough).
 

@@ -1,5 +1,5 @@
 """Small file rules shared by every room: atomic replacement, path containment,
-the two-second rule for caches, and the squashfs magic.  Stdlib only, no imports
+and the squashfs magic.  Stdlib only, no imports
 beyond ``os``: the launch path uses them.
 """
 
@@ -8,16 +8,6 @@ from __future__ import annotations
 import os
 
 SQUASHFS_MAGIC = b"hsqs"
-# A file changed this recently may change again within the same timestamp and size
-# (git's "racy" files): caches keyed on (mtime, size) never trust such a file.
-RACY_NS = 2_000_000_000
-
-
-def racy(mtime_ns: int) -> bool:
-    """Changed so recently that another change could keep the same timestamp and size."""
-    import time
-
-    return abs(time.time_ns() - mtime_ns) < RACY_NS
 
 
 def under(path: str, top: str) -> bool:

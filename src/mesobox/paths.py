@@ -310,3 +310,15 @@ def save_cached(directory: str, name: str, fmt: int, signature: Any, payload: An
         return False
     finally:
         os.close(dir_fd)
+
+
+# A file changed this recently may change again within the same timestamp and size
+# (git's "racy" files): caches keyed on (mtime, size) never trust such a file.
+RACY_NS = 2_000_000_000
+
+
+def racy(mtime_ns: int) -> bool:
+    """Changed so recently that another change could keep the same timestamp and size."""
+    import time
+
+    return abs(time.time_ns() - mtime_ns) < RACY_NS

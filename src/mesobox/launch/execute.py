@@ -47,7 +47,7 @@ from mesobox.launch.beneath import (
     release_roots,
     write_file,
 )
-from mesobox.launch.signals import FORWARDED, wait_forwarding
+from mesobox.launch.signals import FORWARDED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -163,6 +163,8 @@ def container(program: Program) -> NoReturn:
         pid = os.fork()
         if pid:
             close_exec_fd()  # only the workload holds it: its execve closes it
+            from mesobox.launch.forwarding import wait_forwarding
+
             os._exit(wait_forwarding(pid))
         in_child(lambda: _container_init(program))
     setup_root(program)
@@ -177,6 +179,8 @@ def _container_init(program: Program) -> None:
     if workload == 0:
         in_child(lambda: exec_workload(program))
     close_exec_fd()
+    from mesobox.launch.forwarding import wait_forwarding
+
     os._exit(wait_forwarding(workload, everyone=True))
 
 
@@ -620,6 +624,8 @@ def _signals_for_exec() -> None:
         r, _w = exec_pipe()
         pid = os.fork()
         if pid:
+            from mesobox.launch.forwarding import wait_forwarding
+
             close_exec_fd()
             os._exit(wait_forwarding(pid, r, queued=tuple(queued)))
         os.close(r)

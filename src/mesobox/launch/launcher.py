@@ -43,7 +43,7 @@ from mesobox import paths
 from mesobox.errors import LaunchError
 from mesobox.launch import beneath, execute, reaping
 from mesobox.launch import syscalls as sc
-from mesobox.launch.signals import block_signals, exit_status, wait_forwarding
+from mesobox.launch.forwarding import block_signals, exit_status, wait_forwarding
 from mesobox.oci.spec import Resources, Spec
 
 TYPE_CHECKING = False

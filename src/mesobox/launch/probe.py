@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 
 from mesobox import paths
-from mesobox.files import racy
+from mesobox.paths import racy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def image_text(root: str, rel: str) -> str:
     (an image's /etc/passwd -> /etc/shadow must not make mesobox read the host's).
     The question written down is the file's identity, not its text: the same device,
     inode, size, mtime and ctime is the same text, unless the file changed in the last
-    seconds (then the launch is untracked, as files.racy)."""
+    seconds (then the launch is untracked, as paths.racy)."""
     text, identity = _image_text(root, rel)
     if identity is not None and racy(identity[3]) and root not in _pinned:
         untracked()
