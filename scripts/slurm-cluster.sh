@@ -14,7 +14,7 @@
 # Each node has its own spool, TmpFS and log under $STATE/<node>.  The config is
 # written to $STATE/slurm.conf and /etc/slurm/slurm.conf is a symlink to it, so every
 # user (and every slurmd) sees the same file without SLURM_CONF.
-# Recipe measured on the test hosts: SlurmUser=root, proctrack/linuxproc, task/none,
+# Recipe that works on one Debian 12 machine: SlurmUser=root, proctrack/linuxproc, task/none,
 # cons_tres with CR_Core_Memory, ReturnToService=2.  `srun --mpi=pmix` needs
 # libpmix-dev (slurm's mpi_pmix plugin dlopens libpmix.so; without it slurmd hangs).
 # start is idempotent: a running, idle cluster with the same config is left alone.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User, need_tool
-from mesobox.launch import hostmpi as mpihost
+from mesobox.launch import hostmpi
 from mesobox.slurm.options import split_args
 from slurm_support import CACHE, slurm_cluster
 
@@ -60,12 +60,12 @@ def _host_glibc() -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def host_mpi() -> mpihost.HostMpi:
+def host_mpi() -> hostmpi.HostMpi:
     need_tool("ompi_info", "ldd")
-    return mpihost.discover()
+    return hostmpi.discover()
 
 
-def test_discovery_finds_libmpi_plugins_and_pmix_but_no_glibc(host_mpi: mpihost.HostMpi) -> None:
+def test_discovery_finds_libmpi_plugins_and_pmix_but_no_glibc(host_mpi: hostmpi.HostMpi) -> None:
     libmpi = host_mpi.libs.get("libmpi.so.40")
     assert libmpi is not None and os.path.isfile(libmpi) and not os.path.islink(libmpi), host_mpi.libs
     # Everything the closure binds is a real host file, none of it glibc or the loader.
@@ -77,18 +77,18 @@ def test_discovery_finds_libmpi_plugins_and_pmix_but_no_glibc(host_mpi: mpihost.
     assert (2, 17) <= host_mpi.glibc_needed <= _host_glibc()
 
 
-def test_elf_needed_agrees_with_readelf(host_mpi: mpihost.HostMpi) -> None:
+def test_elf_needed_agrees_with_readelf(host_mpi: hostmpi.HostMpi) -> None:
     need_tool("readelf")
     plugin_dir = next(d for d in host_mpi.dirs if list(Path(d).glob("mca_*.so")))
     files = [host_mpi.libs["libmpi.so.40"], *sorted(str(p) for p in Path(plugin_dir).glob("mca_*.so"))[:20]]
     for path in files:
         dump = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
-        assert mpihost.elf_needed(path) == set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dump)), path
-    assert mpihost.elf_needed(__file__) is None  # not an ELF file
+        assert hostmpi.elf_needed(path) == set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dump)), path
+    assert hostmpi.elf_needed(__file__) is None  # not an ELF file
 
 
-def test_bind_arguments_are_read_only_and_put_host_libs_first(host_mpi: mpihost.HostMpi) -> None:
-    args = mpihost.exec_args(host_mpi, {"LD_LIBRARY_PATH": "/site/lib"})
+def test_bind_arguments_are_read_only_and_put_host_libs_first(host_mpi: hostmpi.HostMpi) -> None:
+    args = hostmpi.exec_args(host_mpi, {"LD_LIBRARY_PATH": "/site/lib"})
     binds = [args[i + 1] for i, a in enumerate(args) if a == "--bind"]
     assert f"{host_mpi.libs['libmpi.so.40']}:/opt/mesobox/host-mpi/lib/libmpi.so.40:ro" in binds
     assert all(b.endswith(":ro") for b in binds)
@@ -136,10 +136,10 @@ def test_image_without_a_new_enough_glibc_is_refused_in_one_line(
 def test_image_glibc_is_read_from_directories_and_squashfs(world_tmp: Path) -> None:
     need_tool("mksquashfs", "unsquashfs")
     root = _fake_rootfs(world_tmp, b"GNU C Library (Debian GLIBC 2.31-13) stable release version 2.31.")
-    assert mpihost.image_glibc(root) == (2, 31)
+    assert hostmpi.image_glibc(root) == (2, 31)
     sqfs = world_tmp / "img.sqfs"
     subprocess.run(["mksquashfs", str(root), str(sqfs), "-quiet", "-noappend"], check=True)
-    assert mpihost.image_glibc(sqfs) == (2, 31)
+    assert hostmpi.image_glibc(sqfs) == (2, 31)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def _compile_hello(world_tmp: Path) -> Path:
 
 @pytest.mark.userns
 def test_exec_mpi_host_resolves_the_program_and_every_plugin_inside(
-    bare_debian: Path, host_mpi: mpihost.HostMpi, mesobox: Mesobox, user: User, world_tmp: Path
+    bare_debian: Path, host_mpi: hostmpi.HostMpi, mesobox: Mesobox, user: User, world_tmp: Path
 ) -> None:
     binary = _compile_hello(world_tmp)
     plugins = next(d for d in host_mpi.dirs if list(Path(d).glob("mca_*.so")))

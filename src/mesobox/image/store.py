@@ -139,6 +139,16 @@ def file_check(path: Path) -> tuple[int, str]:
     return size, "sha256:" + digest.hexdigest()
 
 
+def _same_record(path: Path, data: dict[str, Any]) -> bool:
+    """``path`` already holds ``data``, but for the time of the pull ("created")."""
+    try:
+        old = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    new = json.loads(json.dumps(data))  # as it would read back (lists, not tuples)
+    return isinstance(old, dict) and {**old, "created": None} == {**new, "created": None}
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename (or creation) in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -283,8 +293,19 @@ class Store:
     def write_atomic(self, path: Path, data: bytes) -> None:
         try:
             files.write_atomic(path, data, mode=0o666, durable=True)  # the umask decides, as open() does
+            self.settle(path)
         except OSError as err:
             raise _store_error(err, f"writing {path}") from None
+
+    @staticmethod
+    def settle(path: Path) -> None:
+        """Date the mtime of a file written whole 1 ns back, so that its ctime (now) is
+        later.  The store never writes a file in place (it renames a new one over it),
+        and a file whose mtime is older than its ctime shows it was not written since:
+        a launch trusts its identity at once, with no 2-second wait after a pull
+        (launch/probe.py: settled)."""
+        st = os.stat(path, follow_symlinks=False)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 1), follow_symlinks=False)
 
     def make_tmpdir(self, digest: str) -> Path:
         import tempfile
@@ -385,7 +406,10 @@ class Store:
         }
         if record.squashfs_check is not None:
             data["squashfs_size"], data["squashfs_sha256"] = record.squashfs_check
-        self.write_atomic(self.record_path(record.reference), json.dumps(data, indent=1).encode())
+        path = self.record_path(record.reference)
+        if _same_record(path, data):
+            return  # the same image again: the record stays, and every launch plan that names it
+        self.write_atomic(path, json.dumps(data, indent=1).encode())
 
     def _load_record(self, path: Path, root: Path) -> ImageRecord | None:
         try:
@@ -474,7 +498,7 @@ class Store:
 
     def inuse_lock_path(self, digest: str) -> Path:
         """The lock every container of the directory image ``digest`` holds shared while it
-        runs (runtime/execute.hold_image): what it names must not be deleted."""
+        runs (launch/execute.hold_image): what it names must not be deleted."""
         return self.root / "locks" / f"inuse-{digest_hex(digest)}.lock"
 
     @contextlib.contextmanager

@@ -3,7 +3,7 @@
 Invariants:
 - Never fake success: ``checkpoint``/``restore`` first run ``criu check`` and, when CRIU
   is missing or cannot work on this kernel/for this user (Debian 12's CRIU 3.17 fails
-  with "kerndat_vdso_fill_symtable failed" on the 6.x test hosts), stop with
+  with "kerndat_vdso_fill_symtable failed" on current 6.x kernels), stop with
   one clear line that names what does work instead: pause/resume and snapshot.
 - ``snapshot`` copies only the ``--overlay DIR`` upper layer the instance writes to —
   the image itself is immutable and already stored — and freezes the instance while it

@@ -12,7 +12,7 @@ Sequence (setns(2), user_namespaces(7)):
 5. a pid namespace applies to children only, so when we joined one we fork and the child
    execs; the parent waits and passes on the exit status.
 
-Uses ``runtime.syscalls.setns`` (the one ctypes leaf) — Python 3.11's ``os`` has no setns.
+Uses ``launch.syscalls.setns`` (the one ctypes leaf) — Python 3.11's ``os`` has no setns.
 """
 
 from __future__ import annotations

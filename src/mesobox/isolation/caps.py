@@ -13,7 +13,7 @@ Invariants:
   (capabilities(7), "Transformation of capabilities during execve()").  A new user
   namespace made later inside (nesting) starts with a full set again
   (user_namespaces(7)), so dropping here does not break nested containers.
-- Stdlib only and tiny: ``build`` imports it on every run.
+- Stdlib only and tiny: ``launch.specbuild`` imports it on every run.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Invariants:
   the container's own mount namespace while it still has real root's privileges: the
   mount disappears with the namespace and the loop device is freed (``autoclear``).
   Ordinary users cannot mount it: a fuse2fs-mounted ext4 is refused by the kernel as an
-  overlay upper layer ("upper fs missing required features", measured on this kernel),
+  overlay upper layer ("upper fs missing required features", as seen on Debian 12 with a 6.x kernel),
   so they get a clear error pointing at ``--overlay DIR`` / ``--writable-tmpfs=SIZE``.
 """
 

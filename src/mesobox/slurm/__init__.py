@@ -5,8 +5,8 @@ Rooms:
   srun options and the command (pure, no I/O).
 - ``launch``: resolving the image once on the submit side and building the ``srun`` /
   ``sbatch`` command lines and batch scripts; the node-side task entry point.
-- ``bundle``: OCI bundles (config.json + rootfs) and the ``mesobox oci`` runtime CLI
-  state that Slurm's ``oci.conf`` drives.
+- ``ociconf``: the oci.conf that makes mesobox Slurm's OCI runtime (bundles and the
+  ``mesobox oci`` state live in ``mesobox.oci.bundle``).
 - ``hooks``: the site prolog/epilog (pre-stage a job's image, clean stale mounts).
 
 Invariants: the image is resolved (and pulled, if needed) once, on the submit host,
