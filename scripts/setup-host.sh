@@ -55,4 +55,12 @@ from mesobox.cli import main
 sys.exit(main())
 PY
 chmod 755 /usr/local/bin/mesobox
+# Shell completion and man pages, generated from the option table (src/mesobox/cli/table.py).
+install -d /usr/share/bash-completion/completions /usr/share/zsh/vendor-completions /usr/share/man/man1
+/usr/local/bin/mesobox completion bash > /usr/share/bash-completion/completions/mesobox
+/usr/local/bin/mesobox completion zsh > /usr/share/zsh/vendor-completions/_mesobox
+/usr/local/bin/mesobox manpage > /usr/share/man/man1/mesobox.1
+for verb in $(/usr/local/bin/mesobox manpage --list); do
+    /usr/local/bin/mesobox manpage "$verb" > "/usr/share/man/man1/mesobox-$verb.1"
+done
 echo "setup-host: ok ($(/usr/local/bin/mesobox --version))"

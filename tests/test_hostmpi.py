@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User, need_tool
+from mesobox.cli.slurm import split_args
 from mesobox.launch import hostmpi
-from mesobox.slurm.options import split_args
 from slurm_support import CACHE, slurm_cluster
 
 __all__ = ["slurm_cluster"]  # fixture used by name below

@@ -14,13 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import Mesobox
+from mesobox.cli.slurm import split_args
 from mesobox.config import Config
 from mesobox.errors import UsageError
 from mesobox.oci.bundle import StateDir, check_id, load_bundle, make_bundle, spec_from_bundle
 from mesobox.slurm.hooks import job_image, stale_mounts
 from mesobox.slurm.launch import batch_script, srun_argv, task_setup, wrap_script
 from mesobox.slurm.ociconf import oci_conf
-from mesobox.slurm.options import split_args
 
 
 def test_split_with_double_dash() -> None:

@@ -1,37 +1,25 @@
 """``mesobox instance …``, ``mesobox checkpoint``, ``mesobox restore``: cloud-mode wiring.
 
-Only argument handling lives here; the work is in ``runtime.instances`` (state),
-``runtime.supervisor`` (the detached keeper), ``runtime.nsenter`` (exec),
-``runtime.pause`` and ``runtime.checkpoint``.  See docs/instances.md.
+Only argument handling and printing live here; the work is in ``instances.lifecycle``
+(start, wait, list, stop), ``instances.state``, ``instances.supervisor`` (the detached
+keeper), ``instances.nsenter`` (exec), ``instances.pause`` and
+``instances.checkpoint``.  See docs/instances.md.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from mesobox import procs
+from mesobox.cli import print_json, table
+from mesobox.cli.usage import parse, subverb
 from mesobox.config import Config
-from mesobox.errors import LaunchError, UsageError
+from mesobox.errors import UsageError
+from mesobox.instances import lifecycle
 from mesobox.instances import state as st
-
-USAGE = """\
-usage: mesobox instance start [RUN-OPTIONS] [--restart no|on-failure[:N]|always] [--time DURATION]
-                              [-t|--grace SECONDS] IMAGE NAME [ARGS...]
-       mesobox instance list [--all] [--json]
-       mesobox instance stop [-t GRACE] NAME...
-       mesobox instance logs [-f] NAME
-       mesobox instance exec NAME CMD [ARGS...]
-       mesobox instance pause NAME | resume NAME
-       mesobox instance snapshot NAME DEST      (DEST: a directory, or *.tar / *.tar.gz)
-"""
-START_TIMEOUT = 120.0
-SUPERVISOR_TIMEOUT = 15.0  # for the supervisor to take its lock and write state.json
 
 
 def parse_duration(text: str, what: str = "--time") -> float:
@@ -56,105 +44,32 @@ def parse_restart(text: str) -> tuple[str, int | None]:
     return policy, int(limit) if limit else None
 
 
-def _take_value(argv: list[str], i: int, word: str) -> tuple[str, int]:
-    if "=" in word and word.startswith("--"):
-        return word.split("=", 1)[1], i + 1
-    if i + 1 >= len(argv):
-        raise UsageError(f"option {word} needs a value", hint=USAGE.splitlines()[0])
-    return argv[i + 1], i + 2
-
-
-def _takes_value(word: str) -> bool:
-    """Does this `mesobox run` option consume the next word?  Asked of cli/run.py's own
-    table, so the two parsers cannot drift apart."""
-    from mesobox.cli.run import OPTIONS
-
-    kind = OPTIONS.get(word, ("", "flag"))[1]
-    return "=" not in word and kind in ("value", "list")
-
-
-def parse_start(argv: list[str]) -> dict[str, Any]:
-    """Split ``instance start`` arguments into our own options, run options, IMAGE, NAME, ARGS."""
-    spec: dict[str, Any] = {"restart": "no", "restart_max": None, "time_limit": None, "grace": 10.0, "options": []}
-    i = 0
-    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
-        word = argv[i]
-        key = word.split("=", 1)[0]
-        if key == "--restart":
-            value, i = _take_value(argv, i, word)
-            spec["restart"], spec["restart_max"] = parse_restart(value)
-        elif key == "--time":
-            value, i = _take_value(argv, i, word)
-            spec["time_limit"] = parse_duration(value)
-        elif key in ("-t", "--grace"):
-            value, i = _take_value(argv, i, word)
-            spec["grace"] = parse_duration(value, "--grace")
-        elif _takes_value(word):
-            spec["options"] += argv[i : i + 2]
-            i += 2
-        else:
-            spec["options"].append(word)
-            i += 1
-    rest = argv[i + 1 :] if i < len(argv) and argv[i] == "--" else argv[i:]
-    if len(rest) < 2:
-        raise UsageError("instance start needs IMAGE and NAME", hint=USAGE.splitlines()[0])
-    image, name = rest[0], st.check_name(rest[1])
+def parse_start(argv: list[str]) -> dict[str, Any] | None:
+    """``instance start`` arguments → the instance's spec: our own options, the run
+    options as typed (the supervisor hands them to ``mesobox run``), IMAGE, NAME, ARGS.
+    None when it printed the help instead."""
+    parsed = parse("instance start", argv)
+    if parsed is None:
+        return None
+    values, (image, name, *args) = parsed
+    restart, restart_max = parse_restart(values.get("restart", "no"))
+    time_limit = parse_duration(values["time_limit"]) if "time_limit" in values else None
+    grace = parse_duration(values["grace"], "--grace") if "grace" in values else 10.0
+    name = st.check_name(name)
     if os.path.exists(image):  # a rootfs directory or squashfs file: absolute, the supervisor runs in "/"
         image = os.path.abspath(image)
-    spec.update(name=name, image=image, args=rest[2:], cwd=os.getcwd())
-    return spec
+    return {"restart": restart, "restart_max": restart_max, "time_limit": time_limit, "grace": grace,
+            "options": list(values.get(table.INHERITED, ())), "name": name, "image": image, "args": args,
+            "cwd": os.getcwd()}
 
 
 def cmd_start(argv: list[str], config: Config) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        sys.stdout.write(USAGE)
-        return 0
     spec = parse_start(argv)
-    path = st.claim(config, spec["name"])
-    try:
-        st.write_json(path / "spec.json", spec)
-        with open(path / "output.log", "ab") as log:
-            # setsid: the supervisor outlives this command and its terminal; it forks again.
-            first = subprocess.run(
-                [sys.executable, "-m", "mesobox.instances.supervisor", str(path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", start_new_session=True, check=False,
-            )
-        if first.returncode != 0:
-            raise LaunchError(f"the supervisor of {spec['name']!r} could not start: {_log_tail(path / 'output.log')}")
-    except BaseException:
-        st.remove(st.load(config, spec["name"]))
-        raise
-    return _await_start(config, spec["name"])
-
-
-def _await_start(config: Config, name: str) -> int:
-    started = time.monotonic()
-    while time.monotonic() < started + START_TIMEOUT:
-        inst = st.load(config, name)
-        if inst.status in (st.RUNNING, st.EXITED, st.PAUSED):
-            sys.stdout.write(f"{name}\n")
-            return 0
-        # state.json appears only once the supervisor holds its lock: before that, an
-        # unlocked instance is not dead, just not there yet (unless it never comes).
-        settled = bool(inst.state) or time.monotonic() > started + SUPERVISOR_TIMEOUT
-        if settled and inst.status in (st.FAILED, st.DEAD) and not inst.supervisor_alive:
-            tail = _log_tail(inst.log)
-            code = inst.state.get("exit_code")
-            st.remove(inst)
-            raise LaunchError(f"instance {name!r} failed to start (exit {code}): {tail}",
-                              hint="try the same options with `mesobox run` to see the whole output")
-        time.sleep(0.02)
-    raise LaunchError(f"instance {name!r} did not start within {START_TIMEOUT:.0f} s",
-                      hint=f"see `mesobox instance logs {name}`; `mesobox instance stop {name}` removes it")
-
-
-def _log_tail(log: Path) -> str:
-    try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no output"
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    return (errors or lines or ["no output"])[-1].strip()
+    if spec is None:
+        return 0
+    lifecycle.start(config, spec)
+    sys.stdout.write(f"{spec['name']}\n")
+    return 0
 
 
 def _uptime(seconds: float | None) -> str:
@@ -167,17 +82,13 @@ def _uptime(seconds: float | None) -> str:
 
 
 def cmd_list(argv: list[str], config: Config) -> int:
-    unknown = [a for a in argv if a not in ("--all", "-a", "--json")]
-    if unknown:
-        raise UsageError(f"unknown argument {unknown[0]!r}", hint="mesobox instance list [--all] [--json]")
-    everything = "--all" in argv or "-a" in argv
-    rows = [inst.summary() for inst in st.list_all(config)]
-    if not everything:
-        rows = [r for r in rows if r["status"] in (st.RUNNING, st.PAUSED, st.RESTARTING, st.STARTING)]
-    if "--json" in argv:
-        import json
-
-        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    parsed = parse("instance list", argv)
+    if parsed is None:
+        return 0
+    values, _ = parsed
+    rows = lifecycle.listing(config, everything=bool(values.get("all")))
+    if values.get("json"):
+        print_json(rows)
         return 0
     fmt = "{:<20} {:<30} {:<10} {:>8} {:>8} {:>7}\n"
     sys.stdout.write(fmt.format("NAME", "IMAGE", "STATUS", "PID", "RESTARTS", "UPTIME"))
@@ -189,55 +100,25 @@ def cmd_list(argv: list[str], config: Config) -> int:
     return 0
 
 
-def stop_one(inst: st.Instance, grace: float) -> None:
-    """Ask the supervisor to stop (it does SIGTERM, grace, SIGKILL, cleanup); if it is
-    dead or does not answer, do the same ourselves.  Then remove the state."""
-    if inst.supervisor_alive:
-        st.write_json(inst.path / "stop.json", {"grace": grace})
-        pid = int(inst.state.get("supervisor_pid") or 0)
-        if pid and procs.same_process(pid, inst.state.get("supervisor_start")):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace + 15
-        while st.supervisor_alive(inst.path) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if st.supervisor_alive(inst.path) and pid and procs.same_process(pid, inst.state.get("supervisor_start")):
-            os.kill(pid, signal.SIGKILL)
-            st.wait_gone([pid], 5)
-    from mesobox.instances.pause import kill_leftovers
-
-    kill_leftovers(st.Instance(inst.name, inst.path, inst.spec, st.read_json(inst.path / "state.json")), grace)
-    st.remove(inst)
-
-
 def cmd_stop(argv: list[str], config: Config) -> int:
-    grace: float | None = None
-    names: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if word.split("=", 1)[0] in ("-t", "--time", "--grace"):
-            value, i = _take_value(argv, i, word)
-            grace = parse_duration(value, "-t")
-        elif word.startswith("-"):
-            raise UsageError(f"unknown option {word}", hint="mesobox instance stop [-t GRACE] NAME...")
-        else:
-            names.append(word)
-            i += 1
-    if not names:
-        raise UsageError("instance stop needs at least one NAME", hint="mesobox instance stop [-t GRACE] NAME...")
+    parsed = parse("instance stop", argv)
+    if parsed is None:
+        return 0
+    values, names = parsed
+    grace = parse_duration(values["grace"], "-t") if "grace" in values else None
     instances = [st.load(config, n) for n in names]  # all names checked before stopping any
     for inst in instances:
-        stop_one(inst, grace if grace is not None else float(inst.spec.get("grace", 10)))
+        lifecycle.stop(inst, grace if grace is not None else float(inst.spec.get("grace", 10)))
         sys.stdout.write(f"{inst.name}\n")
     return 0
 
 
 def cmd_logs(argv: list[str], config: Config) -> int:
-    follow = "-f" in argv or "--follow" in argv
-    names = [a for a in argv if a not in ("-f", "--follow")]
-    if len(names) != 1 or names[0].startswith("-"):
-        raise UsageError("instance logs needs exactly one NAME", hint="mesobox instance logs [-f] NAME")
-    inst = st.load(config, names[0])
+    parsed = parse("instance logs", argv)
+    if parsed is None:
+        return 0
+    values, (name,) = parsed
+    inst = st.load(config, name)
     out = sys.stdout.buffer
     with open(inst.log, "rb") as log:
         while True:
@@ -246,30 +127,34 @@ def cmd_logs(argv: list[str], config: Config) -> int:
                 out.write(chunk)
                 continue
             out.flush()
-            if not follow or not st.supervisor_alive(inst.path):
+            if not values.get("follow") or not st.supervisor_alive(inst.path):
                 return 0
             time.sleep(0.2)
 
 
 def cmd_exec(argv: list[str], config: Config) -> int:
-    if len(argv) < 2:
-        raise UsageError("instance exec needs NAME and a command", hint="mesobox instance exec NAME CMD [ARGS...]")
-    inst = st.load(config, argv[0])
+    parsed = parse("instance exec", argv)
+    if parsed is None:
+        return 0
+    _, (name, *command) = parsed
+    inst = st.load(config, name)
     pid = inst.workload_pid
     if pid is None or inst.status not in (st.RUNNING, st.DEAD, st.PAUSED):
         raise UsageError(f"instance {inst.name!r} is {inst.status}: nothing to exec into")
     from mesobox.instances import nsenter
 
     sys.stdout.flush()
-    return nsenter.run_in(st.namespace_target(pid), argv[1:])
+    return nsenter.run_in(st.namespace_target(pid), command)
 
 
 def cmd_pause(argv: list[str], config: Config, resume: bool) -> int:
-    if len(argv) != 1:
-        raise UsageError(f"instance {'resume' if resume else 'pause'} needs exactly one NAME")
+    parsed = parse(f"instance {'resume' if resume else 'pause'}", argv)
+    if parsed is None:
+        return 0
+    _, (name,) = parsed
     from mesobox.instances import pause
 
-    inst = st.load(config, argv[0])
+    inst = st.load(config, name)
     method = pause.resume(inst) if resume else pause.pause(inst)
     if method == "sigstop" and not resume:
         sys.stderr.write(f"mesobox: {pause.SIGSTOP_NOTE}\n")
@@ -278,45 +163,48 @@ def cmd_pause(argv: list[str], config: Config, resume: bool) -> int:
 
 
 def cmd_snapshot(argv: list[str], config: Config) -> int:
-    if len(argv) != 2:
-        raise UsageError("instance snapshot needs NAME and DEST", hint=USAGE.splitlines()[-1].strip())
+    parsed = parse("instance snapshot", argv)
+    if parsed is None:
+        return 0
+    _, (name, dest) = parsed
     from mesobox.instances.checkpoint import snapshot
 
-    held = snapshot(st.load(config, argv[0]), Path(argv[1]).absolute())
-    sys.stderr.write(f"mesobox: snapshot of {argv[0]} written to {argv[1]} (instance held with: {held})\n")
+    held = snapshot(st.load(config, name), Path(dest).absolute())
+    sys.stderr.write(f"mesobox: snapshot of {name} written to {dest} (instance held with: {held})\n")
     return 0
 
 
 def main_instance(argv: list[str], config: Config) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
+    chosen = subverb("instance", argv)
+    if chosen is None:
         return 0 if argv else 2
-    verb, rest = argv[0], argv[1:]
-    if verb in ("list", "ls"):
-        return cmd_list(rest, config)
+    verb, rest = chosen
     if verb in ("pause", "resume"):
         return cmd_pause(rest, config, verb == "resume")
-    handlers = {"start": cmd_start, "stop": cmd_stop, "logs": cmd_logs, "exec": cmd_exec, "snapshot": cmd_snapshot}
-    handler = handlers.get(verb)
-    if handler is None:
-        raise UsageError(f"unknown instance verb {verb!r}", hint=USAGE.splitlines()[0])
-    return handler(rest, config)
+    handlers = {"start": cmd_start, "list": cmd_list, "stop": cmd_stop, "logs": cmd_logs, "exec": cmd_exec,
+                "snapshot": cmd_snapshot}
+    return handlers[verb](rest, config)
 
 
-def _name_and_dir(argv: list[str], verb: str) -> tuple[str, Path]:
-    if len(argv) != 2 or argv[0].startswith("-"):
-        raise UsageError(f"{verb} needs NAME and DIR", hint=f"mesobox {verb} NAME DIR")
-    return st.check_name(argv[0]), Path(argv[1]).absolute()
+def _name_and_dir(verb: str, argv: list[str]) -> tuple[str, Path] | None:
+    parsed = parse(verb, argv)
+    if parsed is None:
+        return None
+    _, (name, path) = parsed
+    return st.check_name(name), Path(path).absolute()
 
 
 def main_checkpoint(argv: list[str], config: Config) -> int:
     from mesobox.instances import checkpoint
 
-    name, images = _name_and_dir(argv, "checkpoint")
+    given = _name_and_dir("checkpoint", argv)
+    if given is None:
+        return 0
+    name, images = given
     checkpoint.require_criu()  # before touching the instance: say plainly when CRIU cannot work
     inst = st.load(config, name)
     checkpoint.checkpoint(inst, images)
-    stop_one(st.load(config, name), 0)
+    lifecycle.stop(st.load(config, name), 0)
     sys.stdout.write(f"{name}\n")
     return 0
 
@@ -324,7 +212,10 @@ def main_checkpoint(argv: list[str], config: Config) -> int:
 def main_restore(argv: list[str], config: Config) -> int:
     from mesobox.instances import checkpoint
 
-    name, images = _name_and_dir(argv, "restore")
+    given = _name_and_dir("restore", argv)
+    if given is None:
+        return 0
+    name, images = given
     checkpoint.require_criu()
     pid = checkpoint.restore(name, images)
     sys.stdout.write(f"{name} restored as process {pid} (unsupervised: CRIU owns it now)\n")

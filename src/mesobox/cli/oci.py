@@ -11,43 +11,14 @@ when RunTimeRun is set.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 from pathlib import Path
 
+from mesobox.cli import print_json
+from mesobox.cli.usage import parse, subverb
 from mesobox.config import Config
 from mesobox.errors import LaunchError, UsageError
-
-USAGE = """\
-usage: mesobox oci state ID
-       mesobox oci create --bundle DIR ID
-       mesobox oci start ID
-       mesobox oci run --bundle DIR ID
-       mesobox oci kill ID [SIGNAL]
-       mesobox oci delete [--force] ID
-"""
-
-
-def _options(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
-    opts: dict[str, str | bool] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if word in ("--bundle", "-b") and i + 1 < len(argv):
-            opts["bundle"], i = argv[i + 1], i + 2
-        elif word.startswith("--bundle="):
-            opts["bundle"], i = word.split("=", 1)[1], i + 1
-        elif word in ("--force", "-f"):
-            opts["force"], i = True, i + 1
-        elif word.startswith("-") and not word[1:].isdigit():
-            raise UsageError(f"unknown option {word}", hint=USAGE.splitlines()[0])
-        else:
-            rest.append(word)
-            i += 1
-    return opts, rest
 
 
 def _signal(text: str) -> int:
@@ -72,20 +43,19 @@ def _launch(config: Config, bundle: Path, container_id: str) -> int:
 
 
 def main_oci(argv: list[str], config: Config) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
+    chosen = subverb("oci", argv)
+    if chosen is None:
         return 0 if argv else 2
+    verb, rest = chosen
+    parsed = parse(f"oci {verb}", rest)
+    if parsed is None:
+        return 0
+    values, args = parsed
     from mesobox.oci.bundle import StateDir, load_bundle
 
-    verb = argv[0]
-    opts, rest = _options(argv[1:])
-    if not rest:
-        raise UsageError(f"oci {verb}: missing container id", hint=USAGE.splitlines()[0])
-    state = StateDir(config, rest[0])
+    state = StateDir(config, args[0])
     if verb in ("create", "run"):
-        if "bundle" not in opts:
-            raise UsageError(f"oci {verb} needs --bundle DIR")
-        bundle = Path(str(opts["bundle"]))
+        bundle = Path(values["bundle"])
         if state.exists() and state.read()["status"] != "stopped":
             raise LaunchError(f"container {state.id!r} already exists")
         if verb == "run":
@@ -99,20 +69,18 @@ def main_oci(argv: list[str], config: Config) -> int:
             raise LaunchError(f"container {state.id!r} is {current['status']}, not created")
         return _launch(config, Path(current["bundle"]), state.id)
     if verb == "state":
-        sys.stdout.write(json.dumps(state.read(), indent=2) + "\n")
+        print_json(state.read())
         return 0
     if verb == "kill":
         current = state.read()
         if current["status"] != "running":
             raise LaunchError(f"container {state.id!r} is not running")
-        os.kill(int(current["pid"]), _signal(rest[1] if len(rest) > 1 else "SIGTERM"))
+        os.kill(int(current["pid"]), _signal(args[1] if len(args) > 1 else "SIGTERM"))
         return 0
-    if verb == "delete":
-        current = state.read()
-        if current["status"] == "running":
-            if not opts.get("force"):
-                raise LaunchError(f"container {state.id!r} is running", hint="kill it first or use --force")
-            os.kill(int(current["pid"]), signal.SIGKILL)
-        state.remove()
-        return 0
-    raise UsageError(f"unknown oci verb {verb!r}", hint=USAGE.splitlines()[0])
+    current = state.read()  # delete
+    if current["status"] == "running":
+        if not values.get("force"):
+            raise LaunchError(f"container {state.id!r} is running", hint="kill it first or use --force")
+        os.kill(int(current["pid"]), signal.SIGKILL)
+    state.remove()
+    return 0

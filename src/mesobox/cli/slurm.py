@@ -1,8 +1,10 @@
 """CLI wiring for the Slurm verbs: srun, sbatch, bundle and ``slurm`` site helpers.
 
-Only wiring: parsing lives in ``mesobox.slurm.options``, the work in
-``mesobox.slurm.launch``/``bundle``/``hooks``.  ``srun`` replaces this process with
-Slurm's ``srun`` (os.execvp) so that signals and the exit status are Slurm's own.
+Only wiring: ``split_args`` sorts an srun/sbatch command line (Slurm's grammar is in
+``mesobox.slurm.options``, mesobox's in the option table), the work is in
+``mesobox.slurm.launch``/``ociconf``/``hooks`` and ``mesobox.oci.bundle``.  ``srun``
+replaces this process with Slurm's ``srun`` (os.execv) so that signals and the exit
+status are Slurm's own.
 """
 
 from __future__ import annotations
@@ -13,16 +15,70 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mesobox.cli import table
+from mesobox.cli.usage import help_text, parse, subverb
 from mesobox.config import Config
 from mesobox.errors import LaunchError, UsageError
+from mesobox.slurm.options import MPI_HOST, SplitArgs, slurm_option_width
 
-SRUN_USAGE = "usage: mesobox srun [--image REF] [run options] [srun options] [--] CMD [ARGS...]\n"
-SBATCH_USAGE = "usage: mesobox sbatch [--image REF] [run options] [sbatch options] SCRIPT | --wrap CMD\n"
-SLURM_USAGE = (
-    "usage: mesobox slurm oci-conf [--runtime CMD]\n"
-    "       mesobox slurm prolog|epilog       (site hooks; see docs/slurm.md)\n"
-    "       mesobox slurm task [run options] -- IMAGE CMD...   (node side of mesobox srun)\n"
-)
+
+def _mesobox_options(verb: table.Verb) -> dict[str, table.Option]:
+    """The options of an srun/sbatch command line that are mesobox's: the verb's own
+    (--image, --wrap) and the run options by their long names; ``--mpi`` is decided by
+    its value."""
+    assert verb.inherit is not None
+    run = {n: o for o in verb.inherit.options for n in o.names if n.startswith("--") and n != "--mpi"}
+    return {**run, **{n: o for o in verb.options for n in o.names}}
+
+
+def _take_value(argv: list[str], i: int, name: str) -> tuple[str, int]:
+    if i + 1 >= len(argv):
+        raise UsageError(f"option {name} needs a value")
+    return argv[i + 1], i + 2
+
+
+def split_args(argv: list[str], need_command: bool = True, verb: str = "srun") -> SplitArgs:
+    """Sort ``[--image REF] [run opts] [slurm opts] [--] CMD...`` into its parts."""
+    table_verb = table.find(verb)
+    assert table_verb is not None
+    mine = _mesobox_options(table_verb)
+    own = {n for o in table_verb.options for n in o.names}
+    found: dict[str, str] = {}  # --image, --wrap
+    run_args: list[str] = []
+    slurm_args: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            i += 1
+            break
+        if not word.startswith("-") or word == "-":
+            break
+        name, eq, value = word.partition("=")
+        opt = mine.get(name)
+        if name == "--mpi" and (value if eq else "".join(argv[i + 1 : i + 2])) == MPI_HOST:
+            # `--mpi host` is mesobox's bind model (mesobox.launch.hostmpi); any other
+            # --mpi value (pmix, pmi2, none) is srun's plugin choice and goes to Slurm.
+            run_args += ["--mpi", MPI_HOST]
+            i += 1 if eq else 2
+        elif opt is None:
+            width = slurm_option_width(word)
+            if i + width > len(argv):
+                raise UsageError(f"option {word} needs a value")
+            slurm_args += argv[i : i + width]
+            i += width
+        elif name in own:
+            found[opt.field], i = (value, i + 1) if eq else _take_value(argv, i, name)
+        elif opt.takes_value and not eq:
+            value, i = _take_value(argv, i, name)
+            run_args += [name, value]
+        else:
+            run_args.append(word)
+            i += 1
+    command = tuple(argv[i:])
+    if need_command and not command and "wrap" not in found:
+        raise UsageError("no command given", hint="mesobox srun --image IMAGE [options] -- CMD [ARGS...]")
+    return SplitArgs(found.get("image"), tuple(run_args), tuple(slurm_args), command, found.get("wrap"))
 
 
 def _need(tool: str) -> str:
@@ -34,10 +90,9 @@ def _need(tool: str) -> str:
 
 def main_srun(argv: list[str], config: Config) -> int:
     if argv[:1] in (["-h"], ["--help"]):
-        sys.stdout.write(SRUN_USAGE)
+        sys.stdout.write(help_text("srun"))
         return 0
     from mesobox.slurm.launch import image_for, srun_argv
-    from mesobox.slurm.options import split_args
 
     split = split_args(argv)
     image = image_for(config, split)
@@ -50,41 +105,19 @@ def main_srun(argv: list[str], config: Config) -> int:
     return 125  # not reached: execv replaces the process or raises OSError
 
 
-def _take_wrap(argv: list[str]) -> tuple[list[str], str | None]:
-    """Pull ``--wrap CMD`` out: it is sbatch's option, but mesobox must rewrite it."""
-    wrap: str | None = None
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if word == "--":
-            rest += argv[i:]
-            break
-        if word == "--wrap" and i + 1 < len(argv):
-            wrap, i = argv[i + 1], i + 2
-        elif word.startswith("--wrap="):
-            wrap, i = word.split("=", 1)[1], i + 1
-        else:
-            rest.append(word)
-            i += 1
-    return rest, wrap
-
-
 def main_sbatch(argv: list[str], config: Config) -> int:
     if argv[:1] in (["-h"], ["--help"]):
-        sys.stdout.write(SBATCH_USAGE)
+        sys.stdout.write(help_text("sbatch"))
         return 0
     from mesobox.slurm.launch import batch_script, image_for, wrap_script
-    from mesobox.slurm.options import split_args
 
-    rest, wrap = _take_wrap(argv)
-    split = split_args(rest, need_command=wrap is None)
+    split = split_args(argv, verb="sbatch")
     image = image_for(config, split)
     script_args: list[str] = []
-    if wrap is not None:
+    if split.wrap is not None:
         if split.command:
             raise UsageError("give either a script or --wrap, not both")
-        script = wrap_script(image, split.run_args, wrap)
+        script = wrap_script(image, split.run_args, split.wrap)
     else:
         script_path, *script_args = split.command
         try:
@@ -101,27 +134,27 @@ def main_sbatch(argv: list[str], config: Config) -> int:
 
 
 def main_bundle(argv: list[str], config: Config) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="mesobox bundle", description="make an OCI bundle (config.json + rootfs)")
-    parser.add_argument("image", help="image reference, squashfs file or rootfs directory")
-    parser.add_argument("dir", type=Path, help="bundle directory to create")
-    parser.add_argument("--copy", action="store_true", help="copy the rootfs instead of linking to it")
-    args = parser.parse_args(argv)
+    parsed = parse("bundle", argv)
+    if parsed is None:
+        return 0
+    values, (image, directory) = parsed
     from mesobox.oci.bundle import make_bundle
     from mesobox.slurm.launch import image_path
 
-    bundle = make_bundle(config, image_path(config, args.image), args.dir, copy=args.copy)
+    bundle = make_bundle(config, image_path(config, image), Path(directory), copy=bool(values.get("copy")))
     sys.stdout.write(f"{bundle}\n")
     return 0
 
 
 def main_slurm(argv: list[str], config: Config) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        sys.stdout.write(SLURM_USAGE)
+    chosen = subverb("slurm", argv, noun="action")
+    if chosen is None:
         return 0 if argv else 2
-    action, rest = argv[0], argv[1:]
-    if action == "task":
+    action, rest = chosen
+    if action == "task":  # its arguments are `mesobox exec`'s, handed on as they are
+        if rest[:1] in (["-h"], ["--help"]):
+            sys.stdout.write(help_text("slurm task"))
+            return 0
         from mesobox.slurm.launch import task_setup
 
         exec_args = task_setup(rest, os.environ)
@@ -129,14 +162,15 @@ def main_slurm(argv: list[str], config: Config) -> int:
 
         status: int = main_exec(exec_args, config)
         return status
+    parsed = parse(f"slurm {action}", rest)
+    if parsed is None:
+        return 0
+    values, _ = parsed
     if action == "oci-conf":
         from mesobox.slurm.ociconf import oci_conf
 
-        runtime = rest[1] if rest[:1] == ["--runtime"] and len(rest) > 1 else None
-        sys.stdout.write(oci_conf(runtime))
+        sys.stdout.write(oci_conf(values.get("runtime")))
         return 0
-    if action in ("prolog", "epilog"):
-        from mesobox.slurm import hooks
+    from mesobox.slurm import hooks
 
-        return hooks.prolog(config) if action == "prolog" else hooks.epilog(config)
-    raise UsageError(f"unknown slurm action {action!r}", hint="mesobox slurm --help")
+    return hooks.prolog(config) if action == "prolog" else hooks.epilog(config)

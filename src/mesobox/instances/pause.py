@@ -115,15 +115,3 @@ def release_cgroup(record: Any) -> None:
     cg.created = [p for p in cg.dirs.values() if p.is_dir()]
     with contextlib.suppress(LaunchError):
         cg.remove()
-
-
-def kill_leftovers(inst: st.Instance, grace: float) -> None:
-    """For a dead supervisor: end the workload tree ourselves (SIGTERM, grace, SIGKILL)."""
-    resume_quietly(inst)
-    pid = inst.workload_pid
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not st.wait_gone([pid], grace):
-            st.wait_gone(st.signal_tree(pid, signal.SIGKILL), 5)
-    release_cgroup(inst.state.get("cgroup"))

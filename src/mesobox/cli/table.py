@@ -1,0 +1,429 @@
+"""The option table: every verb of ``mesobox``, its options and their help, in one place.
+
+Everything the command line knows is read from here: the one parser every verb uses
+(``parse`` below, lean enough for ``mesobox run``), each verb's ``--help`` and the man
+pages (cli/usage.py), bash and zsh completion (cli/completion.py), and which words of
+an srun command line are mesobox's (cli/slurm.py).  Which module runs a verb is the
+dispatcher's business (cli/__init__.py); its tests check that both name the same verbs.
+
+Read on the ``mesobox run`` path, so it imports nothing (errors.py only to raise):
+plain data and one small parser.  Only run/exec/shell are built at import; the other
+verbs when first asked for (``verbs()``, ``find()``).
+
+Grammar, getopt_long's without abbreviations: ``-Bvalue`` and ``-B value``,
+``--bind=value`` and ``--bind value``; an optional value only as ``--opt=value``;
+``--`` ends the options; ``-h``/``--help`` among them asks for help.  A verb either
+stops taking options at its first argument (``run``: the rest is the command) or takes
+them between its arguments (``pull REF --quiet``), where ``-9`` is an argument.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+    from mesobox.errors import UsageError
+
+# What an option takes.
+FLAG = "flag"  # --pid
+VALUE = "value"  # --net host, --net=host, -wDIR; the last one given counts
+OPTIONAL = "optional"  # --writable-tmpfs, --writable-tmpfs=SIZE (never the next word)
+LIST = "list"  # like VALUE, repeatable: every value, in order
+
+# parse(): where an inherited option lands (``instance start`` hands run options on as typed).
+INHERITED = "inherited"
+HELP_NAMES = ("-h", "--help")
+
+
+class Option:
+    """One option: its names, what it takes, and what it is for."""
+
+    __slots__ = ("choices", "field", "help", "kind", "metavar", "names", "required", "words")
+
+    def __init__(self, names: str, kind: str, help: str, metavar: str = "", *, field: str = "",
+                 choices: tuple[str, ...] = (), words: tuple[str, ...] = (), required: bool = False) -> None:
+        self.names = tuple(names.split())
+        self.kind = kind
+        self.help = help
+        self.metavar = metavar
+        # Where parse() puts the value: for run/exec/shell a RunOptions field (launch/specbuild.py),
+        # else the first long name's.
+        self.field = field or next(n for n in self.names if n.startswith("--"))[2:].replace("-", "_")
+        self.choices = choices  # when set, the only values accepted
+        self.words = words or choices  # what completion offers for the value
+        self.required = required
+
+    @property
+    def takes_value(self) -> bool:
+        """Does it take the next word, when no value is attached?"""
+        return self.kind in (VALUE, LIST)
+
+
+class Verb:
+    """A verb (or a verb's verb, as ``instance start``): what it is for, its arguments
+    (``args``, a synopsis: ``[X]`` optional, ``X...`` repeatable) and its options.
+    ``inherit``: a verb whose options it accepts too and hands on as typed;
+    ``passes_on``: the program that gets every option not in the table (srun, sbatch),
+    where only the inherited options' long names are mesobox's."""
+
+    __slots__ = (
+        "_index",
+        "about",
+        "aliases",
+        "args",
+        "inherit",
+        "name",
+        "options",
+        "passes_on",
+        "path",
+        "stop_at_args",
+        "subverbs",
+        "summary",
+    )
+
+    def __init__(self, name: str, summary: str, args: str = "", options: tuple[Option, ...] = (), *,
+                 subverbs: tuple[Verb, ...] = (), inherit: Verb | None = None, stop_at_args: bool = False,
+                 about: str = "", aliases: tuple[str, ...] = (), passes_on: str = "") -> None:
+        self.name = name
+        self.summary = summary
+        self.args = args
+        self.options = options
+        self.subverbs = subverbs
+        self.inherit = inherit
+        self.stop_at_args = stop_at_args
+        self.about = about
+        self.aliases = aliases
+        self.passes_on = passes_on
+        self.path = name  # "instance start" for a subverb: set by its parent
+        self._index: dict[str, tuple[Option, bool]] | None = None
+        for sub in subverbs:
+            sub.path = f"{name} {sub.name}"
+
+    def index(self) -> dict[str, tuple[Option, bool]]:
+        """Option name → (option, own?); not own: inherited, handed on as typed."""
+        if self._index is None:
+            index: dict[str, tuple[Option, bool]] = {}
+            for opt in self.inherit.options if self.inherit is not None else ():
+                for name in opt.names:
+                    index[name] = (opt, False)
+            for opt in self.options:
+                for name in opt.names:
+                    index[name] = (opt, True)
+            self._index = index
+        return self._index
+
+    def subverb(self, name: str) -> Verb | None:
+        for sub in self.subverbs:
+            if name == sub.name or name in sub.aliases:
+                return sub
+        return None
+
+
+# --- the verbs -----------------------------------------------------------------------------
+
+IMAGE_ABOUT = "IMAGE: a directory rootfs, a squashfs file, a stored reference, or docker://REF (pulled if missing)."
+SECONDS = "a number with an optional unit: 30s, 10m, 2h, 1d"
+
+# run/exec/shell; field: the RunOptions field, except mpi and debug (taken out before).
+RUN_OPTIONS = (
+    Option("-B --bind", LIST, "bind a host path (repeatable, comma lists ok; always nosuid,nodev)",
+           "SRC[:DST[:ro|rw]]", field="binds"),
+    Option("-c --contain", FLAG, "no default binds ($HOME, working directory, /tmp, site binds)", field="contain"),
+    Option("-e --env", LIST, "set a variable (K alone copies the host's); repeatable", "K=V|K", field="env"),
+    Option("--env-file", LIST, "KEY=VALUE lines; repeatable", "FILE", field="env_files"),
+    Option("--cleanenv", FLAG, "do not pass the host environment through", field="cleanenv"),
+    Option("-w --workdir --pwd", VALUE, "working directory inside", "DIR", field="workdir"),
+    Option("--entrypoint", VALUE, 'replace the image Entrypoint (run only; "" clears it)', "CMD",
+           field="entrypoint"),
+    Option("--fakeroot", FLAG, "be uid 0 inside (files you write stay yours on the host)", field="fakeroot"),
+    Option("--host-root", FLAG, "(real root only) container root is host root; default: a sub-id range",
+           field="host_root"),
+    Option("--writable-tmpfs", OPTIONAL, "writable root: changes in a tmpfs capped at SIZE, then discarded",
+           "SIZE", field="writable_tmpfs"),
+    Option("--overlay", VALUE, "writable root: changes kept in DIR, or in an ext4 image FILE with a size quota "
+           "(`mesobox overlay create FILE SIZE`; mounting it needs root)", "DIR|FILE", field="overlay"),
+    Option("--pid", FLAG, "new pid namespace", field="pid"),
+    Option("--ipc", FLAG, "new IPC namespace", field="ipc"),
+    Option("--uts", FLAG, "new UTS namespace", field="uts"),
+    Option("--hostname", VALUE, "hostname inside (implies --uts)", "NAME", field="hostname"),
+    Option("--net --network", VALUE, "network (default host)", "host|none|slirp", field="net",
+           words=("host", "none", "slirp")),
+    Option("-p --publish", LIST, "with --net slirp: forward a host port (repeatable)", "HOST:CTR", field="publish"),
+    Option("-m --memory", VALUE, "cgroup limit: memory", "SIZE", field="memory"),
+    Option("--cpus", VALUE, "cgroup limit: CPUs (fractions allowed)", "N", field="cpus"),
+    Option("--pids-limit", VALUE, "cgroup limit: processes", "N", field="pids_limit"),
+    Option("--cpuset-cpus", VALUE, "CPUs the workload may use (e.g. 0-1)", "LIST", field="cpuset_cpus"),
+    Option("--io-read-bps", LIST, "block I/O read rate limit (repeatable)", "DEV:RATE", field="io_read_bps"),
+    Option("--io-write-bps", LIST, "block I/O write rate limit (repeatable)", "DEV:RATE", field="io_write_bps"),
+    Option("--io-read-iops", LIST, "block I/O read operations limit (repeatable)", "DEV:RATE",
+           field="io_read_iops"),
+    Option("--io-write-iops", LIST, "block I/O write operations limit (repeatable)", "DEV:RATE",
+           field="io_write_iops"),
+    Option("--security-opt", LIST, "system-call filter: seccomp=default|unconfined|FILE", "OPT",
+           field="security_opts", words=("seccomp=default", "seccomp=unconfined")),
+    Option("--cap-add", LIST, "add to Docker's default capability set (uid 0 inside); ALL allowed", "CAP",
+           field="cap_add"),
+    Option("--cap-drop", LIST, "drop from Docker's default capability set; ALL allowed", "CAP", field="cap_drop"),
+    Option("--mpi", VALUE, "bind the host's MPI (libmpi and its libraries) into the container", "host",
+           field="mpi", words=("host",)),
+    Option("--debug", FLAG, "print the spec and each mount step (also: mesobox --debug VERB ...)", field="debug"),
+)
+
+RUN = Verb("run", "run an image's default command (Docker semantics)", "IMAGE [ARGS...]", RUN_OPTIONS,
+           stop_at_args=True, about=IMAGE_ABOUT)
+EXEC = Verb("exec", "run a command in an image", "IMAGE CMD [ARGS...]", RUN_OPTIONS, stop_at_args=True,
+            about=IMAGE_ABOUT)
+SHELL = Verb("shell", "start an interactive shell in an image", "IMAGE [ARGS...]", RUN_OPTIONS,
+             stop_at_args=True, about=IMAGE_ABOUT)
+
+LAUNCH = {"run": RUN, "exec": EXEC, "shell": SHELL}
+
+# The other verbs are built when first asked for: a launch needs only run's (above).
+_table: tuple[tuple[Verb, ...], Verb] | None = None
+
+
+def verbs() -> tuple[Verb, ...]:
+    """Every verb, in the order ``mesobox --help`` lists them."""
+    return _build()[0]
+
+
+def toplevel() -> Verb:
+    """mesobox itself: the options before the verb (``mesobox --debug run ...``)."""
+    return _build()[1]
+
+
+def _build() -> tuple[tuple[Verb, ...], Verb]:
+    global _table
+    if _table is None:
+        _table = _verbs()
+    return _table
+
+
+def _verbs() -> tuple[tuple[Verb, ...], Verb]:
+    json_flag = Option("--json", FLAG, "print JSON")
+
+    image_verbs = (
+        Verb("pull", "fetch an image into the store", "REFERENCE", (
+            Option("--platform", VALUE, "OS/ARCH[/VARIANT]; default: this host's", "PLATFORM"),
+            Option("--format", VALUE, "how to keep the flattened image; default: the configured default_format",
+                   "squashfs|dir", choices=("squashfs", "dir")),
+            Option("--insecure", FLAG, "allow plain HTTP to this registry"),
+            Option("-q --quiet", FLAG, "no progress display"),
+        ), about="Fetch an image into the store and flatten it; prints the manifest digest.  REFERENCE: "
+                 "docker://REF, REF, oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE."),
+        Verb("images", "list stored images", "", (json_flag,), about="List stored images (site caches included)."),
+        Verb("inspect", "show an image's configuration as JSON", "REFERENCE"),
+        Verb("rm", "remove an image from the store", "REFERENCE...",
+             about="Remove images from the store; their blobs stay until `mesobox prune`."),
+        Verb("prune", "delete blobs and caches no image uses",
+             about="Delete blobs, flattened images and leftovers that no stored image uses."),
+        Verb("export", "write an image as dir, squashfs or OCI layout", "REFERENCE", (
+            Option("--format", VALUE, "what to write", "dir|squashfs|oci", choices=("dir", "squashfs", "oci"),
+                   required=True),
+            Option("-o --output", VALUE, "the new file or directory (an empty directory is fine)", "PATH",
+                   required=True),
+        ), about="Write a stored image as a directory, a squashfs file or an OCI image layout.  Every blob is "
+                 "hashed again as it is written; when export fails, nothing it wrote is left behind."),
+    )
+
+    instance = Verb("instance", "manage long-lived containers (cloud mode)", subverbs=(
+        Verb("start", "start an instance: `mesobox run` under a detached supervisor", "IMAGE NAME [ARGS...]", (
+            Option("--restart", VALUE, "restart policy; default: no", "no|on-failure[:N]|always",
+                   words=("no", "on-failure", "always")),
+            Option("--time", VALUE, f"stop it after DURATION ({SECONDS})", "DURATION", field="time_limit"),
+            Option("-t --grace", VALUE, "seconds between SIGTERM and SIGKILL when it is stopped; default: 10",
+                   "SECONDS"),
+        ), inherit=RUN, stop_at_args=True),
+        Verb("list", "list instances", "", (
+            Option("-a --all", FLAG, "exited and failed ones too"),
+            json_flag,
+        ), aliases=("ls",)),
+        Verb("stop", "stop instances and remove them", "NAME...", (
+            Option("-t --time --grace", VALUE, "seconds between SIGTERM and SIGKILL; default: the instance's --grace",
+                   "SECONDS", field="grace"),
+        )),
+        Verb("logs", "print an instance's output", "NAME", (
+            Option("-f --follow", FLAG, "keep printing while it runs"),
+        )),
+        Verb("exec", "run a command in an instance's namespaces", "NAME CMD [ARGS...]", stop_at_args=True),
+        Verb("pause", "freeze an instance (cgroup freezer, or SIGSTOP without one)", "NAME"),
+        Verb("resume", "thaw a paused instance", "NAME"),
+        Verb("snapshot", "copy an instance's overlay changes", "NAME DEST",
+             about="DEST: a directory, or *.tar / *.tar.gz.  The instance needs --overlay."),
+    ), about="See docs/instances.md.")
+
+    checkpoint = Verb("checkpoint", "checkpoint an instance with CRIU", "NAME DIR",
+                      about="Write the instance's checkpoint into DIR and stop it.")
+    restore = Verb("restore", "restore an instance from a checkpoint", "NAME DIR",
+                   about="Restore the checkpoint in DIR; the process is CRIU's then, not supervised.")
+
+    image = Option("--image", VALUE, "the image; default: $MESOBOX_SLURM_IMAGE (set in batch scripts)", "REF")
+    slurm_about = ("mesobox's run options by their long names only (several short letters are srun's: -e, -B); "
+                   "`--mpi host` binds the host's MPI, any other --mpi value is srun's.  Every other option "
+                   "before the command goes to {tool} untouched.")
+    srun = Verb("srun", "run containers as the tasks of a Slurm step", "[SRUN-OPTIONS] [--] CMD [ARGS...]", (image,),
+                inherit=RUN, stop_at_args=True, passes_on="srun", about=slurm_about.format(tool="srun"))
+    sbatch = Verb("sbatch", "submit a batch job whose tasks are containers", "[SBATCH-OPTIONS] SCRIPT [ARGS...]", (
+        image,
+        Option("--wrap", VALUE, "the job runs this command line instead of a script", "CMD"),
+    ), inherit=RUN, stop_at_args=True, passes_on="sbatch", about=slurm_about.format(tool="sbatch"))
+    bundle = Verb("bundle", "make an OCI bundle (config.json + rootfs)", "IMAGE DIR", (
+        Option("--copy", FLAG, "copy the rootfs instead of linking to it"),
+    ), about="IMAGE: an image reference, squashfs file or rootfs directory; DIR: the bundle directory to create.")
+
+    bundle_dir = Option("-b --bundle", VALUE, "the bundle directory", "DIR", required=True)
+    oci = Verb("oci", "OCI runtime CLI (create/start/state/kill/delete/run)", subverbs=(
+        Verb("state", "print a container's state as JSON", "ID"),
+        Verb("create", "create a container from a bundle", "ID", (bundle_dir,)),
+        Verb("start", "run a created container (in the foreground)", "ID"),
+        Verb("run", "create and run a container; this process becomes it", "ID", (bundle_dir,)),
+        Verb("kill", "send a signal to a container; default: SIGTERM", "ID [SIGNAL]"),
+        Verb("delete", "remove a container's state", "ID", (
+            Option("-f --force", FLAG, "kill a running container first"),
+        )),
+    ), about="The OCI runtime command line, as far as Slurm's oci.conf needs it.  `start` runs the created "
+             "container in the foreground: there is no detached monitor process.")
+
+    slurm = Verb("slurm", "Slurm site helpers (oci-conf, prolog, epilog)", subverbs=(
+        Verb("oci-conf", "print an /etc/slurm/oci.conf that runs mesobox", "", (
+            Option("--runtime", VALUE, "the command that runs mesobox; default: this interpreter", "CMD"),
+        )),
+        Verb("prolog", "the node's job prolog (see docs/slurm.md)"),
+        Verb("epilog", "the node's job epilog (see docs/slurm.md)"),
+        Verb("task", "the node side of `mesobox srun`", "[RUN-OPTIONS] -- IMAGE CMD [ARGS...]", inherit=RUN,
+             stop_at_args=True),
+    ))
+
+    overlay = Verb("overlay", "create a disk-quota overlay image (--overlay FILE)", subverbs=(
+        Verb("create", "make an overlay image with a size quota", "FILE SIZE",
+             about="Make FILE, a sparse ext4 image of SIZE (e.g. 512m, 2g) for `mesobox run --overlay FILE`: the "
+                   "container's changes are kept in it across runs, and writes past SIZE fail with ENOSPC.  "
+                   "Mounting it needs root (loop device); ordinary users use --overlay DIR or --writable-tmpfs=SIZE."),
+    ))
+
+    help_verb = Verb("help", "show a verb's help", "[VERB [SUBVERB]]")
+    completion = Verb("completion", "print the shell completion script", "SHELL",
+                      about="SHELL: bash or zsh.  scripts/setup-host.sh installs both.")
+    manpage = Verb("manpage", "print a man page (roff)", "[VERB]", (
+        Option("--list", FLAG, "print the verbs that have a page of their own, one a line"),
+    ), about="Without VERB: mesobox(1); with it: mesobox-VERB(1).")
+
+    every = (RUN, EXEC, SHELL, *image_verbs, instance, checkpoint, restore, srun, sbatch, bundle, oci, slurm,
+             overlay, help_verb, completion, manpage)
+
+    # Options before the verb: `mesobox --debug run ...`.
+    top = Verb("", "Unprivileged containers for HPC centres.", "VERB [ARGS...]", (
+        Option("--debug", FLAG, "print a traceback with an error, and the plan of a launch (also: MESOBOX_DEBUG=1)"),
+        Option("--version", FLAG, "print the version"),
+    ), stop_at_args=True)
+    return every, top
+
+
+def find(path: str) -> Verb | None:
+    """``"run"``, ``"instance start"`` (or ``""``, mesobox itself) → its Verb."""
+    words = path.split()
+    verb = next((v for v in verbs() if v.name == words[0]), None) if words else toplevel()
+    for word in words[1:]:
+        verb = verb.subverb(word) if verb is not None else None
+    return verb
+
+
+def arity(verb: Verb) -> tuple[list[str], int | None]:
+    """The arguments a verb needs, and how many it takes at most (None: no limit)."""
+    words = verb.args.replace("[--]", "").split()
+    needed = [w.rstrip(".") for w in words if not w.startswith("[") and w.isupper()]
+    unbounded = any(w.endswith("...") or w.endswith("...]") for w in words)
+    return needed, None if unbounded else len(words)
+
+
+def synopsis(verb: Verb) -> str:
+    """``mesobox run [OPTIONS] IMAGE [ARGS...]``"""
+    words = ["mesobox", verb.path] if verb.path else ["mesobox"]
+    if verb.options:
+        words.append("[OPTIONS]")
+    inherited = f"[{verb.inherit.name.upper()}-OPTIONS]" if verb.inherit is not None else ""
+    if inherited and inherited not in verb.args.split():
+        words.append(inherited)
+    if verb.subverbs:
+        words.append("VERB [ARGS...]")
+    elif verb.args:
+        words.append(verb.args)
+    return " ".join(words)
+
+
+def _error(message: str, hint: str | None = None) -> UsageError:
+    from mesobox.errors import UsageError
+
+    return UsageError(message, hint=hint)
+
+
+def parse(verb: Verb, argv: Sequence[str], check: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """argv → ({field: value}, arguments), or ``({"help": True}, [])`` for -h/--help.
+
+    A flag is True, a value its text, an optional value "" when given bare, a list
+    option the tuple of its values; inherited options are kept as typed, in order, under
+    INHERITED.  ``check``: required options and the number of arguments too."""
+    index = verb.index()
+    values: dict[str, Any] = {}
+    lists: dict[str, list[str]] = {}
+    args: list[str] = []
+    i, count = 0, len(argv)
+    while i < count:
+        word = argv[i]
+        start = i
+        i += 1
+        if word == "--":
+            args += argv[i:]
+            break
+        if not word.startswith("-") or word == "-" or (not verb.stop_at_args and word[1:].isdigit()):
+            if verb.stop_at_args:
+                args += argv[start:]
+                break
+            args.append(word)
+            continue
+        if word in HELP_NAMES:
+            return {"help": True}, []
+        if word.startswith("--"):
+            name, eq, value = word.partition("=")
+        else:
+            name, value = word[:2], word[2:]
+            eq = "=" if value else ""
+        found = index.get(name)
+        if found is None:
+            hint = f"mesobox {verb.path} --help lists the options".replace("  ", " ")
+            raise _error(f"unknown option {word}", hint)
+        opt, own = found
+        if opt.kind == FLAG and eq:
+            raise _error(f"{name} takes no value")
+        if opt.takes_value and not eq:
+            if i >= count:
+                raise _error(f"{name} needs a value")
+            value = argv[i]
+            i += 1
+        if not own:
+            lists.setdefault(INHERITED, []).extend(argv[start:i])
+        elif opt.choices and value not in opt.choices:
+            raise _error(f"bad {name} value {value!r}", f"one of: {', '.join(opt.choices)}")
+        elif opt.kind == FLAG:
+            values[opt.field] = True
+        elif opt.kind == LIST:
+            lists.setdefault(opt.field, []).append(value)
+        else:
+            values[opt.field] = value
+    values.update({k: tuple(v) for k, v in lists.items()})
+    if check:
+        _check(verb, values, args)
+    return values, args
+
+
+def _check(verb: Verb, values: dict[str, Any], args: list[str]) -> None:
+    for opt in verb.options:
+        if opt.required and opt.field not in values:
+            raise _error(f"{verb.path} needs {opt.names[-1]} {opt.metavar}", f"usage: {synopsis(verb)}")
+    needed, most = arity(verb)
+    if len(args) < len(needed):
+        raise _error(f"{verb.path} needs {' and '.join(needed)}", f"usage: {synopsis(verb)}")
+    if most is not None and len(args) > most:
+        raise _error(f"{verb.path}: unexpected argument {args[most]!r}", f"usage: {synopsis(verb)}")
