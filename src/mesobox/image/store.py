@@ -620,9 +620,9 @@ def _acquire(fd: int, operation: int) -> None:
 
 
 def _warn(message: str) -> None:
-    import sys
+    from mesobox.console import warn
 
-    sys.stderr.write(f"mesobox: warning: {message}\n")
+    warn(message)
 
 
 def _tree_size(path: Path) -> int:
