@@ -3,7 +3,7 @@
 #   - Debian packages: the system tools mesobox builds on, the peers the benches
 #     compare with, and the real services the tests talk to;
 #   - /opt/mesobox/venv: a venv on Debian's /usr/bin/python3, which every user can
-#     execute (the default python3 on these machines lives under mode-700 /root);
+#     execute (a python3 built under a mode-700 /root would not be);
 #   - /dev/fuse and /dev/net/tun usable by ordinary users, as on a normal distribution.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,7 @@ PACKAGES=(
     runc podman charliecloud-runtime charliecloud-builders python3-lark python3-requests hyperfine
     slurm-wlm munge libpmix-dev openmpi-bin libopenmpi-dev
     gcc libc6-dev   # mpicc (tests build MPI programs); a fresh Debian 12 has no compiler
+    groff-base man-db zsh   # tests render the generated man pages and parse the zsh completion
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
