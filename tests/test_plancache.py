@@ -7,21 +7,25 @@ ran from a saved plan is recognised by a mark put into that plan: an extra line 
 the /etc/passwd it carries (``mark``).  A test that changes what a plan depends on
 then checks both that the mark is gone (the program was compiled again) and that the
 container shows the change.  Files the plans depend on are dated an hour back: a
-file changed in the last 2 s is never trusted by its timestamp (probe.image_text).
+file changed in the last 2 s is never trusted by its timestamp (probe.settled), unless
+it was not written since its last status change (its mtime older than its ctime: a
+utime(2) to an hour ago does that too).
 """
 
 from __future__ import annotations
 
 import marshal
 import os
+import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs, make_oci_image
+from conftest import Mesobox, Registry, User, make_busybox_rootfs, make_oci_image
 from run_support import make_squashfs, squashfuse_state
 
 MARK = "planned:x:4242:4242::/:/bin/sh"
@@ -220,7 +224,7 @@ def test_another_working_directory_or_config_has_its_own_plan(launch: Launch, im
 
 
 @pytest.mark.userns
-@pytest.mark.parametrize("case", ["squashfs-no-linger", "fakeroot", "profile", "overlay", "turned-off", "debug"])
+@pytest.mark.parametrize("case", ["squashfs-no-linger", "fakeroot", "turned-off", "debug"])
 def test_launches_not_recorded_save_no_plan(launch: Launch, image: Path, world_tmp: Path, case: str) -> None:
     args: list[str] = [str(image)]
     env: dict[str, str] = {}
@@ -228,18 +232,10 @@ def test_launches_not_recorded_save_no_plan(launch: Launch, image: Path, world_t
         sqfs = make_squashfs(image, world_tmp / "image.sqfs")
         _age(sqfs)
         args, env = [str(sqfs)], {"MESOBOX_SQUASHFS_LINGER": "0"}
-    elif case == "fakeroot":
+    elif case == "fakeroot":  # the test user has a sub-id range: newuidmap, so supervised
+        if not all(os.access(f"/usr/bin/{tool}", os.X_OK) for tool in ("newuidmap", "newgidmap")):
+            pytest.skip("without newuidmap/newgidmap --fakeroot maps one id and needs no supervisor")
         args = ["--fakeroot", *args]
-    elif case == "profile":
-        profile = world_tmp / "profile.json"
-        profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
-        os.chmod(profile, 0o644)
-        args = ["--security-opt", f"seccomp={profile}", *args]
-    elif case == "overlay":
-        upper = world_tmp / "upper"
-        upper.mkdir()
-        os.chmod(upper, 0o777)
-        args = ["--overlay", str(upper), *args]
     elif case == "turned-off":
         env = {"MESOBOX_PLAN_CACHE": "0"}
     else:
@@ -345,6 +341,196 @@ def test_plans_are_bounded(launch: Launch, image: Path) -> None:
     for i in range(MAX_PLANS + 6):
         launch.ok(str(image), "true", str(i))
     assert len(launch.files()) == MAX_PLANS
+
+
+# --- options that read host files: recorded like any other question ----------------------
+
+
+def _world_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    os.chmod(path, 0o644)
+    _age(path)
+    return path
+
+
+@pytest.mark.userns
+def test_a_seccomp_profile_file_is_recorded_by_its_identity(launch: Launch, image: Path, world_tmp: Path) -> None:
+    profile = _world_file(world_tmp / "profile.json", '{"defaultAction": "SCMP_ACT_ALLOW"}')
+    args = ("--security-opt", f"seccomp={profile}", str(image), "sh", "-c", "uname -s; cat /etc/passwd")
+    assert launch.ok(*args).startswith("Linux\n")
+    launch.mark()
+    assert _marked(launch.ok(*args))
+    _world_file(profile, '{"defaultAction": "SCMP_ACT_ALLOW", '
+                         '"syscalls": [{"names": ["uname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}')
+    out = launch.ok(*args)  # dated like before: its size and ctime tell the edit
+    assert not _marked(out) and not out.startswith("Linux")  # busybox prints what uname(2) left: nothing
+
+
+@pytest.mark.userns
+def test_an_overlay_directory_is_recorded(launch: Launch, image: Path, world_tmp: Path) -> None:
+    overlay = world_tmp / "ovl"
+    overlay.mkdir()
+    os.chmod(overlay, 0o777)
+    args = ("--overlay", str(overlay), str(image), "sh", "-c",
+            "cat /kept 2>/dev/null; echo kept > /kept; cat /etc/passwd")
+    assert not launch.ok(*args).startswith("kept")
+    launch.mark()
+    out = launch.ok(*args)
+    assert _marked(out) and out.startswith("kept\n")  # the saved program, on the same overlay
+    overlay.rename(world_tmp / "ovl-old")  # gone: the launch makes a new one
+    out = launch.ok(*args)
+    assert not _marked(out) and not out.startswith("kept")
+
+
+@pytest.mark.registry
+@pytest.mark.userns
+def test_a_launch_that_pulls_saves_no_plan_the_next_one_does(
+    launch: Launch, registry: Registry, world_tmp: Path
+) -> None:
+    """What a registry sent is no question a launch can ask again (probe.py's rule for
+    connections); the pulled image is, from the next launch on."""
+    layout = make_oci_image(world_tmp / "oci", "v1", [make_busybox_rootfs], ["--config.env=FROM=image"])
+    ref = "docker://" + registry.push_oci(layout, "v1", "mb/plancache")
+    args = (ref, "sh", "-c", "echo $FROM; cat /etc/passwd")
+    env = {"MESOBOX_DEFAULT_FORMAT": "dir"}  # no mksquashfs: only the connection tells
+    assert launch.ok(*args, env=env).startswith("image\n")
+    assert launch.files() == []
+    launch.ok(*args, env=env)
+    launch.mark()
+    assert _marked(launch.ok(*args, env=env))
+
+
+# --- right after a pull -------------------------------------------------------------------
+
+
+def _image_built_an_hour_ago(root: Path) -> None:
+    """A layer whose files are an hour old, as an image's are: a tar's mtime is whole
+    seconds, rounded, so a file of this very second could be dated in the future."""
+    make_busybox_rootfs(root)
+    _age(root / "etc" / "passwd", root / "etc" / "group")
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("fmt", ["dir", "squashfs"])
+def test_launches_right_after_a_pull_save_and_use_a_plan(
+    launch: Launch, mesobox: Mesobox, user: User, world_tmp: Path, fmt: str
+) -> None:
+    """The store writes each file whole and renames it into place, never in place, and
+    dates its mtime before its ctime (Store.settle): a launch trusts it at once.  A pull
+    of an image already present rewrites nothing, so the plan stays valid."""
+    layout = make_oci_image(world_tmp / "oci", "v1", [_image_built_an_hour_ago], ["--config.env=FROM=image"])
+    subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
+    ref = f"oci:{layout}:v1"
+    args = (ref, "sh", "-c", "echo $FROM; cat /etc/passwd")
+    pulled = mesobox("pull", "-q", "--format", fmt, ref, as_user=user)
+    assert pulled.returncode == 0, pulled.stderr.decode()
+    assert launch.ok(*args).startswith("image\n")  # right after the pull: it saves its plan
+    launch.mark()
+    assert _marked(launch.ok(*args))
+    (record,) = (mesobox.store_root / user.name / "images").glob("*.json")
+    before = record.stat()
+    pulled = mesobox("pull", "-q", "--format", fmt, ref, as_user=user)  # already present
+    assert pulled.returncode == 0, pulled.stderr.decode()
+    after = record.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_ctime_ns) == (before.st_ino, before.st_mtime_ns,
+                                                                     before.st_ctime_ns)
+    out = launch.ok(*args)
+    assert _marked(out) and out.startswith("image\n")
+
+
+# --- mesobox itself: every module file, or the RECORD of an install ----------------------
+
+
+def _copy_of_mesobox(mesobox: Mesobox, world_tmp: Path) -> Path:
+    """A source tree of mesobox of its own (a developer's checkout), dated an hour back."""
+    tree = world_tmp / "tree"
+    shutil.copytree(mesobox.src / "mesobox", tree / "mesobox", ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, _dirs, names in os.walk(tree):
+        os.chmod(dirpath, 0o755)
+        for name in names:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+            _age(Path(dirpath, name))
+    return tree
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize("module", ["launch/syscalls.py", "launch/squashmount.py", "image/store.py",
+                                    "image/reference.py", "__init__.py"])
+def test_an_edited_module_compiles_again(
+    launch: Launch, image: Path, mesobox: Mesobox, world_tmp: Path, module: str
+) -> None:
+    """Every module file is part of the key, whatever it holds; an edit made in place
+    (the same inode, its directory untouched) is seen too."""
+    tree = _copy_of_mesobox(mesobox, world_tmp)
+    args = (str(image), "cat", "/etc/passwd")
+    env = {"PYTHONPATH": str(tree)}
+    launch.ok(*args, env=env)
+    launch.mark()
+    assert _marked(launch.ok(*args, env=env))
+    path = tree / "mesobox" / module
+    with open(path, "a") as f:
+        f.write("# edited\n")
+    os.utime(path, (HOUR_AGO + 60, HOUR_AGO + 60))  # dated back: only its size and ctime tell
+    out = launch.ok(*args, env=env)
+    assert not _marked(out) and "root:x:0:0" in out
+
+
+@pytest.mark.userns
+def test_a_module_changed_seconds_ago_is_not_trusted(
+    launch: Launch, image: Path, mesobox: Mesobox, world_tmp: Path
+) -> None:
+    tree = _copy_of_mesobox(mesobox, world_tmp)
+    (tree / "mesobox" / "launch" / "syscalls.py").touch()  # its timestamps prove nothing yet
+    launch.ok(str(image), "true", env={"PYTHONPATH": str(tree)})
+    assert launch.files() == []
+
+
+@pytest.mark.userns
+def test_an_installed_copy_is_known_by_its_record(
+    launch: Launch, image: Path, mesobox: Mesobox, world_tmp: Path
+) -> None:
+    """Installed by pip, mesobox is the RECORD file pip writes beside it at each install
+    (every file with its hash): one stat(2) per launch stands for all its files."""
+    from mesobox import __version__
+
+    tree = _copy_of_mesobox(mesobox, world_tmp)
+    info = tree / f"mesobox-{__version__}.dist-info"
+    info.mkdir(mode=0o755)
+    record = _world_file(info / "RECORD", "mesobox/__init__.py,sha256=one,342\n")
+    args = (str(image), "cat", "/etc/passwd")
+    env = {"PYTHONPATH": str(tree)}
+    launch.ok(*args, env=env)
+    launch.mark()
+    assert _marked(launch.ok(*args, env=env))
+    os.replace(_world_file(info / "RECORD.new", "mesobox/__init__.py,sha256=two,342\n"), record)  # reinstalled
+    assert not _marked(launch.ok(*args, env=env))
+
+
+@pytest.mark.userns
+def test_a_record_planted_by_another_user_is_not_trusted(
+    launch: Launch, image: Path, mesobox: Mesobox, world_tmp: Path, attacker: User
+) -> None:
+    """A source tree in a shared sticky directory: another user may create names beside
+    it, not change it.  Their RECORD would freeze its key; it is not the package's
+    owner's, so every module file still counts."""
+    from mesobox import __version__
+
+    tree = _copy_of_mesobox(mesobox, world_tmp)
+    os.chmod(tree, 0o1777)
+    info = tree / f"mesobox-{__version__}.dist-info"
+    plant = f"mkdir {info} && echo x > {info}/RECORD && touch -d '1 hour ago' {info}/RECORD"
+    planted = attacker.run(["sh", "-c", plant])
+    assert planted.returncode == 0, planted.stderr.decode()
+    args = (str(image), "cat", "/etc/passwd")
+    env = {"PYTHONPATH": str(tree)}
+    launch.ok(*args, env=env)
+    launch.mark()
+    assert _marked(launch.ok(*args, env=env))
+    path = tree / "mesobox" / "launch" / "syscalls.py"
+    with open(path, "a") as f:
+        f.write("# edited\n")
+    os.utime(path, (HOUR_AGO + 60, HOUR_AGO + 60))
+    assert not _marked(launch.ok(*args, env=env))
 
 
 # --- the parts, in this process --------------------------------------------------------
@@ -457,3 +643,47 @@ def test_compose_takes_host_values_at_each_call() -> None:
                    "HOME": "/home/u"}
     env = dict(item.split("=", 1) for item in compose({"COPY": "c2"}, recipe))
     assert env["COPY"] == "c2" and "HOST" not in env
+
+
+def test_the_key_holds_every_module_of_a_source_tree() -> None:
+    from mesobox import __version__
+    from mesobox.launch import plancache
+
+    code = plancache._package()
+    assert code is not None
+    version, python, top, files = code
+    assert (version, python) == (__version__, sys.hexversion)
+    expected = {str(p.relative_to(top)) for p in Path(top).rglob("*.py") if "__pycache__" not in p.parts}
+    assert {entry[0] for entry in files} == expected
+    assert {"launch/syscalls.py", "launch/squashmount.py", "image/store.py", "image/reference.py"} <= expected
+
+
+def test_a_program_run_or_a_connection_while_recording_means_no_plan() -> None:
+    import socket
+
+    from mesobox.launch import probe
+
+    probe.record()
+    assert probe.isdir("/") and probe.journal is not None
+    subprocess.run(["true"], check=True)  # what --mpi host's ompi_info and ldd do
+    assert probe.finish() == (None, None)
+    probe.record()
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client.connect(server.getsockname())  # what a docker:// pull does
+    assert probe.finish() == (None, None)
+
+
+def test_a_file_the_store_wrote_is_settled_at_once_and_one_written_in_place_is_not(tmp_path: Path) -> None:
+    from mesobox.image.store import Store
+    from mesobox.launch import probe
+
+    path = tmp_path / "record.json"
+    path.write_text("{}")
+    Store.settle(path)
+    st = path.stat()
+    assert st.st_mtime_ns < st.st_ctime_ns and probe.settled(st.st_mtime_ns, st.st_ctime_ns)
+    path.write_text("[]")  # written in place: mtime and ctime are now, together
+    st = path.stat()
+    assert not probe.settled(st.st_mtime_ns, st.st_ctime_ns)

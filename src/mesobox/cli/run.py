@@ -53,11 +53,10 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
 
     image = find_image(values["image"], config)
     if mpi is not None:
-        from mesobox.launch import probe
         from mesobox.launch.hostmpi import with_host_mpi
 
-        probe.untracked()  # the host's MPI libraries are not recorded (plancache.py)
-
+        # Not recordable: it runs ompi_info and ldd, and probe.py saves no program
+        # of a launch that runs a program while it compiles.
         values = with_host_mpi(values, mpi, image.path)
     opts = RunOptions(**values)
     spec = make_spec(opts, config, image)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mesobox import console
 from mesobox.config import Config
 from mesobox.errors import DigestMismatch, LayerError
 from mesobox.image.store import ImageRecord, Store, digest_hex, file_check, force_rmtree, fsync_dir
@@ -64,8 +65,7 @@ class Progress:
     def _draw(self) -> None:
         frac = min(self.done / self.total, 1.0)
         bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r{self.stage:<10} [{bar:<30}] {self.done / 1e6:8.1f}/{self.total / 1e6:.1f} MB")
-        sys.stderr.flush()
+        console.progress(f"{self.stage:<10} [{bar:<30}] {self.done / 1e6:8.1f}/{self.total / 1e6:.1f} MB")
 
     def note(self, stage: str) -> None:
         if self.enabled:
@@ -74,7 +74,7 @@ class Progress:
 
     def finish(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
+            console.end_progress()
 
 
 @dataclass(frozen=True)
@@ -145,19 +145,16 @@ def _layer_policy(config: Config, total: int) -> Any:
 
     root = os.geteuid() == 0
 
-    def warn(msg: str) -> None:
-        sys.stderr.write(f"mesobox: warning: {msg}\n")
-
     return LayerPolicy(
         keep_setuid=root and config.keep_setuid_for_root,
         max_bytes=config.max_image_bytes,
         unprivileged=not root,
-        warn=warn,
+        warn=console.warn,
     )
 
 
 def _warn(msg: str) -> None:
-    sys.stderr.write(f"mesobox: warning: {msg}\n")
+    console.warn(msg)
 
 
 def build_rootfs(store: Store, record_digest: str, layers: Layers, into: Path,
@@ -263,6 +260,7 @@ def _flatten_into(store: Store, digest: str, layers: Layers, fmt: str, work: Pat
     build_squashfs(source_dir, tmp_file, store.config.squashfs_compression)
     os.chmod(tmp_file, 0o644)
     check = file_check(tmp_file)
+    store.settle(tmp_file)  # whole now, and never written again: launches may trust it at once
     with open(tmp_file, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp_file, final)

@@ -195,14 +195,16 @@ def _cache_name(profile: dict[str, Any] | None) -> str:
 
 def _library_stamp() -> str:
     """Size and mtime of the libseccomp a compile would load ("?" if not found in the
-    usual directories: then an upgrade needs ``rm -r <runtime_dir>/seccomp``)."""
+    usual directories: then an upgrade needs ``rm -r <runtime_dir>/seccomp``).  Asked
+    through probe.py: a saved launch program holds the compiled filter, so a library
+    upgrade must make it compile again too."""
+    from mesobox.launch import probe
+
     multiarch = getattr(sys.implementation, "_multiarch", "")
     for pattern in _LIB_DIRS:
-        try:
-            st = os.stat(os.path.join(pattern.format(multiarch=multiarch), _SONAME))
-        except OSError:
-            continue
-        return f"{st.st_size}:{st.st_mtime_ns}"
+        identity = probe.file_identity(os.path.join(pattern.format(multiarch=multiarch), _SONAME))
+        if identity is not None:
+            return f"{identity[2]}:{identity[3]}"
     return "?"
 
 

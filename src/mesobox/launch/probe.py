@@ -5,16 +5,30 @@ A launch program (execute.py) is a function of the command line and of the answe
 a few questions about the host: is this bind source a directory, what is its real
 path, does the image have /home, what does its /etc/passwd say, who is the caller,
 what is the working directory, which config files are there.  The spec builder
-(build.py), the mount planner (plan.py) and the launcher ask them through this module
-only.  While ``journal`` is a list, each question is appended to it with its answer;
+(specbuild.py), the mount planner (mountplan.py) and the launcher ask them through this
+module only.  While ``journal`` is a list, each question is appended to it with its answer;
 plancache.py stores the journal beside the program and runs the program again only
 when every question gets the same answer again (``unchanged``).
 
-A launch that depends on something no probe can ask again (a stored image's record,
-a seccomp profile file, the host's MPI) calls ``untracked()``: nothing is recorded and
-the next launch compiles its own program.  The environment's *values* are not a
-question: the container's environment is merged anew at every launch from the recipe
-``note_environment`` keeps (environ.compose).
+What cannot be recorded is decided here, by two rules, and nowhere else; such a launch
+records nothing (``untracked``) and the next one compiles its own program:
+
+- A file whose identity (device, inode, size, mtime, ctime) stands for its content is
+  trusted only once it is ``settled``: not written since its last status change (its
+  mtime older than its ctime: a later write would move the mtime to at least that
+  ctime), or changed long enough ago that no write can share its timestamp
+  (paths.racy, git's "racy" rule).  This holds for the files a question reads (an
+  image's /etc/passwd, a squashfs file, a store record, a seccomp profile) and for
+  those a plan's key stands for (config files, mesobox's own modules: ``record``).
+  The image store writes every file so (image/store.py, ``Store.settle``): a launch
+  right after a pull is recorded.
+- A compile that runs a host program or opens a connection (``--mpi host`` runs
+  ompi_info and ldd; a ``docker://`` reference is pulled from its registry): no
+  question can ask again what came back.  An audit hook sees them (``_watch``), so no
+  call site has to remember.
+
+The environment's *values* are not a question: the container's environment is merged
+anew at every launch from the recipe ``note_environment`` keeps (environ.compose).
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from mesobox.paths import racy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from typing import Any, TypeVar
 
     T = TypeVar("T")
@@ -36,6 +50,11 @@ journal: list[Entry] | None = None  # recording when a list
 _asked: set[tuple[str, tuple[Any, ...]]] = set()
 _pinned: set[str] = set()  # image roots whose content a recorded file identity fixes
 environment: tuple[Any, ...] | None = None  # environ.compose's recipe of this launch
+_watching = False  # _audit is installed (once per process)
+# Audit events (sys.audit) of a program started or a connection opened while compiling.
+# Not os.posix_spawn nor os.fork: squashmount.py mounts with them, an action (not a
+# read) that a saved program repeats at each launch (squashmount.attach).
+_OUTSIDE = frozenset(("subprocess.Popen", "os.system", "socket.connect"))
 
 
 def _note(question: str, args: tuple[Any, ...], answer: T) -> T:
@@ -47,12 +66,25 @@ def _note(question: str, args: tuple[Any, ...], answer: T) -> T:
     return answer
 
 
-def record() -> None:
-    """Start writing the answers down (plancache.begin)."""
+def record(key_files: Iterable[tuple[Any, ...] | None] = ()) -> None:
+    """Start writing the answers down (plancache.launch_cached), unless a file the
+    plan's key stands for is not ``settled``: each entry of ``key_files`` ends with the
+    file's mtime and ctime in ns (None: no such file)."""
     global journal, environment
     journal, environment = [], None
     _asked.clear()
     _pinned.clear()
+    _watch()
+    if not all(entry is None or settled(entry[-2], entry[-1]) for entry in key_files):
+        untracked()
+
+
+def finish() -> tuple[list[Entry] | None, tuple[Any, ...] | None]:
+    """Stop recording: (journal, environment recipe) of this launch; the journal is
+    None when the launch read something that cannot be recorded."""
+    global journal
+    written, journal = journal, None
+    return written, environment
 
 
 def pin(root: str) -> None:
@@ -63,9 +95,34 @@ def pin(root: str) -> None:
 
 
 def untracked() -> None:
-    """This launch read something no probe can ask again: record nothing."""
+    """This launch read something no question can ask again: record nothing (the rules
+    of the module docstring call it)."""
     global journal
     journal = None
+
+
+def settled(mtime_ns: int, ctime_ns: int) -> bool:
+    """Whether a file with these times cannot change without changing them: any write
+    sets mtime and ctime to now, so a file whose mtime is older than its ctime was not
+    written since its last status change, and a later write must move its mtime;
+    otherwise only time settles it (paths.racy)."""
+    return mtime_ns < ctime_ns or not racy(mtime_ns)
+
+
+def _watch() -> None:
+    """Install ``_audit`` once (an audit hook stays for the life of the process; while
+    nothing is recorded it costs one comparison per audited event)."""
+    global _watching
+    if not _watching:
+        import sys
+
+        sys.addaudithook(_audit)
+        _watching = True
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if journal is not None and event in _OUTSIDE:
+        untracked()  # a program's output or a peer's answer: no question can ask it again
 
 
 def note_environment(recipe: tuple[Any, ...]) -> None:
@@ -121,13 +178,14 @@ def getcwd() -> str:
 
 def file_identity(path: str) -> tuple[int, ...] | None:
     """Device, inode, size, mtime and ctime of the regular file at ``path`` (symlinks
-    followed), None for anything else; a file changed in the last seconds makes the
-    launch untracked (as image_text)."""
+    followed), None for anything else: asked before a host file is read whole, it
+    stands for the content (the same identity is the same content once the file is
+    ``settled``; until then the launch records nothing)."""
     try:
         identity = _identity(os.stat(path))
     except OSError:
         identity = None
-    if identity is not None and racy(identity[3]):
+    if identity is not None and not settled(identity[3], identity[4]):
         untracked()
     return _note("file_identity", (path,), identity)
 
@@ -146,10 +204,10 @@ def image_text(root: str, rel: str) -> str:
     """Text of ``root/rel`` read without following symlinks; "" when absent or a link
     (an image's /etc/passwd -> /etc/shadow must not make mesobox read the host's).
     The question written down is the file's identity, not its text: the same device,
-    inode, size, mtime and ctime is the same text, unless the file changed in the last
-    seconds (then the launch is untracked, as paths.racy)."""
+    inode, size, mtime and ctime is the same text once the file is ``settled`` (until
+    then the launch records nothing)."""
     text, identity = _image_text(root, rel)
-    if identity is not None and racy(identity[3]) and root not in _pinned:
+    if identity is not None and not settled(identity[3], identity[4]) and root not in _pinned:
         untracked()
     _note("image_file", (root, rel), identity)
     return text
@@ -168,6 +226,23 @@ def env_file(path: str) -> tuple[tuple[str, str], ...]:
     return _note("env_file", (path,), tuple(read_env_file(path)))
 
 
+def subids() -> None:
+    """What ``--fakeroot``'s id maps are made of (identity.id_maps): whether newuidmap
+    and newgidmap may be run, and /etc/subuid and /etc/subgid, by identity."""
+    for tool in ("newuidmap", "newgidmap"):
+        access(f"/usr/bin/{tool}", os.X_OK)
+    for path in ("/etc/subuid", "/etc/subgid"):
+        file_identity(path)
+
+
+def overlay(path: str) -> None:
+    """What ``--overlay PATH`` is, as specbuild checks it: an image file (by identity), a
+    directory, or a place in one (the directory is made at launch)."""
+    file_identity(path)
+    isdir(path)
+    isdir(os.path.dirname(abspath(path)))
+
+
 def config_files() -> tuple[Any, ...]:
     """What the Config of this launch is made of: every MESOBOX_* and XDG_* variable,
     HOME and USER, the identity of the site and user files, the default runtime dir.
@@ -177,11 +252,6 @@ def config_files() -> tuple[Any, ...]:
                          or k in ("HOME", "USER")))
     files = tuple(_signature(path) for path in (paths.site_config(env), paths.user_config(env)))
     return (names, files, paths.default_runtime_dir(env))
-
-
-def recently_changed(config: tuple[Any, ...]) -> bool:
-    """Whether a file in a ``config_files`` answer changed in the last seconds."""
-    return any(sig and racy(sig[5]) for sig in config[1])
 
 
 def unchanged(entries: list[Entry]) -> bool:

@@ -25,7 +25,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import sys
 
 from mesobox.errors import ImageNotFound, PolicyError, UsageError
 from mesobox.files import under
@@ -197,7 +196,6 @@ def find_image(text: str, config: Config) -> Image:
         from mesobox.image.pull import pull
         from mesobox.launch.signals import hold_signals, release_signals
 
-        probe.untracked()  # pulled by this launch: the next one records the stored image
         release_signals()  # a pull may take minutes: Ctrl-C must still stop it
         record = pull(config, text, fmt=config.default_format, quiet=False)
         hold_signals()
@@ -332,7 +330,9 @@ def _automatic_binds(home: str, cwd: str, allowed: tuple[str, ...]) -> list[str]
 def _allowed_automatic(path: str, allowed: tuple[str, ...]) -> bool:
     if allowed_source(probe.realpath(path), allowed):
         return True
-    sys.stderr.write(f"mesobox: warning: {path} is not bound: it is outside the site's allowed bind sources\n")
+    from mesobox.console import warn
+
+    warn(f"{path} is not bound: it is outside the site's allowed bind sources")
     return False
 
 
@@ -430,7 +430,9 @@ def _cwd(opts: RunOptions, mounts: tuple[S.Mount, ...], image_config: dict[str, 
     if here and not _reachable(here):
         # Unreachable (a sudo'd command left in /root/…): not fatal, as in Apptainer.
         start = home if home and home in bound else "/"
-        sys.stderr.write(f"mesobox: warning: cannot reach the working directory {here}; starting in {start}\n")
+        from mesobox.console import warn
+
+        warn(f"cannot reach the working directory {here}; starting in {start}")
         return start
     return str(image_config.get("WorkingDir") or "/")
 
@@ -460,7 +462,7 @@ def _seccomp(opts: RunOptions, config: Config) -> dict[str, Any] | None:
     from mesobox.isolation.seccomp import profile_from_option
 
     if value not in ("default", "unconfined"):
-        probe.untracked()  # a profile file's content is not recorded (plancache.py)
+        probe.file_identity(value)  # the profile file, read below: the same file is the same profile
     profile = profile_from_option(value)
     if profile is None:
         return {"mesobox.builtin": True}
@@ -488,7 +490,7 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
         raise UsageError("--host-root is only for the real root user",
                          hint="an ordinary user's container root (--fakeroot) is always their own uid")
     if opts.fakeroot:
-        probe.untracked()  # reads /etc/subuid and /etc/subgid: not recorded (plancache.py)
+        probe.subids()  # what the id maps below are made of
     uid_maps, gid_maps, subids = identity.id_maps(uid, gid, opts.fakeroot, name, opts.host_root, opts.overlay)
     # The image's User can only be honoured where ids other than one's own are mapped:
     # --fakeroot (with a sub-id range) and root; otherwise the caller keeps their ids.
@@ -531,7 +533,7 @@ def _settings(opts: RunOptions, subids: bool) -> S.Settings:
         from mesobox.isolation import quota
         from mesobox.launch import identity
 
-        probe.untracked()  # an overlay's state is not recorded (plancache.py)
+        probe.overlay(opts.overlay)  # what the checks below read
 
         if quota.is_image(opts.overlay):
             overlay_image = quota.check_can_mount(opts.overlay, identity.is_real_root())
