@@ -83,8 +83,11 @@ def prepare(work: str) -> None:
     with open(site, "w") as f:
         f.write('default_binds = []\nallowed_bind_sources = []\nlock = ["allowed_bind_sources"]\n')
     os.utime(site, (time.time() - 3600,) * 2)
-    shutil.copytree(os.path.join(ROOT, "src"), os.path.join(work, "src"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    # Installed as pip installs it (with its dist-info RECORD, which keys saved launch
+    # programs: docs/running.md), not as a source tree, whose every module file a
+    # launch stats instead (≈0.25 ms more).
+    subprocess.run([VENV_PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--target", os.path.join(work, "src"),
+                    ROOT], check=True)
     subprocess.run([VENV_PYTHON, "-m", "compileall", "-q", os.path.join(work, "src")], check=True)
     # the lean entry point scripts/setup-host.sh installs as /usr/local/bin/mesobox
     # (`python -IS`, site-packages added by hand), here aimed at this source copy

@@ -7,17 +7,24 @@
   mode-700 /root, which ordinary users cannot execute.
 - ``user``: an ordinary user (created once) with a subordinate id range, and
   ``user.run([...])`` to run a command as that user with ``runuser``.
-- ``mesobox``: run the mesobox CLI as root or as the user, returning CompletedProcess.
+- ``mesobox``: run the mesobox CLI as root or as the user, returning CompletedProcess; each
+  test gets its own store and its own runtime dir per caller (see ``Mesobox.runtime_env``).
 - ``registry``: a real Debian ``docker-registry`` on a free loopback port.
 - ``busybox_rootfs`` / ``make_oci_image``: test images built with busybox-static and umoci.
+- ``wait_until``: wait on a condition with a generous ceiling (never a timing assertion).
+
+What a test needs of the host (cgroup layout, CRIU, a GPU, kernel features) is probed in
+tests/hostcaps.py, which gives the skip markers and their reasons.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -31,13 +38,45 @@ from pathlib import Path
 
 import pytest
 
+from hostcaps import unprivileged_userns
+
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 TEST_USER = os.environ.get("MESOBOX_TEST_USER", "mbtest")
+VICTIM = os.environ.get("MESOBOX_TEST_VICTIM", "mbvictim")
+# Where real root's runs go when nothing says otherwise (paths.default_runtime_dir).
+ROOT_DEFAULT_RUNTIME = Path("/tmp/mesobox-0")
 VENV_PYTHON = Path(os.environ.get("MESOBOX_TEST_PYTHON", "/opt/mesobox/venv/bin/python"))
 
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "default_runtime_dir: the test is about mesobox's default runtime dir, so the mesobox "
+                   "fixture gives its runs none of their own")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need unprivileged user namespaces skip, saying why, where the kernel forbids them."""
+    allowed, why = unprivileged_userns()
+    if allowed:
+        return
+    skip = pytest.mark.skip(reason=f"needs unprivileged user namespaces: {why}")
+    for item in items:
+        if item.get_closest_marker("userns") is not None:
+            item.add_marker(skip)
+
+
+def wait_until(check: Callable[[], object], what: str = "the condition", ceiling: float = 60.0) -> None:
+    """Poll ``check`` until it holds.  ``ceiling`` only stops a hang, so it is generous:
+    a test never asserts on how long something took (bench/ measures that)."""
+    deadline = time.monotonic() + ceiling
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not so after {ceiling:.0f} s")
+        time.sleep(0.02)
 
 
 def need_tool(*names: str) -> None:
@@ -186,7 +225,7 @@ def attacker() -> User:
 def victim() -> User:
     """A third ordinary user whose /tmp/mesobox-UID no other test uses: the attacker's
     target where a test must plant names that would disturb ``user``'s other tests."""
-    return ordinary_user(os.environ.get("MESOBOX_TEST_VICTIM", "mbvictim"))
+    return ordinary_user(VICTIM)
 
 
 @dataclass
@@ -196,9 +235,20 @@ class Mesobox:
     python: str
     src: Path
     store_root: Path
+    runtime_root: Path | None = None  # this test's runtime dirs, one per caller; None: the default place
 
     def base_env(self) -> dict[str, str]:
         return {"PYTHONPATH": str(self.src), "MESOBOX_SITE_CONFIG": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def runtime_env(self, as_user: User | None) -> dict[str, str]:
+        """``MESOBOX_RUNTIME_DIR`` naming this test's own runtime dir for the caller
+        (mesobox makes it, private, on first use), so that no test meets another's mounts,
+        instances, plans or caches, nor leaves them to a later one.  Nothing where the
+        test is about the default place (marker ``default_runtime_dir``), nor for
+        ``victim``: its default /tmp/mesobox-UID is where the attacker plants things."""
+        if self.runtime_root is None or (as_user is not None and as_user.name == VICTIM):
+            return {}
+        return {"MESOBOX_RUNTIME_DIR": str(self.runtime_root / (as_user.name if as_user else "root"))}
 
     def __call__(
         self,
@@ -212,6 +262,8 @@ class Mesobox:
         full_env = self.base_env()
         if env:
             full_env.update(env)
+        for key, value in self.runtime_env(as_user).items():
+            full_env.setdefault(key, value)  # a runtime dir the test names wins
         argv = [self.python, "-m", "mesobox", *args]
         if as_user is not None:
             full_env.setdefault("MESOBOX_STORE", str(self.store_root / as_user.name))
@@ -225,12 +277,56 @@ class Mesobox:
 
 
 @pytest.fixture()
-def mesobox(test_python: str, mesobox_src: Path, world_tmp: Path) -> Mesobox:
-    """A mesobox CLI runner with a fresh store per test (per user)."""
+def mesobox(test_python: str, mesobox_src: Path, world_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Mesobox]:
+    """A mesobox CLI runner with a fresh store and a fresh runtime dir per test (per user)."""
     stores = world_tmp / "stores"
     stores.mkdir(mode=0o1777)
     os.chmod(stores, 0o1777)
-    return Mesobox(test_python, mesobox_src, stores)
+    runtimes = None
+    if request.node.get_closest_marker("default_runtime_dir") is None:
+        runtimes = world_tmp / "runtimes"
+        runtimes.mkdir()
+        os.chmod(runtimes, 0o1777)  # sticky, like /tmp: each caller makes its own private dir inside
+    yield Mesobox(test_python, mesobox_src, stores, runtimes)
+    if runtimes is not None:
+        for path in runtimes.iterdir():
+            release_runtime_dir(path)
+
+
+def release_runtime_dir(path: Path) -> None:
+    """Stop what a test's runs left running under the runtime dir ``path``: squashfs
+    mounts lingering for a next run, and their watchers.  No later test meets them, and
+    the session's clean-up can delete the directory."""
+    if not (path / "mnt").is_dir():
+        return
+    prefix = f"{path}/"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith(prefix) and link.endswith(".watcher"):
+                    os.kill(int(pid), signal.SIGKILL)
+                    break
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def _roots_default_runtime_dir_is_left_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Real root's default runtime dir outlives a test and changes what later tests (and
+    the host's own users) meet: no test may leave one behind.  One that was there before
+    the test is not the test's doing, and is not looked at."""
+    existed = os.path.lexists(ROOT_DEFAULT_RUNTIME)
+    yield
+    if not existed and os.path.lexists(ROOT_DEFAULT_RUNTIME):
+        pytest.fail(f"{request.node.nodeid} left {ROOT_DEFAULT_RUNTIME} behind: give its root runs a runtime dir "
+                    "(the mesobox fixture does), or remove it where the test is about the default", pytrace=False)
 
 
 @dataclass

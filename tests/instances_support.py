@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from conftest import Mesobox, User
+from conftest import wait_until as wait_until  # waits on a condition, a generous ceiling against hangs
 
 
 class Instances:
@@ -54,14 +54,16 @@ class Instances:
     def listing(self, *flags: str) -> dict[str, dict[str, Any]]:
         return {row["name"]: row for row in json.loads(self.ok("instance", "list", "--json", *flags))}
 
-    def wait_for(self, name: str, predicate: Any, timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            row = self.listing("--all").get(name, {})
-            if predicate(row):
-                return row
-            assert time.monotonic() < deadline, f"{name}: condition not reached, last {row}"
-            time.sleep(0.1)
+    def wait_for(self, name: str, predicate: Any) -> dict[str, Any]:
+        """The ``instance list`` row of ``name`` once ``predicate`` holds for it."""
+        rows: list[dict[str, Any]] = [{}]
+
+        def holds() -> bool:
+            rows[0] = self.listing("--all").get(name, {})
+            return bool(predicate(rows[0]))
+
+        wait_until(holds, f"{name}: the condition on its row")
+        return rows[0]
 
 
 def alive(pid: int) -> bool:
@@ -75,6 +77,26 @@ def alive(pid: int) -> bool:
 def proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def process_tree(pid: int) -> dict[int, str]:
+    """``pid`` and its descendants, each with the kernel's one-letter state (by PPid)."""
+    children: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        states[int(entry)] = fields[0]
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        if p in states:
+            tree[p] = states[p]
+            todo.extend(children.get(p, []))
+    return tree
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -101,10 +123,3 @@ def mounts_mentioning(text: str) -> list[str]:
             continue
         found += [f"{entry}: {line}" for line in lines if text in line]
     return found
-
-
-def wait_until(check: Any, timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.05)

@@ -44,6 +44,7 @@ def mesobox_argv(mb: Mesobox, as_user: User | None, args: list[str], env: dict[s
     Popen pid *is* the mesobox process, so signals sent to it are sent to mesobox."""
     full = mb.base_env()
     full["MESOBOX_STORE"] = str(mb.store_root / (as_user.name if as_user else "root"))
+    full.update(mb.runtime_env(as_user))  # this test's runtime dir; a test's own ``env`` wins below
     argv = [mb.python, "-m", "mesobox", *args]
     if as_user is None:
         base = {k: v for k, v in os.environ.items() if not k.startswith("MESOBOX_")}

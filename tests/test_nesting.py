@@ -12,11 +12,13 @@ unprivileged path).
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import ROOT_DEFAULT_RUNTIME, Mesobox, User, make_busybox_rootfs
 
 pytestmark = pytest.mark.userns
 
@@ -63,14 +65,26 @@ def test_inner_failure_is_one_line(mesobox: Mesobox, user: User, images: tuple[P
     assert proc.stderr.decode().startswith("mesobox: error: no-such-command: command not found")
 
 
+@pytest.fixture()
+def default_runtime_dirs(user: User) -> Iterator[tuple[Path, Path]]:
+    """(real root's, the user's) default runtime dirs, each removed after the test if
+    the test made it: the next test, or run, must not find them."""
+    made = [path for path in (ROOT_DEFAULT_RUNTIME, Path(f"/tmp/mesobox-{user.uid}")) if not path.exists()]
+    yield ROOT_DEFAULT_RUNTIME, Path(f"/tmp/mesobox-{user.uid}")
+    for path in made:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
 @pytest.mark.root
+@pytest.mark.default_runtime_dir
 def test_fakeroot_inside_never_takes_real_roots_runtime_dir(
-        mesobox: Mesobox, user: User, images: tuple[Path, Path], test_python: str) -> None:
+        mesobox: Mesobox, user: User, images: tuple[Path, Path], test_python: str,
+        default_runtime_dirs: tuple[Path, Path]) -> None:
     """uid 0 of a --fakeroot container is the user outside: it uses the user's own
-    /tmp/mesobox-UID, never real root's /tmp/mesobox-0 (which root's runs leave behind,
+    /tmp/mesobox-UID, never real root's /tmp/mesobox-0 (which a root run leaves behind,
     and which it could not trust: it shows as unmapped)."""
     outer, inner = images
-    root_runtime = Path("/tmp/mesobox-0")
+    root_runtime, _user_runtime = default_runtime_dirs
     assert mesobox("exec", str(inner), "true", env={"XDG_RUNTIME_DIR": ""}).returncode == 0
     assert root_runtime.is_dir() and root_runtime.stat().st_uid == 0
     venv = Path(test_python).parents[1]

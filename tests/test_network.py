@@ -157,7 +157,7 @@ def test_slirp_as_user_with_tun_0666(user, test_python, mesobox_src, world_tmp, 
 
 @pytest.mark.userns
 def test_slirp_as_user_without_tun_access_says_why(user, test_python, mesobox_src, world_tmp, host_service) -> None:  # type: ignore[no-untyped-def]
-    with tun_mode(0o600):  # this host's default: root-only
+    with tun_mode(0o600):  # as some hosts ship it: root-only
         result = _run_slirp(test_python, mesobox_src, world_tmp, host_service, user)
     assert result["error"] == "--net slirp: /dev/net/tun is not accessible to you"
     assert "chmod 666 /dev/net/tun" in result["hint"]

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, Registry, User, make_busybox_rootfs, make_oci_image, need_tool, start_registry
+from conftest import (
+    Mesobox,
+    Registry,
+    User,
+    make_busybox_rootfs,
+    make_oci_image,
+    need_tool,
+    start_registry,
+    wait_until,
+)
 from pull_support import build_test_image, check_store, tree, umoci_unpack, without_group_other_write
 
 pytestmark = [pytest.mark.registry]
@@ -282,12 +291,17 @@ def test_20_concurrent_pulls_fetch_each_blob_once(
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1].decode() for o in outputs]
     assert len({o[0] for o in outputs}) == 1  # all print the same digest
-    time.sleep(0.2)
-    with open(log_file) as f:
-        f.seek(before)
-        gets = _blob_gets(f.read())
     layers = json.loads(mesobox("inspect", ref, as_user=user).stdout)["Layers"]
     assert len(layers) == 3
+
+    def logged_gets() -> dict[str, int]:
+        with open(log_file) as f:
+            f.seek(before)
+            return _blob_gets(f.read())
+
+    # the registry logs a request once it has answered it: wait for every layer's line
+    wait_until(lambda: {p.rsplit("/", 1)[1] for p in logged_gets()} >= set(layers), "the registry logs each layer")
+    gets = logged_gets()
     layer_gets = {path: n for path, n in gets.items() if path.rsplit("/", 1)[1] in layers}
     # each layer fetched exactly once across the 20 processes (the small config blob is
     # read by every resolve to learn the image's platform, so it is not counted)

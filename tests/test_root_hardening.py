@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, User, open_busybox_rootfs
+from hostcaps import needs_cgroup, needs_mount_setattr
 from isolation_support import wait_for
 from mesobox.launch import identity
 
@@ -83,7 +84,8 @@ def no_mount_setattr(shared_tmp: Path) -> Path:
 def run(mesobox: Mesobox, *args: str, prefix: Sequence[str] = (), as_user: User | None = None,
         ) -> subprocess.CompletedProcess[bytes]:
     """``mesobox`` with a command in front (setpriv, the seccomp wrapper)."""
-    env = {**mesobox.base_env(), "MESOBOX_STORE": str(mesobox.store_root / (as_user.name if as_user else "root"))}
+    env = {**mesobox.base_env(), "MESOBOX_STORE": str(mesobox.store_root / (as_user.name if as_user else "root")),
+           **mesobox.runtime_env(as_user)}
     argv = [*prefix, mesobox.python, "-m", "mesobox", *args]
     if as_user is not None:
         return as_user.run(argv, env=env, timeout=120)
@@ -93,7 +95,7 @@ def run(mesobox: Mesobox, *args: str, prefix: Sequence[str] = (), as_user: User 
 
 def start(mesobox: Mesobox, *args: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESOBOX_")}
-    env.update(mesobox.base_env(), MESOBOX_STORE=str(mesobox.store_root / "root"))
+    env.update(mesobox.base_env(), MESOBOX_STORE=str(mesobox.store_root / "root"), **mesobox.runtime_env(None))
     return subprocess.Popen([mesobox.python, "-m", "mesobox", *args], env=env, cwd="/",
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -361,11 +363,17 @@ def _sys_submount_file() -> str:
     for candidate in [*sorted(glob.glob("/sys/fs/cgroup/*/cgroup.procs")), "/sys/fs/cgroup/cgroup.procs"]:
         if os.path.exists(candidate):
             return candidate
-    pytest.fail("no cgroup.procs below /sys/fs/cgroup", pytrace=False)
+    pytest.skip("no cgroup filesystem below /sys on this host: no submount of /sys to try")
 
 
-@pytest.mark.parametrize("kernel", ["mount_setattr", "enosys"])
-@pytest.mark.parametrize("opts", [["--host-root", "--memory", "64m"], []], ids=["host-root", "shifted-root"])
+# "mount_setattr": this kernel's own path; "enosys": the remount fallback of a kernel
+# without it (a seccomp filter answers ENOSYS), which runs on every host.
+KERNELS = [pytest.param("mount_setattr", marks=needs_mount_setattr), "enosys"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("opts", [pytest.param(["--host-root", "--memory", "64m"], marks=needs_cgroup("memory")), []],
+                         ids=["host-root", "shifted-root"])
 def test_sys_submounts_are_read_only_for_root(mesobox: Mesobox, rootfs: Path, no_mount_setattr: Path,
                                               opts: list[str], kernel: str) -> None:
     target = _sys_submount_file()
@@ -392,7 +400,7 @@ def with_submounts(world_tmp: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-R", "-l", str(sub)], check=False)
 
 
-@pytest.mark.parametrize("kernel", ["mount_setattr", "enosys"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("who", ["user", "root"])
 def test_readonly_bind_makes_its_submounts_read_only(mesobox: Mesobox, user: User, rootfs: Path,
                                                      with_submounts: Path, no_mount_setattr: Path,

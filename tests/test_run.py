@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import Mesobox, User, make_busybox_rootfs, wait_until
 from run_support import (
     make_squashfs,
     mesobox_argv,
@@ -282,11 +282,9 @@ def test_32_concurrent_lingering_squashfs_launches_share_one_mount_and_one_watch
         marker.touch()
         errors = [p.communicate(timeout=60)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
-    deadline = time.monotonic() + 2 + 5
-    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or squashfs_watchers(runtime):
-        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), squashfs_watchers(runtime))
-        time.sleep(0.1)
-    # flock files and the stamp of the last look for stale mounts (runtime/__init__.py) stay
+    wait_until(lambda: squashfuse_state(user.uid, str(runtime)) == (0, 0) and not squashfs_watchers(runtime),
+               "a linger after the last exit, the mount and its watcher go")
+    # flock files and the stamp of the last look for stale mounts (launch/reaping.py, ``.reaped``) stay
     assert not [p for p in (runtime / "mnt").iterdir() if not p.name.endswith((".lock", ".watcher", ".reaped"))]
 
 

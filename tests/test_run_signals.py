@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import Mesobox, User, make_busybox_rootfs, wait_until
 from run_support import make_squashfs, mesobox_argv, squashfuse_state
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -62,39 +62,46 @@ def _state(pid: int) -> tuple[bool, int, int]:
     return ours, masks.get("SigBlk", 0), masks.get("SigCgt", 0)
 
 
-def _usr1_train(proc: subprocess.Popen[bytes], started: threading.Event, sent: list[bool]) -> None:
-    """Every 2 ms for 300 ms, from the moment mesobox is inside its launcher: it has
-    blocked USR1 (fixed) or printed its first --debug mount line (either version: the
-    container is then half-built).  A tick is skipped only while the pid is the bare
-    workload between its execve and its trap, where a signal kills any process."""
-    while proc.poll() is None:
-        ours, blocked, _ = _state(proc.pid)
-        if ours and (started.is_set() or blocked & USR1):
-            break
-        time.sleep(0.0002)
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end and proc.poll() is None:
-        ours, blocked, caught = _state(proc.pid)
-        if ours or caught & USR1:
-            proc.send_signal(signal.SIGUSR1)
-            sent.append(ours and not caught & USR1)  # True: mesobox had it, not a trap
-        time.sleep(0.002)
+def _usr1_train(proc: subprocess.Popen[bytes], started: threading.Event, sent: list[bool], trapped: Path,
+                go: Path) -> None:
+    """USR1 every 2 ms, from the moment mesobox is inside its launcher (it has blocked
+    USR1 (fixed) or printed its first --debug mount line (either version: the container
+    is then half-built)) until the workload's trap has counted one: the train spans the
+    set-up, the exec and the workload, however long each takes.  A tick is skipped only
+    while the pid is the bare workload between its execve and its trap, where a signal
+    kills any process.  Then the workload may end (``go``)."""
+    try:
+        while proc.poll() is None:
+            ours, blocked, _ = _state(proc.pid)
+            if ours and (started.is_set() or blocked & USR1):
+                break
+            time.sleep(0.0002)
+        ceiling = time.monotonic() + 60  # against a hang only
+        while proc.poll() is None and not trapped.exists() and time.monotonic() < ceiling:
+            ours, blocked, caught = _state(proc.pid)
+            if ours or caught & USR1:
+                proc.send_signal(signal.SIGUSR1)
+                sent.append(ours and not caught & USR1)  # True: mesobox had it, not a trap
+            time.sleep(0.002)
+    finally:
+        go.touch()
 
 
 @pytest.mark.userns
 @pytest.mark.parametrize("fmt", ["dir", "squashfs"])
 def test_signals_during_setup_reach_the_workload(
-    mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path, fmt: str
+    mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path, world_tmp: Path, fmt: str
 ) -> None:
     image = images[0] if fmt == "dir" else images[1]
-    script = ("n=0; trap 'n=$((n+1))' USR1; i=0; "
-              "while [ $i -lt 40 ]; do sleep 0.02; i=$((i+1)); done; echo traps=$n")
+    trapped, go = world_tmp / "trapped", world_tmp / "go"
+    script = (f"n=0; trap 'n=$((n+1)); echo $n > {trapped}' USR1; "
+              f"while [ ! -e {go} ]; do sleep 0.02; done; echo traps=$n")
     argv, env = mesobox_argv(mesobox, user, ["exec", "--debug", str(image), "sh", "-c", script],
                              env={"MESOBOX_RUNTIME_DIR": str(runtime)})
     proc = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     started, sent = threading.Event(), list[bool]()
-    train = threading.Thread(target=_usr1_train, args=(proc, started, sent))
+    train = threading.Thread(target=_usr1_train, args=(proc, started, sent, trapped, go))
     train.start()
     err = b""
     for line in proc.stderr:
@@ -105,7 +112,7 @@ def test_signals_during_setup_reach_the_workload(
     proc.wait(timeout=30)
     train.join()
     assert proc.returncode == 0, (proc.returncode, len(sent), err.decode()[-500:])
-    assert len(sent) > 20 and sent[0], f"the signal train did not start during set-up: {sent[:5]}"
+    assert sent and sent[0], f"the signal train did not start during set-up: {sent[:5]}"
     traps = int(out.decode().split("traps=")[1])
     assert traps >= 1, out
     assert b"Traceback" not in err
@@ -153,23 +160,38 @@ def _waits_on_fifo(pid: int) -> bool:
 
 
 # The supervisor's forwarding loop (forwarding.wait_forwarding) under a real pty: a child
-# in the same foreground process group counts the SIGINTs it gets and who sent them.
+# in the same foreground process group counts the SIGINTs it gets and who sent them,
+# until the batch system's USR1, which the test sends last (60 s: a ceiling on a hang).
 PTY_SCRIPT = r"""
-import os, signal, sys, time
+import os, signal, sys
 from mesobox.launch import forwarding
 pid = os.fork()
 if pid == 0:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR1})
     os.write(1, b"ready\n")
-    got, end = [], time.monotonic() + 1.5
-    while time.monotonic() < end:
-        info = signal.sigtimedwait({signal.SIGINT, signal.SIGUSR1}, max(0.0, end - time.monotonic()))
-        if info is not None:
-            got.append(f"{info.si_signo}/{info.si_code}")
+    got = []
+    while (info := signal.sigtimedwait({signal.SIGINT, signal.SIGUSR1}, 60)) is not None:
+        got.append(f"{info.si_signo}/{info.si_code}")
+        os.write(1, f"took {info.si_signo}\n".encode())
+        if info.si_signo == signal.SIGUSR1:
+            break
     os.write(1, ("got " + " ".join(got) + "\n").encode())
     os._exit(0)
 sys.exit(forwarding.wait_forwarding(pid))
 """
+
+
+def _waits_for_signals(pid: int) -> bool:
+    """Is ``pid`` asleep in sigwaitinfo(2), with no signal pending (so it has taken, and
+    dealt with, every one sent to it so far)?"""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            waiting = f.read().startswith("do_sigtimedwait")
+        with open(f"/proc/{pid}/status") as f:
+            pending = [int(line.split()[1], 16) for line in f if line.startswith(("SigPnd", "ShdPnd"))]
+    except OSError:
+        return False
+    return waiting and not any(pending)
 
 
 def test_ctrl_c_reaches_a_supervised_workload_once() -> None:
@@ -179,12 +201,15 @@ def test_ctrl_c_reaches_a_supervised_workload_once() -> None:
         os.execv(sys.executable, [sys.executable, "-c", PTY_SCRIPT])
     out = b""
     try:
-        out = _read_until(master, b"ready", 20)
-        time.sleep(0.2)  # the supervisor is in its wait by now
+        out = _read_until(master, b"ready", 60)
+        wait_until(lambda: _waits_for_signals(child), "the supervisor waits for signals")
         os.write(master, b"\x03")  # ^C: the tty signals the whole foreground group
-        time.sleep(0.2)
+        out += _read_until(master, b"took 2", 60)  # the workload has the tty's SIGINT …
+        # … and the supervisor has taken its own and waits again: had it passed one on,
+        # that one would be queued now, and taken before the USR1
+        wait_until(lambda: _waits_for_signals(child), "the supervisor deals with the SIGINT")
         os.kill(child, signal.SIGUSR1)  # a batch system's signal: forwarded
-        out += _read_until(master, b"\n", 20, after=b"got ")
+        out += _read_until(master, b"\n", 60, after=b"got ")
     finally:
         _pid, status = os.waitpid(child, 0)
         os.close(master)

@@ -20,7 +20,7 @@ import pytest
 from conftest import Mesobox, Registry, User, make_busybox_rootfs, make_oci_image, open_busybox_rootfs
 from run_support import make_squashfs, mesobox_argv, one_error_line
 
-pytestmark = pytest.mark.userns
+pytestmark = [pytest.mark.userns, pytest.mark.default_runtime_dir]
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User
+from conftest import Mesobox, User, wait_until
 
 pytestmark = [pytest.mark.userns]
 
@@ -50,10 +49,7 @@ def test_oci_run_state_kill_delete(
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.monotonic() + 5
-    while _state(mesobox, user, "c1", env)["status"] != "stopped" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _state(mesobox, user, "c1", env)["status"] == "stopped"
+    wait_until(lambda: _state(mesobox, user, "c1", env)["status"] == "stopped", "the container is stopped")
     assert mesobox("oci", "delete", "c1", as_user=user, env=env).returncode == 0
     gone = mesobox("oci", "state", "c1", as_user=user, env=env)
     assert gone.returncode == 2 and b"does not exist" in gone.stderr

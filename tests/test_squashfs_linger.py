@@ -3,9 +3,12 @@ the next run of the image finds it mounted and warm; a forked watcher, which dro
 refs of dead launchers, then unmounts it.  With a linger the launcher needs no
 supervisor: it execs into the workload, whose pid and start time are its ref.
 
-Real mounts and processes, as the ordinary user with a runtime dir per test:
-- within the window a second run reuses the same ``squashfuse_ll``; after it, the
-  mount, the daemon and the watcher are all gone;
+Real mounts and processes, as the ordinary user with a runtime dir per test.  The linger
+clock is the idle stamp's mtime, which the watcher reads: tests age the stamp instead of
+waiting for it, and wait on conditions (with a generous ceiling), never on the clock.
+- within the window a second run reuses the same ``squashfuse_ll`` and restarts the
+  clock; the watcher keeps the mount while the stamp is young, and once it is older than
+  the linger the mount, the daemon and the watcher are all gone;
 - ``squashfs_linger = 0`` unmounts at once (supervised, as before lingering);
 - a SIGKILLed watcher (Slurm's step cgroup) leaves the mount to the next launch;
 - ``mesobox slurm epilog`` reaps a lingering mount at once: the job is over, and its
@@ -23,12 +26,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs
+from conftest import Mesobox, User, make_busybox_rootfs, wait_until
 from run_support import make_squashfs, mesobox_argv, one_error_line, squashfs_watchers, squashfuse_state
 
 LINGER_VAR = "MESOBOX_SQUASHFS_LINGER"
@@ -86,18 +89,38 @@ def _run(mesobox: Mesobox, user: User, image: Path, runtime: Path, linger: str) 
     assert proc.returncode == 0, proc.stderr.decode()
 
 
-def _wait_gone(user: User, runtime: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while squashfuse_state(user.uid, str(runtime)) != (0, 0) or squashfs_watchers(runtime):
-        assert time.monotonic() < deadline, (squashfuse_state(user.uid, str(runtime)), squashfs_watchers(runtime))
-        time.sleep(0.1)
+def _wait_gone(user: User, runtime: Path) -> None:
+    wait_until(lambda: squashfuse_state(user.uid, str(runtime)) == (0, 0) and not squashfs_watchers(runtime),
+               "the mount, its squashfuse and its watcher go")
 
 
-def _eventually(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
+def _stamp(runtime: Path) -> Path:
+    [name] = _names(runtime, ".idle")
+    return runtime / "mnt" / name
+
+
+def _age_the_stamp(runtime: Path, seconds: float) -> None:
+    """Make the idle stamp ``seconds`` old: the linger clock, as the watcher and a
+    launch read it (squashmount: the stamp's mtime is when the mount went idle)."""
+    past = time.time() - seconds
+    os.utime(_stamp(runtime), (past, past))
+
+
+def _sleeps(pid: int) -> int:
+    """How often ``pid`` has gone to sleep of its own accord (voluntary context switches);
+    a huge number once it is gone, so that nobody waits on a dead watcher."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    except OSError:
+        return 1 << 62
+
+
+def _looks_again(watcher: int) -> None:
+    """Wait until ``watcher`` has looked at its key once more, all of it after this call:
+    it sleeps once per look (squashmount.WATCH_S), so two more sleeps hold a whole look."""
+    start = _sleeps(watcher)
+    wait_until(lambda: _sleeps(watcher) >= start + 2, "the watcher looks at the mount again")
 
 
 def _idle(runtime: Path) -> bool:
@@ -115,22 +138,22 @@ def _start_time(pid: int) -> str:
 def test_a_lingering_mount_is_reused_then_reaped(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
 ) -> None:
-    _run(mesobox, user, images[1], runtime, "3")
-    first_end = time.monotonic()
+    _run(mesobox, user, images[1], runtime, "600")  # a window no slow machine misses
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # still mounted, nobody uses it
     daemon = _squashfuse_pids(user.uid, runtime)
     watchers = squashfs_watchers(runtime)
     assert len(daemon) == 1 and len(watchers) == 1
-    _eventually(lambda: _idle(runtime), 1.5, "the watcher drops the exited launcher's ref")
-    time.sleep(1)
-    _run(mesobox, user, images[1], runtime, "3")  # within the window: no new mount
+    wait_until(lambda: _idle(runtime), "the watcher drops the exited launcher's ref")
+    first = _stamp(runtime).stat().st_mtime_ns
+    _run(mesobox, user, images[1], runtime, "600")  # within the window: no new mount
     assert _squashfuse_pids(user.uid, runtime) == daemon
     assert squashfs_watchers(runtime) == watchers  # the same watcher serves the second run
-    # The second run restarted the clock: later than 3 s after the first run, but
-    # earlier than 3 s after the second, the mount is still there.
-    time.sleep(max(0.0, first_end + 3.3 - time.monotonic()))
-    assert _squashfuse_pids(user.uid, runtime) == daemon
-    _wait_gone(user, runtime, timeout=3 + 10)
+    wait_until(lambda: _idle(runtime), "the watcher drops the second launcher's ref")
+    assert _stamp(runtime).stat().st_mtime_ns > first  # the second run restarted the clock
+    _looks_again(watchers[0])
+    assert _squashfuse_pids(user.uid, runtime) == daemon  # a stamp younger than the linger: kept
+    _age_the_stamp(runtime, 601)  # older than the linger: the watcher unmounts
+    _wait_gone(user, runtime)
     assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
     assert not [p for p in (runtime / "mnt").iterdir() if p.is_dir()]
 
@@ -149,15 +172,16 @@ def test_b_linger_zero_unmounts_at_once(
 def test_c_a_killed_watchers_mount_is_reaped_by_the_next_launch(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
 ) -> None:
-    _run(mesobox, user, images[1], runtime, "1")
+    _run(mesobox, user, images[1], runtime, "600")
     watchers = squashfs_watchers(runtime)
     assert len(watchers) == 1
-    _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
+    wait_until(lambda: _idle(runtime), "the watcher stamps the mount idle")
     os.kill(watchers[0], signal.SIGKILL)  # what Slurm's step cgroup does at the step's end
-    time.sleep(1.5)
+    wait_until(lambda: not _live(str(watchers[0])), "the watcher is dead")
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # nobody left to unmount it
+    _age_the_stamp(runtime, 601)  # it lingered out with nobody to notice
     # The next launch, of another image (a directory), reaps it: its stamp is too old.
-    _run(mesobox, user, images[0], runtime, "1")
+    _run(mesobox, user, images[0], runtime, "600")
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
     assert _names(runtime, ".idle") == [] and squashfs_watchers(runtime) == []
 
@@ -175,7 +199,7 @@ def test_c_a_launch_leaves_a_young_lingering_mount_and_deletes_leftover_files(
     _run(mesobox, user, images[0], runtime, "30")  # a directory image
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # still lingering
     assert not (mnt / "0-0-0-0.refs").exists() and not (mnt / "1-1-1-1.idle").exists()
-    _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
+    wait_until(lambda: _idle(runtime), "the watcher stamps the mount idle")
     assert len(squashfs_watchers(runtime)) == 1
 
 
@@ -186,17 +210,16 @@ def test_c_a_launch_leaves_a_watched_mount_to_its_watcher(
     """A stamp older than the linger alone does not let a launch reap the mount while
     the key's watcher lives (here: stopped): the watcher decides, once it runs again."""
     _run(mesobox, user, images[1], runtime, "30")
-    _eventually(lambda: _idle(runtime), 1.5, "the watcher stamps the mount idle")
+    wait_until(lambda: _idle(runtime), "the watcher stamps the mount idle")
     [watcher] = squashfs_watchers(runtime)
     os.kill(watcher, signal.SIGSTOP)
     try:
-        stamp = runtime / "mnt" / _names(runtime, ".idle")[0]
-        os.utime(stamp, (time.time() - 3600, time.time() - 3600))  # idle for an hour
+        _age_the_stamp(runtime, 3600)  # idle for an hour
         _run(mesobox, user, images[0], runtime, "30")  # a directory image: reap_stale runs
         assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
     finally:
         os.kill(watcher, signal.SIGCONT)
-    _wait_gone(user, runtime, timeout=3)  # resumed, it finds the stamp old and unmounts
+    _wait_gone(user, runtime)  # resumed, it finds the stamp old and unmounts
 
 
 @pytest.mark.root
@@ -215,7 +238,7 @@ def test_d_the_epilog_reaps_a_lingering_mount_at_once(
     assert squashfuse_state(user.uid, str(runtime)) == (0, 0)
     assert _names(runtime, ".idle") == []
     # The watcher finds the mount gone and leaves, leaving nothing behind.
-    _eventually(lambda: squashfs_watchers(runtime) == [], 2, "the watcher exits")
+    wait_until(lambda: squashfs_watchers(runtime) == [], "the watcher exits")
     assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
     assert not [p for p in (runtime / "mnt").iterdir() if p.is_dir()]
 
@@ -267,7 +290,7 @@ def test_concurrent_launches_leave_one_watcher_and_nothing_after(
         assert all(p.returncode == 0 for p in procs), errors
         assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
         assert len(squashfs_watchers(runtime)) == 1
-    _wait_gone(user, runtime, timeout=1 + 10)
+    _wait_gone(user, runtime)  # a linger (1 s) after the last round
     assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
 
 
@@ -296,7 +319,7 @@ def test_f_with_the_default_linger_mesobox_is_the_workload(
             proc.kill()
             proc.wait()
     assert (proc.returncode, out) == (7, b"got-term\n"), err.decode()[-500:]
-    _eventually(lambda: _idle(runtime), 1.5, "the watcher drops the ref of the ended workload")
+    wait_until(lambda: _idle(runtime), "the watcher drops the ref of the ended workload")
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # lingering for the next run
 
 
@@ -306,20 +329,22 @@ def test_g_a_killed_containers_mount_goes_a_linger_later(
     mesobox: Mesobox, user: User, images: tuple[Path, Path], runtime: Path
 ) -> None:
     """SIGKILL the workload (which is the launcher: nothing runs a release): the
-    watcher notices within a second, and the mount goes once it has lingered."""
+    watcher notices, and the mount goes once it has lingered, not before."""
     argv, env = mesobox_argv(mesobox, user, ["exec", str(images[1]), "sh", "-c", "echo $$; exec sleep 60"],
-                             env={"MESOBOX_RUNTIME_DIR": str(runtime), LINGER_VAR: "2"})
+                             env={"MESOBOX_RUNTIME_DIR": str(runtime), LINGER_VAR: "600"})
     proc = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stdout.readline() == f"{proc.pid}\n".encode()
     assert _names(runtime, ".refs") and not _names(runtime, ".idle")
     proc.kill()
     proc.communicate(timeout=10)
-    killed = time.monotonic()
-    _eventually(lambda: _idle(runtime), 1.0, "the watcher notices the killed container")
+    wait_until(lambda: _idle(runtime), "the watcher notices the killed container")
     assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # lingering, not dropped
-    _wait_gone(user, runtime, timeout=2 + 3)
-    assert time.monotonic() - killed >= 2.0  # not before the linger was over
+    [watcher] = squashfs_watchers(runtime)
+    _looks_again(watcher)
+    assert squashfuse_state(user.uid, str(runtime)) == (1, 1)  # not before the linger is over
+    _age_the_stamp(runtime, 601)
+    _wait_gone(user, runtime)
     assert _names(runtime, ".idle") == [] and _names(runtime, ".refs") == []
 
 
@@ -333,16 +358,18 @@ def test_h_a_ref_with_a_recycled_pid_counts_as_dead(
     other = subprocess.Popen(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
                               "sleep", "60"])
     try:
-        _run(mesobox, user, images[1], runtime, "1")
+        _run(mesobox, user, images[1], runtime, "600")
         key = _names(runtime, ".lock")[0][: -len(".lock")]
         start = _start_time(other.pid)
         _set_refs(runtime, key, user, f"{other.pid}:{start}\n")  # as an acquire by `other` would
-        time.sleep(1 + 1)  # past the linger: the mount stays, its user lives
+        [watcher] = squashfs_watchers(runtime)
+        _looks_again(watcher)  # it has seen the live ref: the mount stays, its user lives
         assert squashfuse_state(user.uid, str(runtime)) == (1, 1)
         assert _names(runtime, ".refs") == [key + ".refs"] and _names(runtime, ".idle") == []
         _set_refs(runtime, key, user, f"{other.pid}:{int(start) + 1}\n")  # same pid, another process
-        _eventually(lambda: _idle(runtime), 1.0, "the watcher drops the recycled pid's ref")
-        _wait_gone(user, runtime, timeout=1 + 3)
+        wait_until(lambda: _idle(runtime), "the watcher drops the recycled pid's ref")
+        _age_the_stamp(runtime, 601)
+        _wait_gone(user, runtime)
         assert other.poll() is None  # the mount went while that pid still ran
     finally:
         other.kill()
@@ -372,7 +399,7 @@ def test_alive_compares_pid_and_start_time() -> None:
     assert _alive(str(me))  # a bare pid (an older mesobox's ref): alive while it runs
     zombie = subprocess.Popen(["true"])
     try:
-        _eventually(lambda: not _live(str(zombie.pid)), 5, "the child exits")
+        wait_until(lambda: not _live(str(zombie.pid)), "the child exits")
         assert not _alive(f"{zombie.pid}:{_start_time(zombie.pid)}")  # not reaped yet: a zombie
     finally:
         zombie.wait()
