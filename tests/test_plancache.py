@@ -389,7 +389,9 @@ def test_a_launch_that_pulls_saves_no_plan_the_next_one_does(
 ) -> None:
     """What a registry sent is no question a launch can ask again (probe.py's rule for
     connections); the pulled image is, from the next launch on."""
-    layout = make_oci_image(world_tmp / "oci", "v1", [make_busybox_rootfs], ["--config.env=FROM=image"])
+    # Files an hour old, as an image's are: one built this second would keep the
+    # next launch from saving for 2 s (probe.settled), whatever the pull did.
+    layout = make_oci_image(world_tmp / "oci", "v1", [_image_built_an_hour_ago], ["--config.env=FROM=image"])
     ref = "docker://" + registry.push_oci(layout, "v1", "mb/plancache")
     args = (ref, "sh", "-c", "echo $FROM; cat /etc/passwd")
     env = {"MESOBOX_DEFAULT_FORMAT": "dir"}  # no mksquashfs: only the connection tells
