@@ -53,3 +53,14 @@ def test_oci_run_state_kill_delete(
     assert mesobox("oci", "delete", "c1", as_user=user, env=env).returncode == 0
     gone = mesobox("oci", "state", "c1", as_user=user, env=env)
     assert gone.returncode == 2 and b"does not exist" in gone.stderr
+
+
+@pytest.mark.parametrize("argv", [["state", "c9"], ["kill", "c9", "SIGTERM"], ["delete", "--force", "c9"]])
+def test_a_query_never_makes_the_runtime_dir(mesobox: Mesobox, world_tmp: Path, argv: list[str]) -> None:
+    """slurmstepd runs oci.conf's query, kill and delete as root too, with a clean
+    environment: where no container was made, they answer without creating a runtime
+    dir (root's would be /tmp/mesobox-0)."""
+    runtime = world_tmp / "never-made"
+    proc = mesobox("oci", *argv, env={"MESOBOX_RUNTIME_DIR": str(runtime)})
+    assert proc.returncode != 0 and b"does not exist" in proc.stderr, proc.stderr
+    assert not runtime.exists()

@@ -146,10 +146,21 @@ class StateDir:
 
     def __init__(self, config: Config, container_id: str) -> None:
         self.id = check_id(container_id)
-        self.top = paths.runtime_dir(config.runtime_dir_str)  # private, or refused
+        self.top = config.runtime_dir_str
         self.path = Path(self.top) / "oci" / self.id
 
+    def _trusted(self, make: bool) -> bool:
+        """The runtime dir, checked private (paths.runtime_dir) and made only when
+        ``make``: a query, kill or delete never creates it (slurmstepd runs them as root
+        too, where no container of root's ever was); False when it does not exist."""
+        if not make and not os.path.lexists(self.top):
+            return False
+        paths.runtime_dir(self.top)  # private, or refused
+        return True
+
     def read(self) -> dict[str, Any]:
+        if not self._trusted(make=False):
+            raise UsageError(f"container {self.id!r} does not exist")
         try:
             state: dict[str, Any] = json.loads((self.path / "state.json").read_text())
         except FileNotFoundError:
@@ -160,13 +171,15 @@ class StateDir:
         return state
 
     def write(self, bundle: Path, status: str, pid: int) -> None:
+        self._trusted(make=True)
         paths.private_subdir(self.top, "oci", self.id)
         state = {"ociVersion": OCI_VERSION, "id": self.id, "status": status, "pid": pid,
                  "bundle": str(bundle.resolve()), "annotations": {}}
         write_atomic(self.path / "state.json", (json.dumps(state) + "\n").encode(), mode=0o644)
 
     def exists(self) -> bool:
-        return (self.path / "state.json").exists()
+        return self._trusted(make=False) and (self.path / "state.json").exists()
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self._trusted(make=False):
+            shutil.rmtree(self.path, ignore_errors=True)
