@@ -153,7 +153,7 @@ class Audit:
             or _under(path, str(self.runtime))
             # the runtime dir's trust check (paths.runtime_dir) climbs its ancestors as ".."
             # from a dirfd and reads the overflow uid; every launch checks again
-            # (reaping.reap_stale_mounts)
+            # (execute.reap_stale_mounts)
             or path in ("..", "/proc/sys/kernel/overflowuid")
             # this process's own state (uid_map, mountinfo, a reopened fd); /dev/null
             or path.startswith(("/proc/self/", "/proc/thread-self/", f"/proc/{pid}/")) or path == "/dev/null"

@@ -284,7 +284,7 @@ def test_32_concurrent_lingering_squashfs_launches_share_one_mount_and_one_watch
     assert all(p.returncode == 0 for p in procs), errors
     wait_until(lambda: squashfuse_state(user.uid, str(runtime)) == (0, 0) and not squashfs_watchers(runtime),
                "a linger after the last exit, the mount and its watcher go")
-    # flock files and the stamp of the last look for stale mounts (launch/reaping.py, ``.reaped``) stay
+    # flock files and the stamp of the last look for stale mounts (execute.reap_stale_mounts, ``.reaped``) stay
     assert not [p for p in (runtime / "mnt").iterdir() if not p.name.endswith((".lock", ".watcher", ".reaped"))]
 
 

@@ -150,7 +150,7 @@ def test_run_import_cost_stays_small() -> None:
     """The hot path imports no argparse, json, dataclasses or HTTP code."""
     code = ("import sys; import mesobox.cli.run, mesobox.launch.launcher, mesobox.launch.specbuild, "
             "mesobox.launch.mountplan, mesobox.launch.mountops, mesobox.launch.identity, mesobox.launch.environ, "
-            "mesobox.launch.program, mesobox.launch.signals, mesobox.launch.beneath, "
+            "mesobox.launch.program, mesobox.launch.signals, "
             "mesobox.oci.spec, "
             "mesobox.launch.plancache, mesobox.launch.probe, mesobox.launch.execute; "
             "bad = [m for m in ('argparse', 'json', 'dataclasses', 'http.client', 'urllib.request', 'typing', "

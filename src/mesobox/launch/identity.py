@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 
 from mesobox.errors import LaunchError
-from mesobox.launch.beneath import write_file
+from mesobox.launch.syscalls import write_file
 from mesobox.oci.spec import IdMap
 
 TYPE_CHECKING = False

@@ -41,7 +41,7 @@ import sys
 
 from mesobox import paths
 from mesobox.errors import LaunchError
-from mesobox.launch import beneath, execute, reaping
+from mesobox.launch import execute
 from mesobox.launch import syscalls as sc
 from mesobox.launch.forwarding import block_signals, exit_status, wait_forwarding
 from mesobox.oci.spec import Resources, Spec
@@ -64,7 +64,7 @@ def launch(spec: Spec, config: Config) -> int:
     image_dir = spec.root.path
     # Mounts, workspace and caches go below it: refused unless it is ours alone.
     paths.runtime_dir(config.runtime_dir_str)
-    reaping.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
+    execute.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
     if spec.mesobox.root_format == "squashfs":
         from mesobox.launch import squashmount
 
@@ -192,9 +192,9 @@ def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int
 def _write_child_maps(program: Program, pid: int) -> None:
     try:
         if os.getuid() != 0:
-            beneath.write_file(f"/proc/{pid}/setgroups", "deny")
-        beneath.write_file(f"/proc/{pid}/uid_map", program["uid_map"])
-        beneath.write_file(f"/proc/{pid}/gid_map", program["gid_map"])
+            sc.write_file(f"/proc/{pid}/setgroups", "deny")
+        sc.write_file(f"/proc/{pid}/uid_map", program["uid_map"])
+        sc.write_file(f"/proc/{pid}/gid_map", program["gid_map"])
     except OSError as err:
         raise LaunchError(f"cannot write the container's id maps: {err.strerror}") from None
 

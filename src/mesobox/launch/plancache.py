@@ -110,13 +110,13 @@ def save(program: Program, config: Config) -> None:
 def _run(saved: dict[str, Any]) -> None:
     """Execute a saved program (never returns), or return when its squashfs mount
     cannot be had as when it was saved: watched, at the same place."""
-    from mesobox.launch import environ, execute, reaping
+    from mesobox.launch import environ, execute
 
     program: Program = saved["program"]  # a fresh dict: paths.load_cached unmarshalled it
     program["env"] = environ.compose(dict(os.environ), saved["environment"])
     environ.check(program["env"])
     execute.check_ids()  # never setuid: real == effective == saved
-    reaping.reap_stale_mounts(saved["runtime_dir"], saved["linger"])
+    execute.reap_stale_mounts(saved["runtime_dir"], saved["linger"])
     if program["squashfs"] is not None:
         from mesobox.launch import squashmount
 

@@ -256,18 +256,18 @@ def config_files() -> tuple[Any, ...]:
 
 def unchanged(entries: list[Entry]) -> bool:
     """Whether every recorded question gets the same answer now."""
-    from mesobox.launch import beneath
+    from mesobox.launch import syscalls as sc
 
     try:
         for question, args, answer in entries:
             if question.startswith("image_"):
-                beneath.hold_root(args[0])  # one open(2) of the image for all its questions
+                sc.hold_root(args[0])  # one open(2) of the image for all its questions
             if _ASK[question](*args) != answer:
                 return False
     except Exception:  # a question that fails now (an env file gone…): compile again
         return False
     finally:
-        beneath.release_roots()
+        sc.release_roots()
     return True
 
 
@@ -275,7 +275,7 @@ def unchanged(entries: list[Entry]) -> bool:
 
 
 def _image_exists(root: str, rel: str) -> bool:
-    from mesobox.launch.beneath import open_beneath
+    from mesobox.launch.syscalls import open_beneath
 
     try:
         os.close(open_beneath(root, rel))
@@ -309,7 +309,7 @@ def _refused(err: Exception) -> bool:
 
 def _image_text(root: str, rel: str, limit: int = 1 << 20) -> tuple[str, tuple[int, ...] | None]:
     """(text, identity) of a regular file beneath root; ("", None) for anything else."""
-    from mesobox.launch.beneath import open_beneath
+    from mesobox.launch.syscalls import open_beneath
 
     try:
         fd = open_beneath(root, rel)
@@ -333,7 +333,7 @@ def _image_text(root: str, rel: str, limit: int = 1 << 20) -> tuple[str, tuple[i
 
 
 def _image_file(root: str, rel: str) -> tuple[int, ...] | None:
-    from mesobox.launch.beneath import open_beneath
+    from mesobox.launch.syscalls import open_beneath
 
     try:
         fd = open_beneath(root, rel)

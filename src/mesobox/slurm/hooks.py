@@ -207,7 +207,7 @@ def _stage(text: str, limit: int) -> int:
 
 def stale_mounts(runtime_root: str, mountinfo: str) -> list[str]:
     """FUSE mount points below ``runtime_root`` (proc(5) /proc/self/mountinfo)."""
-    from mesobox.launch.beneath import mountinfo_path
+    from mesobox.launch.syscalls import mountinfo_path
 
     found: list[str] = []
     prefix = runtime_root.rstrip("/") + "/"
