@@ -159,3 +159,82 @@ def test_run_import_cost_stays_small() -> None:
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); {code}"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out
+
+
+def _shm_spec(tmp_path: os.PathLike[str], **options: object) -> Spec:
+    from mesobox.config import Config
+    from mesobox.launch.specbuild import make_spec, path_image
+
+    image = os.path.join(tmp_path, "rootfs")
+    os.makedirs(image, exist_ok=True)
+    opts = RunOptions(mode="exec", image=image, args=("true",), host_root=os.getuid() == 0, **options)
+    return make_spec(opts, Config(), path_image(image))
+
+
+def _shm_mounts(spec: Spec) -> list[tuple[str, str]]:
+    return [(m.type, m.source) for m in spec.mounts if m.destination == "/dev/shm"]
+
+
+def test_dev_shm_is_the_hosts_by_default_with_mpi_defaults(tmp_path: os.PathLike[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks of a node (one container each) share the host's /dev/shm, and MPI is told not to
+    use CMA across their user namespaces; --contain keeps a private tmpfs and sets nothing."""
+    from mesobox.launch.specbuild import MPI_SHM_DEFAULTS
+
+    for key, _value in MPI_SHM_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    wanted = {f"{key}={value}" for key, value in MPI_SHM_DEFAULTS}
+    spec = _shm_spec(tmp_path)
+    assert _shm_mounts(spec) == [("bind", os.path.realpath("/dev/shm"))]
+    shm = next(m for m in spec.mounts if m.destination == "/dev/shm")
+    assert {"nosuid", "nodev"} <= set(shm.options)
+    assert wanted <= set(spec.process.env)
+    assert wanted <= set(_shm_spec(tmp_path, cleanenv=True).process.env)
+
+    contained = _shm_spec(tmp_path, contain=True)
+    assert _shm_mounts(contained) == [("tmpfs", "shm")]
+    assert not {e for e in contained.process.env if e.split("=", 1)[0] in dict(MPI_SHM_DEFAULTS)}
+    # --contain with an explicit bind (what `mesobox srun` tasks add): shared, so the defaults.
+    bound = _shm_spec(tmp_path, contain=True, binds=("/dev/shm",))
+    assert _shm_mounts(bound) == [("tmpfs", "shm"), ("bind", os.path.realpath("/dev/shm"))]
+    assert wanted <= set(bound.process.env)
+    # Without --contain a -B of /dev/shm is the only mount there (no second bind).
+    assert _shm_mounts(_shm_spec(tmp_path, binds=("/dev/shm",))) == [("tmpfs", "shm"),
+                                                                      ("bind", os.path.realpath("/dev/shm"))]
+
+
+def test_mpi_defaults_never_override_the_users_values(tmp_path: os.PathLike[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesobox.launch.specbuild import MPI_SHM_DEFAULTS
+
+    for key, _value in MPI_SHM_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMPI_MCA_smsc", "xpmem")  # the host's value, passed through
+    env_file = os.path.join(tmp_path, "env")
+    with open(env_file, "w") as f:
+        f.write("MPIR_CVAR_CH4_CMA_ENABLE=1\n")
+    spec = _shm_spec(tmp_path, env=("OMPI_MCA_btl_vader_single_copy_mechanism=cma",), env_files=(env_file,))
+    env = dict(e.split("=", 1) for e in spec.process.env)
+    assert env["OMPI_MCA_smsc"] == "xpmem"
+    assert env["MPIR_CVAR_CH4_CMA_ENABLE"] == "1"
+    assert env["OMPI_MCA_btl_vader_single_copy_mechanism"] == "cma"
+    # --cleanenv drops the host's value: then the default applies.
+    clean = dict(e.split("=", 1) for e in _shm_spec(tmp_path, cleanenv=True).process.env)
+    assert clean["OMPI_MCA_smsc"] == "^cma"
+
+
+def test_parse_device() -> None:
+    """Docker's --device HOST[:CONTAINER][:PERMS]; PERMS must allow what a bind can give."""
+    from mesobox.launch.specbuild import parse_device
+
+    assert parse_device("/dev/x") == ("/dev/x", "/dev/x")
+    assert parse_device("/dev/x:/dev/y") == ("/dev/x", "/dev/y")
+    assert parse_device("/dev/x:rw") == ("/dev/x", "/dev/x")  # HOST:PERMS, as in Docker
+    assert parse_device("/dev/x:/dev/y:mwr") == ("/dev/x", "/dev/y")
+    assert parse_device("/dev/x::rwm") == ("/dev/x", "/dev/x")
+    assert parse_device("/dev/x:/a//b/") == ("/dev/x", "/a/b")
+    for bad in ("", ":/dev/y", "/dev/x:dev/y", "/dev/x:/", "/dev/x:/a/../b", "/dev/x:/dev/y:r", "/dev/x:/dev/y:w",
+                "/dev/x:/dev/y:rwx", "/dev/x:/dev/y:rrw", "/dev/x:/dev/y:", "/dev/x:/dev/y:rw:z"):
+        with pytest.raises(UsageError):
+            parse_device(bad)
+    assert parse("exec", ["--device", "/dev/a", "--device=/dev/b:/c", "I", "cmd"])["devices"] == ("/dev/a", "/dev/b:/c")

@@ -130,6 +130,8 @@ SECONDS = "a number with an optional unit: 30s, 10m, 2h, 1d"
 RUN_OPTIONS = (
     Option("-B --bind", LIST, "bind a host path (repeatable, comma lists ok; always nosuid,nodev)",
            "SRC[:DST[:ro|rw]]", field="binds"),
+    Option("--device", LIST, "bind a host character or block device (repeatable; nosuid, not nodev; PERMS: rw or "
+           "rwm, m ignored)", "HOST[:CTR][:PERMS]", field="devices"),
     Option("-c --contain", FLAG, "no default binds ($HOME, working directory, /tmp, site binds)", field="contain"),
     Option("-e --env", LIST, "set a variable (K alone copies the host's); repeatable", "K=V|K", field="env"),
     Option("--env-file", LIST, "KEY=VALUE lines; repeatable", "FILE", field="env_files"),

@@ -32,6 +32,8 @@ DEV_LINKS = (("dev/ptmx", "pts/ptmx"), ("dev/fd", "/proc/self/fd"), ("dev/stdin"
 
 
 def _flags(options: tuple[str, ...]) -> int:
+    """The mount flags the spec's options name, and no others: nodev is not implied (a
+    --device bind has none; every -B bind names it, specbuild.bind_mounts)."""
     return sum(_FLAG_OPTIONS.get(o, 0) for o in set(options))
 
 

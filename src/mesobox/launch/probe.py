@@ -145,6 +145,12 @@ def exists(path: str) -> bool:
     return _note("exists", (path,), os.path.exists(path))
 
 
+def node_type(path: str) -> str:
+    """What ``path`` is, symlinks followed: "c", "b" (character, block device), "d", "f",
+    "other" (a FIFO, a socket), or "" when stat(2) fails."""
+    return _note("node_type", (path,), _node_type(path))
+
+
 def lexists(path: str) -> bool:
     return _note("lexists", (path,), os.path.lexists(path))
 
@@ -272,6 +278,14 @@ def unchanged(entries: list[Entry]) -> bool:
 
 
 # --- answers ----------------------------------------------------------------------------
+
+
+def _node_type(path: str) -> str:
+    try:
+        fmt = os.stat(path).st_mode & 0o170000
+    except OSError:
+        return ""
+    return {0o020000: "c", 0o060000: "b", 0o040000: "d", 0o100000: "f"}.get(fmt, "other")
 
 
 def _image_exists(root: str, rel: str) -> bool:
@@ -430,5 +444,5 @@ _ASK: dict[str, Callable[..., Any]] = {
     "realpath": os.path.realpath, "abspath": os.path.abspath, "getcwd": getcwd,
     "environ": os.environ.get, "file_identity": _file_identity, "image_exists": _image_exists,
     "image_file": _image_file, "host_names": _host_names, "env_file": env_file,
-    "stat_error": _stat_error, "access": os.access,
+    "stat_error": _stat_error, "access": os.access, "node_type": _node_type,
 }

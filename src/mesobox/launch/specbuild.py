@@ -16,6 +16,10 @@ Invariants:
   left out with a warning (/tmp is then a private tmpfs).  A working directory the
   caller cannot reach (a checkout under /root, say) is not bound either: the
   container starts in $HOME, or /, with a warning, as Apptainer's does.
+- /dev/shm is the host's (unless ``--contain``: a private tmpfs), as Apptainer's is:
+  the ranks of a node, one container each, must see each other's MPI segments.  Each
+  rank has its own user namespace, so the MPI libraries are told not to use CMA
+  single-copy between them (MPI_SHM_DEFAULTS), unless the user set those variables.
 - Image names: a path-shaped name (/…, ./…, ../…, *.sqfs, *.squashfs, or one that is
   not a valid reference) is a directory or squashfs file; every other name is an image
   reference, never a path: a directory planted in a shared working directory under a
@@ -38,6 +42,19 @@ if TYPE_CHECKING:
 
     from mesobox.config import Config
 
+HOST_SHM_OPTIONS = ("rbind", "nosuid", "nodev", "rw")  # the host's /dev/shm: those of a -B bind
+PRIVATE_SHM = S.Mount(destination="/dev/shm", type="tmpfs", source="shm", options=("nosuid", "nodev", "mode=1777"))
+# With the host's /dev/shm, ranks of a node find each other's segments and use shared
+# memory; but each is in its own user namespace, where process_vm_readv(2) on a peer is
+# refused (ptrace_may_access: same ids, other namespace), and a library that picks CMA
+# single-copy for large messages then fails or hangs.  These make it copy through the
+# shared segments instead.  Lowest precedence: the host's value, the image's, an
+# --env-file or -e one wins.
+MPI_SHM_DEFAULTS = (
+    ("OMPI_MCA_btl_vader_single_copy_mechanism", "none"),  # Open MPI 3-4: the vader BTL
+    ("OMPI_MCA_smsc", "^cma"),  # Open MPI 5: its single-copy framework, without CMA
+    ("MPIR_CVAR_CH4_CMA_ENABLE", "0"),  # MPICH >= 4.3: CH4's CMA IPC
+)
 PRIVATE_TMP = S.Mount(destination="/tmp", type="tmpfs", source="tmpfs", options=("nosuid", "nodev", "mode=1777"))
 NO_CAPABILITIES: dict[str, tuple[str, ...]] = {"bounding": (), "effective": (), "permitted": ()}
 # Working directories never bound over the image: the image's own software lives there.
@@ -57,6 +74,7 @@ class RunOptions(Record):
         "contain",
         "cpus",
         "cpuset_cpus",
+        "devices",
         "entrypoint",
         "env",
         "env_files",
@@ -86,12 +104,13 @@ class RunOptions(Record):
                  "pid": False, "ipc": False, "uts": False, "hostname": None, "net": None, "memory": None,
                  "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": (),
                  "host_root": False, "cpuset_cpus": None, "io_read_bps": (), "io_write_bps": (),
-                 "io_read_iops": (), "io_write_iops": (), "publish": ()}
+                 "io_read_iops": (), "io_write_iops": (), "publish": (), "devices": ()}
     mode: str
     image: str
     args: tuple[str, ...]
     entrypoint: str | None
     binds: tuple[str, ...]
+    devices: tuple[str, ...]  # --device HOST[:CONTAINER][:PERMS]
     contain: bool
     cleanenv: bool
     env: tuple[str, ...]
@@ -297,6 +316,70 @@ def allowed_source(real: str, allowed: tuple[str, ...]) -> bool:
     return not allowed or any(under(real, probe.realpath(a)) for a in allowed)
 
 
+# --- devices ------------------------------------------------------------------------------
+
+DEVICE_HINT = "use --device HOST[:CONTAINER][:PERMS], PERMS rw or rwm"
+
+
+def parse_device(text: str) -> tuple[str, str]:
+    """``HOST[:CONTAINER][:PERMS]`` (Docker's --device) → (host path, container path).
+
+    An ordinary user cannot mknod, so a device is bound, as rootless podman does; what
+    PERMS can mean for a bind decides what is accepted.  ``m`` (mknod) is accepted and
+    ignored: mknod is never allowed inside (the kernel refuses it in a user namespace),
+    so it grants nothing, and Docker's default is ``rwm``.  Without ``r`` or ``w`` the
+    option is refused: a read-only bind does not stop a device node being opened for
+    writing (a device is not written through its filesystem), so ``r`` alone would
+    promise what nothing enforces; the node's own permissions decide."""
+    parts = text.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise UsageError(f"bad --device {text!r}", hint=DEVICE_HINT)
+    src, dst, perms = parts[0], "", "rwm"
+    if len(parts) == 3:
+        dst, perms = parts[1], parts[2]
+    elif len(parts) == 2 and _device_perms(parts[1]):  # Docker's rule: HOST:PERMS
+        perms = parts[1]
+    elif len(parts) == 2:
+        dst = parts[1]
+    dst = dst or src
+    if not _device_perms(perms):
+        raise UsageError(f"bad --device permissions {perms!r} in {text!r}", hint="PERMS is made of r, w and m")
+    if "r" not in perms or "w" not in perms:
+        raise UsageError(f"--device {text}: a bound device cannot be limited to {perms!r}",
+                         hint="a bind cannot narrow access to a device node (its own permissions decide): "
+                              "use rw or rwm")
+    if not os.path.isabs(dst) or ".." in dst.split("/") or os.path.normpath(dst) == "/":
+        raise UsageError(f"bad --device container path {dst!r}", hint="use an absolute path without '..'")
+    return src, os.path.normpath(dst)
+
+
+def _device_perms(text: str) -> bool:
+    return 0 < len(text) <= 3 and len(set(text)) == len(text) and set(text) <= set("rwm")
+
+
+def device_mount(text: str, allowed: tuple[str, ...]) -> S.Mount:
+    """A bind of the device ``--device text`` names: nosuid but not nodev (a ``-B`` bind is
+    nodev, so a device bound that way cannot be opened).  Leaving nodev off adds no
+    privilege: the node's permissions and the device cgroup still decide, and a source
+    on a nodev host mount keeps that flag (it is locked in a user namespace)."""
+    src, dst = parse_device(text)
+    error = probe.stat_error(src)
+    if error in ("ENOENT", "ENOTDIR"):
+        raise UsageError(f"--device {src} does not exist")
+    if error is not None:
+        raise UsageError(f"--device {src} cannot be reached ({error})")
+    real = probe.realpath(src)  # a symlink (/dev/disk/by-id/…) names its device, as in Docker
+    kind = probe.node_type(real)
+    if kind not in ("c", "b"):
+        what = {"d": "a directory", "f": "a regular file"}.get(kind, "neither a file nor a directory")
+        raise UsageError(f"--device {src} is {what}, not a character or block device",
+                         hint="bind files and directories with -B" if kind in ("d", "f") else None)
+    if not allowed_source(real, allowed):
+        raise PolicyError(f"--device {src} is outside the allowed bind sources",
+                          hint="the site allows: " + ", ".join(allowed))
+    return S.Mount(destination=dst, type="bind", source=real, options=("bind", "nosuid"))
+
+
 def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[S.Mount, ...]:
     allowed = tuple(config.allowed_bind_sources)
     binds: list[tuple[str, str, bool]] = []
@@ -311,6 +394,7 @@ def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[
         real = check_source(src, allowed)
         options = ("rbind", "nosuid", "nodev", "ro" if ro else "rw")
         mounts.append(S.Mount(destination=dst, type="bind", source=real, options=options))
+    mounts += [device_mount(text, allowed) for text in opts.devices]
     if not opts.contain and not any(dst == "/tmp" for _src, dst, _ro in binds):
         mounts.append(PRIVATE_TMP)  # the image's /tmp is read-only: a private one instead
     return tuple(mounts)
@@ -351,8 +435,7 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
         mounts.append(S.Mount(destination=f"/dev/{node}", type="bind", source=f"/dev/{node}", options=("bind",)))
     mounts.append(S.Mount(destination="/dev/pts", type="devpts", source="devpts",
                           options=("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=620")))
-    mounts.append(S.Mount(destination="/dev/shm", type="tmpfs", source="shm",
-                          options=("nosuid", "nodev", "mode=1777")))
+    mounts.append(_shm(opts))
     if opts.contain:
         mounts.append(PRIVATE_TMP)
     for name in ("/etc/hosts", "/etc/resolv.conf"):
@@ -360,6 +443,30 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
             mounts.append(S.Mount(destination=name, type="bind", source=probe.realpath(name),
                                   options=("bind", "nosuid", "nodev", "ro")))
     return tuple(mounts)
+
+
+def _shm(opts: RunOptions) -> S.Mount:
+    """The host's /dev/shm, or a private tmpfs with --contain (or where the host has none,
+    or a -B bind covers it anyway: ``mesobox srun`` tasks bind it themselves)."""
+    if opts.contain or not probe.isdir("/dev/shm") or _binds_shm(opts.binds):
+        return PRIVATE_SHM
+    return S.Mount(destination="/dev/shm", type="bind", source=probe.realpath("/dev/shm"), options=HOST_SHM_OPTIONS)
+
+
+def _binds_shm(binds: tuple[str, ...]) -> bool:
+    return any(dst.rstrip("/") == "/dev/shm" for text in binds for _src, dst, _ro in parse_bind(text))
+
+
+def mpi_defaults(mounts: tuple[S.Mount, ...], cleanenv: bool) -> tuple[str, ...]:
+    """MPI_SHM_DEFAULTS as image-Env-like entries, when the container's /dev/shm is a
+    bind of the host's (the last mount there wins: ``-B /dev/shm`` with --contain too),
+    less those the host environment already sets and passes through.  probe.environ:
+    a saved program is used only while the host's answer stays the same."""
+    shm = [m for m in mounts if m.destination.rstrip("/") == "/dev/shm"]
+    if not shm or shm[-1].type != "bind":
+        return ()
+    return tuple(f"{key}={value}" for key, value in MPI_SHM_DEFAULTS
+                 if cleanenv or probe.environ(key) is None)
 
 
 # --- the spec ---------------------------------------------------------------------------------
@@ -504,7 +611,9 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home)
     # The recipe, not the values: a saved program merges this launch's environment anew.
     file_pairs = tuple(pair for path in opts.env_files for pair in probe.env_file(path))
-    recipe = (tuple(image.config.get("Env") or ()), opts.cleanenv, file_pairs, tuple(opts.env), home)
+    # MPI defaults go first among the image's Env: the image, --env-file and -e override them.
+    image_env = mpi_defaults(mounts, opts.cleanenv) + tuple(image.config.get("Env") or ())
+    recipe = (image_env, opts.cleanenv, file_pairs, tuple(opts.env), home)
     probe.note_environment(recipe)
     env = environ.compose(dict(os.environ), recipe)
     settings = _settings(opts, subids).replace(

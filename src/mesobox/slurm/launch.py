@@ -118,7 +118,10 @@ def task_setup(argv: list[str], env: MutableMapping[str, str]) -> list[str]:
     # The host's /dev/shm, shared by all tasks of the node: MPI (Open MPI's vader, MPICH's
     # nemesis), NCCL and UCX put their intra-node segments there; with one private
     # /dev/shm per container, ranks cannot attach each other's segments (measured:
-    # Open MPI warns "open(2) failed" and falls back to TCP, ~2x slower).
+    # Open MPI warns "open(2) failed" and falls back to TCP, ~2x slower).  `mesobox
+    # exec` shares it by default now (specbuild, with the MPI defaults); the explicit
+    # bind stays so that a task run with --contain shares it too (specbuild then mounts
+    # no second one).
     extra: list[str] = ["--bind", "/dev/shm"] if os.path.isdir("/dev/shm") else []
     for var in PMIX_DIR_VARS:
         value = env.get(var)
