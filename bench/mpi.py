@@ -11,6 +11,14 @@ between the two nodes and an allreduce, one rank per node (2 ranks).  Prints the
 each metric, the container/bare ratio of the medians and of the best runs; the
 target is within 3 %.
 Run as any user who may submit jobs, after scripts/slurm-cluster.sh start.
+
+    python bench/mpi.py --intranode [--image DIR] [--repeats N]
+
+Two ranks on one node, every way ranks start, all with default settings (no MPI
+variable set by hand): bare ``mpirun -np 2``, ``mpirun -np 2 mesobox exec``, and, when
+Slurm answers, ``srun -N1 -n2 mesobox exec`` and ``mesobox srun -N1 -n2``.  Targets:
+latency ≤ 1.1x bare, bandwidth ≥ 0.95x bare.  Run it as an ordinary user (mpirun
+refuses root).
 """
 
 from __future__ import annotations
@@ -49,12 +57,46 @@ def metrics(out: str) -> dict[str, float]:
     return found
 
 
+def intranode(args: argparse.Namespace) -> None:
+    """Two ranks on one node, each way of starting them, alternating round by round."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", str(ROOT / "src"))
+    mesobox = [args.python, "-m", "mesobox"]
+    prog = ["/opt/mpi/pingpong", "200"]
+    rootfs, sqfs = str(args.image / "rootfs"), str(args.image / "mpi.sqfs")
+    sides = {
+        "bare mpirun": ["mpirun", "-np", "2", rootfs + prog[0], *prog[1:]],
+        "mpirun + mesobox exec": ["mpirun", "-np", "2", *mesobox, "exec", rootfs, *prog],
+    }
+    if subprocess.run(["sinfo", "-h"], capture_output=True, check=False).returncode == 0:
+        sides["srun + mesobox exec"] = ["srun", "--mpi=pmix", "-N1", "-n2", *mesobox, "exec", sqfs, *prog]
+        sides["mesobox srun"] = [*mesobox, "srun", "--image", sqfs, "--mpi=pmix", "-N1", "-n2", "--", *prog]
+    samples: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    for _ in range(args.repeats):
+        for side, argv in sides.items():
+            for key, value in metrics(run(argv, env)).items():
+                samples[side].setdefault(key, []).append(value)
+    keys = [k for k in samples["bare mpirun"] if not k.startswith("bandwidth 4096")]
+    print(f"{'two ranks, one node':<24} " + " ".join(f"{k:>26}" for k in keys) + f"   ({args.repeats} rounds)")
+    for side in sides:
+        cells = []
+        for key in keys:
+            mine, bare = statistics.median(samples[side][key]), statistics.median(samples["bare mpirun"][key])
+            cells.append(f"{mine:>14.2f} ({mine / bare:>5.2f}x)")
+        print(f"{side:<24} " + " ".join(f"{c:>26}" for c in cells))
+    print("targets: latency <= 1.1x bare, bandwidth >= 0.95x bare")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, default=Path("/var/tmp/mesobox-test-cache/mpi-image"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs mesobox")
+    parser.add_argument("--intranode", action="store_true", help="two ranks on one node, every way ranks start")
     args = parser.parse_args()
+    if args.intranode:
+        intranode(args)
+        return
     env = dict(os.environ, OMPI_MCA_btl_vader_single_copy_mechanism="none")
     env.setdefault("PYTHONPATH", str(ROOT / "src"))
     mesobox = [args.python, "-m", "mesobox", "srun", "--image", str(args.image / "mpi.sqfs")]
