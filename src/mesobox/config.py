@@ -57,6 +57,17 @@ class Config:
         ("default_binds", ()),
         # If not empty, bind sources must lie under one of these directories.
         ("allowed_bind_sources", ()),
+        # Directories of CDI specs (--device VENDOR/CLASS=NAME), in order: a later one's
+        # device of the same name wins.
+        ("cdi_spec_dirs", ("/etc/cdi", "/var/run/cdi")),
+        # --nv / --rocm: the driver libraries to bind, by name prefix (empty: mesobox's
+        # lists in launch/gpu.py; Apptainer's nvliblist.conf).
+        ("nv_libraries", ()),
+        ("rocm_libraries", ()),
+        # --nv / --rocm: where the GPU device nodes are ("": /dev) and the ldconfig cache
+        # file to read ("": the host's); for tests of a fake driver tree.
+        ("gpu_dev_dir", ""),
+        ("gpu_ld_cache", ""),
         # Pull limits: uncompressed bytes per image; parallel layer downloads.
         ("max_image_bytes", 64 * 1024**3),
         ("max_parallel_downloads", 4),
@@ -84,6 +95,11 @@ class Config:
     insecure_registries: tuple[str, ...]
     default_binds: tuple[str, ...]
     allowed_bind_sources: tuple[str, ...]
+    cdi_spec_dirs: tuple[str, ...]
+    nv_libraries: tuple[str, ...]
+    rocm_libraries: tuple[str, ...]
+    gpu_dev_dir: str
+    gpu_ld_cache: str
     max_image_bytes: int
     max_parallel_downloads: int
     keep_setuid_for_root: bool
@@ -158,11 +174,11 @@ class Config:
 
 
 _PATH_KEYS = {"store", "runtime_dir"}
-_PATHS_KEYS = {"ro_stores"}
-_TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources"}
+_PATHS_KEYS = {"ro_stores", "cdi_spec_dirs"}
+_TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources", "nv_libraries", "rocm_libraries"}
 _INT_KEYS = {"max_image_bytes", "max_parallel_downloads"}
 _BOOL_KEYS = {"keep_setuid_for_root", "plan_cache", "require_seccomp", "debug"}
-_STR_KEYS = {"squashfs_compression", "default_format"}
+_STR_KEYS = {"squashfs_compression", "default_format", "gpu_dev_dir", "gpu_ld_cache"}
 _SECONDS_KEYS = {"squashfs_linger"}
 
 

@@ -131,7 +131,12 @@ RUN_OPTIONS = (
     Option("-B --bind", LIST, "bind a host path (repeatable, comma lists ok; always nosuid,nodev)",
            "SRC[:DST[:ro|rw]]", field="binds"),
     Option("--device", LIST, "bind a host character or block device (repeatable; nosuid, not nodev; PERMS: rw or "
-           "rwm, m ignored)", "HOST[:CTR][:PERMS]", field="devices"),
+           "rwm, m ignored); or a CDI device VENDOR/CLASS=NAME (or =all) from the site's CDI specs",
+           "HOST[:CTR][:PERMS]|VENDOR/CLASS=NAME", field="devices"),
+    Option("--nv", FLAG, "NVIDIA GPUs: the job's device nodes, driver libraries and tools from the host",
+           field="nv"),
+    Option("--rocm", FLAG, "AMD GPUs: /dev/kfd, /dev/dri nodes, ROCm libraries and tools from the host",
+           field="rocm"),
     Option("-c --contain", FLAG, "no default binds ($HOME, working directory, /tmp, site binds)", field="contain"),
     Option("-e --env", LIST, "set a variable (K alone copies the host's); repeatable", "K=V|K", field="env"),
     Option("--env-file", LIST, "KEY=VALUE lines; repeatable", "FILE", field="env_files"),

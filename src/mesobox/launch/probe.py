@@ -200,6 +200,12 @@ def environ(name: str) -> str | None:
     return _note("environ", (name,), os.environ.get(name))
 
 
+def listdir(path: str) -> tuple[str, ...]:
+    """The names in directory ``path``, sorted; () when it cannot be listed (absent,
+    not a directory, not readable): the CDI spec directories (cdi.py)."""
+    return _note("listdir", (path,), _listdir(path))
+
+
 def image_exists(root: str, rel: str) -> bool:
     """Whether ``root/rel`` exists with no symlink on the way (a symlink counts as
     existing: beneath.open_beneath will refuse it with a clear message)."""
@@ -368,6 +374,13 @@ def _file_identity(path: str) -> tuple[int, ...] | None:
         return None
 
 
+def _listdir(path: str) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(os.listdir(path)))
+    except OSError:
+        return ()
+
+
 def _identity(st: os.stat_result) -> tuple[int, ...] | None:
     if st.st_mode & 0o170000 != 0o100000:  # not a regular file
         return None
@@ -444,5 +457,5 @@ _ASK: dict[str, Callable[..., Any]] = {
     "realpath": os.path.realpath, "abspath": os.path.abspath, "getcwd": getcwd,
     "environ": os.environ.get, "file_identity": _file_identity, "image_exists": _image_exists,
     "image_file": _image_file, "host_names": _host_names, "env_file": env_file,
-    "stat_error": _stat_error, "access": os.access, "node_type": _node_type,
+    "stat_error": _stat_error, "access": os.access, "node_type": _node_type, "listdir": _listdir,
 }

@@ -90,10 +90,12 @@ class RunOptions(Record):
         "memory",
         "mode",
         "net",
+        "nv",
         "overlay",
         "pid",
         "pids_limit",
         "publish",
+        "rocm",
         "security_opts",
         "uts",
         "workdir",
@@ -104,13 +106,16 @@ class RunOptions(Record):
                  "pid": False, "ipc": False, "uts": False, "hostname": None, "net": None, "memory": None,
                  "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": (),
                  "host_root": False, "cpuset_cpus": None, "io_read_bps": (), "io_write_bps": (),
-                 "io_read_iops": (), "io_write_iops": (), "publish": (), "devices": ()}
+                 "io_read_iops": (), "io_write_iops": (), "publish": (), "devices": (),
+                 "nv": False, "rocm": False}
     mode: str
     image: str
     args: tuple[str, ...]
     entrypoint: str | None
     binds: tuple[str, ...]
     devices: tuple[str, ...]  # --device HOST[:CONTAINER][:PERMS]
+    nv: bool  # --nv: the host's NVIDIA GPUs (launch/gpu.py)
+    rocm: bool  # --rocm: the host's AMD GPUs
     contain: bool
     cleanenv: bool
     env: tuple[str, ...]
@@ -357,6 +362,23 @@ def _device_perms(text: str) -> bool:
     return 0 < len(text) <= 3 and len(set(text)) == len(text) and set(text) <= set("rwm")
 
 
+def is_cdi_name(text: str) -> bool:
+    """Whether a --device value names a CDI device (``vendor.com/class=name``, launch/cdi.py)
+    rather than a host path; decided here so that a plain --device imports nothing."""
+    return "=" in text and not text.startswith("/")
+
+
+def cdi_edits(opts: RunOptions, config: Config) -> tuple[tuple[S.Mount, ...], tuple[str, ...]]:
+    """The binds and KEY=VALUE environment of the CDI devices among --device values."""
+    names = [text for text in opts.devices if is_cdi_name(text)]
+    if not names:
+        return (), ()
+    from mesobox.launch import cdi
+
+    edits = cdi.cdi_edits(names, config)
+    return edits.mounts, edits.env
+
+
 def device_mount(text: str, allowed: tuple[str, ...]) -> S.Mount:
     """A bind of the device ``--device text`` names: nosuid but not nodev (a ``-B`` bind is
     nodev, so a device bound that way cannot be opened).  Leaving nodev off adds no
@@ -380,7 +402,8 @@ def device_mount(text: str, allowed: tuple[str, ...]) -> S.Mount:
     return S.Mount(destination=dst, type="bind", source=real, options=("bind", "nosuid"))
 
 
-def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[S.Mount, ...]:
+def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str,
+                cdi_mounts: tuple[S.Mount, ...] = ()) -> tuple[S.Mount, ...]:
     allowed = tuple(config.allowed_bind_sources)
     binds: list[tuple[str, str, bool]] = []
     if not opts.contain:
@@ -394,7 +417,8 @@ def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str) -> tuple[
         real = check_source(src, allowed)
         options = ("rbind", "nosuid", "nodev", "ro" if ro else "rw")
         mounts.append(S.Mount(destination=dst, type="bind", source=real, options=options))
-    mounts += [device_mount(text, allowed) for text in opts.devices]
+    mounts += [device_mount(text, allowed) for text in opts.devices if not is_cdi_name(text)]
+    mounts += cdi_mounts
     if not opts.contain and not any(dst == "/tmp" for _src, dst, _ro in binds):
         mounts.append(PRIVATE_TMP)  # the image's /tmp is read-only: a private one instead
     return tuple(mounts)
@@ -608,11 +632,20 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     # A shifted root (root isolation) does not get root's home (ssh keys, mode 0700:
     # unreadable to it anyway); it uses the image's own $HOME directory.
     shifted = identity.is_shifted(uid_maps)
-    mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home)
+    cdi_mounts, cdi_env = cdi_edits(opts, config)
+    mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home, cdi_mounts)
     # The recipe, not the values: a saved program merges this launch's environment anew.
     file_pairs = tuple(pair for path in opts.env_files for pair in probe.env_file(path))
     # MPI defaults go first among the image's Env: the image, --env-file and -e override them.
-    image_env = mpi_defaults(mounts, opts.cleanenv) + tuple(image.config.get("Env") or ())
+    # A CDI device's env comes after the image's (the device's driver knows better) and
+    # before --env-file and -e (the user's word is last).
+    image_env = mpi_defaults(mounts, opts.cleanenv) + tuple(image.config.get("Env") or ()) + cdi_env
+    if opts.nv or opts.rocm:
+        from mesobox.launch.gpu import gpu_setup
+
+        gpu_mounts, gpu_env = gpu_setup(opts.nv, opts.rocm, config, image_env)
+        mounts += gpu_mounts
+        image_env += gpu_env  # after the image's Env, before --env-file and -e
     recipe = (image_env, opts.cleanenv, file_pairs, tuple(opts.env), home)
     probe.note_environment(recipe)
     env = environ.compose(dict(os.environ), recipe)
