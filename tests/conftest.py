@@ -456,3 +456,17 @@ def make_oci_image(layout: Path, tag: str, layers: Sequence[LayerFn], config: Se
     if config:
         subprocess.run(["umoci", "config", "--image", f"{layout}:{tag}", *config], check=True, capture_output=True)
     return layout
+
+
+@pytest.fixture()
+def char_devices(world_tmp: Path) -> Path:
+    """Character devices made by root with mknod under the test's own directory, usable
+    by every user: ``null`` (a copy of /dev/null, 1:3) and ``zero`` (/dev/zero, 1:5)."""
+    import stat
+
+    top = world_tmp / "devs"
+    top.mkdir(mode=0o755)
+    for name, minor in (("null", 3), ("zero", 5)):
+        os.mknod(top / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+        os.chmod(top / name, 0o666)  # past root's umask
+    return top

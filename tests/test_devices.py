@@ -6,22 +6,11 @@ is needed; a -B bind of the same node must stay unopenable (nodev)."""
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import pytest
 
 from conftest import Mesobox, User
-
-
-@pytest.fixture()
-def devices(world_tmp: Path) -> Path:
-    top = world_tmp / "devs"
-    top.mkdir(mode=0o755)
-    for name, minor in (("null", 3), ("zero", 5)):
-        os.mknod(top / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
-        os.chmod(top / name, 0o666)  # past root's umask
-    return top
 
 
 def _one_error_line(proc: object) -> str:
@@ -31,36 +20,38 @@ def _one_error_line(proc: object) -> str:
     return err
 
 
-def test_a_device_is_usable_inside(mesobox: Mesobox, user: User, busybox_rootfs: Path, devices: Path) -> None:
+def test_a_device_is_usable_inside(mesobox: Mesobox, user: User, busybox_rootfs: Path,
+                                   char_devices: Path) -> None:
     script = "echo x > /dev/mydev && head -c 4 /dev/myzero | od -An -tx1"
-    proc = mesobox("exec", "--device", f"{devices}/null:/dev/mydev", "--device", f"{devices}/zero:/dev/myzero:rwm",
+    proc = mesobox("exec", "--device", f"{char_devices}/null:/dev/mydev",
+                   "--device", f"{char_devices}/zero:/dev/myzero:rwm",
                    str(busybox_rootfs), "sh", "-c", script, as_user=user)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.split() == [b"00"] * 4
 
 
 def test_a_device_bound_with_bind_stays_nodev(mesobox: Mesobox, user: User, busybox_rootfs: Path,
-                                              devices: Path) -> None:
-    proc = mesobox("exec", "-B", f"{devices}/null:/dev/mydev", str(busybox_rootfs), "sh", "-c",
+                                              char_devices: Path) -> None:
+    proc = mesobox("exec", "-B", f"{char_devices}/null:/dev/mydev", str(busybox_rootfs), "sh", "-c",
                    "echo x > /dev/mydev", as_user=user)
     assert proc.returncode != 0
     assert b"Permission denied" in proc.stderr or b"not permitted" in proc.stderr, proc.stderr.decode()
 
 
 def test_same_path_and_host_path_perms_form(mesobox: Mesobox, user: User, busybox_rootfs: Path,
-                                            devices: Path) -> None:
+                                            char_devices: Path) -> None:
     """HOST alone binds at the same path; HOST:PERMS is Docker's two-part form."""
-    dev = f"{devices}/zero"
+    dev = f"{char_devices}/zero"
     proc = mesobox("exec", "--device", f"{dev}:rw", str(busybox_rootfs), "sh", "-c",
                    f"head -c 2 {dev} | od -An -tx1; grep -c ' {dev} ' /proc/self/mountinfo", as_user=user)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.split() == [b"00", b"00", b"1"]
 
 
-def test_a_symlink_names_its_device(mesobox: Mesobox, user: User, busybox_rootfs: Path, devices: Path,
+def test_a_symlink_names_its_device(mesobox: Mesobox, user: User, busybox_rootfs: Path, char_devices: Path,
                                     world_tmp: Path) -> None:
     link = world_tmp / "by-id"
-    link.symlink_to(devices / "null")
+    link.symlink_to(char_devices / "null")
     proc = mesobox("exec", "--device", f"{link}:/dev/mydev", str(busybox_rootfs), "sh", "-c",
                    "echo x > /dev/mydev && echo ok", as_user=user)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -78,10 +69,10 @@ def test_a_symlink_names_its_device(mesobox: Mesobox, user: User, busybox_rootfs
     ("{d}/null:/dev/x:rx", "permissions"),
     ("{d}/null:/dev/x:rw:y", "bad --device"),
 ])
-def test_bad_devices_are_one_line(mesobox: Mesobox, user: User, busybox_rootfs: Path, devices: Path,
+def test_bad_devices_are_one_line(mesobox: Mesobox, user: User, busybox_rootfs: Path, char_devices: Path,
                                   spec: str, says: str) -> None:
-    (devices / "file").write_text("not a device\n")
-    proc = mesobox("exec", "--device", spec.format(d=devices), str(busybox_rootfs), "true", as_user=user)
+    (char_devices / "file").write_text("not a device\n")
+    proc = mesobox("exec", "--device", spec.format(d=char_devices), str(busybox_rootfs), "true", as_user=user)
     err = _one_error_line(proc)
     assert says in err and err.startswith("mesobox: error:"), err
 
@@ -98,26 +89,28 @@ def test_a_hostile_symlink_to_a_file_is_refused(mesobox: Mesobox, user: User, at
         assert kind in _one_error_line(proc)
 
 
-def test_site_allowed_sources_apply_to_devices(mesobox: Mesobox, user: User, busybox_rootfs: Path, devices: Path,
+def test_site_allowed_sources_apply_to_devices(mesobox: Mesobox, user: User, busybox_rootfs: Path,
+                                               char_devices: Path,
                                                world_tmp: Path) -> None:
     site = world_tmp / "site.toml"
     site.write_text('allowed_bind_sources = ["/home"]\n')
     os.chmod(site, 0o644)
-    proc = mesobox("exec", "--device", f"{devices}/null:/dev/mydev", str(busybox_rootfs), "true", as_user=user,
+    proc = mesobox("exec", "--device", f"{char_devices}/null:/dev/mydev", str(busybox_rootfs), "true", as_user=user,
                    env={"MESOBOX_SITE_CONFIG": str(site)})
     assert "outside the allowed bind sources" in _one_error_line(proc)
 
 
 def test_a_saved_plan_notices_the_device_became_a_file(mesobox: Mesobox, user: User, busybox_rootfs: Path,
-                                                      devices: Path) -> None:
+                                                      char_devices: Path) -> None:
     """The second launch of the same command line may replay a saved program: what the
     device check asked must be asked again (launch/probe.py)."""
-    argv = ("exec", "--device", f"{devices}/null:/dev/mydev", str(busybox_rootfs), "sh", "-c", "echo x > /dev/mydev")
+    argv = ("exec", "--device", f"{char_devices}/null:/dev/mydev", str(busybox_rootfs), "sh", "-c",
+            "echo x > /dev/mydev")
     for _ in range(2):
         proc = mesobox(*argv, as_user=user)
         assert proc.returncode == 0, proc.stderr.decode()
-    os.unlink(devices / "null")
-    (devices / "null").write_text("now a file\n")
+    os.unlink(char_devices / "null")
+    (char_devices / "null").write_text("now a file\n")
     assert "is a regular file" in _one_error_line(mesobox(*argv, as_user=user))
 
 

@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,25 +26,16 @@ import pytest
 
 from conftest import Mesobox, Registry, User, make_busybox_rootfs, make_oci_image
 from run_support import make_squashfs, squashfuse_state
+from settled_support import HOUR_AGO, age, rootfs_an_hour_old, world_file, world_image
 
 MARK = "planned:x:4242:4242::/:/bin/sh"
-HOUR_AGO = time.time() - 3600
-
-
-def _age(*paths: Path) -> None:
-    for path in paths:
-        os.utime(path, (HOUR_AGO, HOUR_AGO), follow_symlinks=False)
 
 
 @pytest.fixture()
 def image(world_tmp: Path) -> Path:
-    root = make_busybox_rootfs(world_tmp / "image")
+    root = world_image(world_tmp / "image")
     (root / "data").mkdir()
-    _age(root / "etc" / "passwd", root / "etc" / "group")
-    for dirpath, dirnames, _files in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o1777 if name == "tmp" else 0o755)
-    os.chmod(root, 0o755)
+    os.chmod(root / "data", 0o755)
     return root
 
 
@@ -212,11 +202,11 @@ def test_another_working_directory_or_config_has_its_own_plan(launch: Launch, im
     site = world_tmp / "site.toml"
     site.write_text(f'default_binds = ["{extra}:/data"]\n')
     os.chmod(site, 0o644)
-    _age(site)
+    age(site)
     env = {"MESOBOX_SITE_CONFIG": str(site)}
     assert launch.ok(*args, cwd=one, env=env).splitlines()[1] == "from-extra"
     site.write_text("default_binds = []\n")
-    _age(site)  # dated like before: a new size and ctime still tell the edit
+    age(site)  # dated like before: a new size and ctime still tell the edit
     out = launch.ok(*args, cwd=one, env=env)
     assert "from-extra" not in out and not _marked(out)
     # The first plan is untouched by all this.
@@ -230,7 +220,7 @@ def test_launches_not_recorded_save_no_plan(launch: Launch, image: Path, world_t
     env: dict[str, str] = {}
     if case == "squashfs-no-linger":  # supervised: the supervisor releases the mount
         sqfs = make_squashfs(image, world_tmp / "image.sqfs")
-        _age(sqfs)
+        age(sqfs)
         args, env = [str(sqfs)], {"MESOBOX_SQUASHFS_LINGER": "0"}
     elif case == "fakeroot":  # the test user has a sub-id range: newuidmap, so supervised
         if not all(os.access(f"/usr/bin/{tool}", os.X_OK) for tool in ("newuidmap", "newgidmap")):
@@ -250,7 +240,7 @@ def test_a_squashfs_plan_attaches_to_the_shared_mount(
     launch: Launch, image: Path, world_tmp: Path, user: User
 ) -> None:
     sqfs = make_squashfs(image, world_tmp / "image.sqfs")
-    _age(sqfs)
+    age(sqfs)
     args = (str(sqfs), "sh", "-c", "cat /etc/passwd; ls /data")
     launch.ok(*args)
     launch.mark()
@@ -261,7 +251,7 @@ def test_a_squashfs_plan_attaches_to_the_shared_mount(
     (image / "data" / "new").write_text("")
     sqfs.unlink()
     make_squashfs(image, sqfs)
-    _age(sqfs)
+    age(sqfs)
     out = launch.ok(*args)
     assert not _marked(out) and "new" in out.split()
 
@@ -278,7 +268,7 @@ def test_a_stored_image_is_recorded_by_its_record(
     assert pulled.returncode == 0, pulled.stderr.decode()
     store = mesobox.store_root / user.name
     (record,) = (store / "images").glob("*.json")
-    _age(record, *(store / "squashfs").glob("*"), *(store / "rootfs").glob("*/etc/passwd"),
+    age(record, *(store / "squashfs").glob("*"), *(store / "rootfs").glob("*/etc/passwd"),
          *(store / "rootfs").glob("*/etc/group"))
     args = (ref, "sh", "-c", "echo $FROM; cat /etc/passwd")
     assert launch.ok(*args).startswith("image\n")
@@ -346,21 +336,14 @@ def test_plans_are_bounded(launch: Launch, image: Path) -> None:
 # --- options that read host files: recorded like any other question ----------------------
 
 
-def _world_file(path: Path, text: str) -> Path:
-    path.write_text(text)
-    os.chmod(path, 0o644)
-    _age(path)
-    return path
-
-
 @pytest.mark.userns
 def test_a_seccomp_profile_file_is_recorded_by_its_identity(launch: Launch, image: Path, world_tmp: Path) -> None:
-    profile = _world_file(world_tmp / "profile.json", '{"defaultAction": "SCMP_ACT_ALLOW"}')
+    profile = world_file(world_tmp / "profile.json", '{"defaultAction": "SCMP_ACT_ALLOW"}')
     args = ("--security-opt", f"seccomp={profile}", str(image), "sh", "-c", "uname -s; cat /etc/passwd")
     assert launch.ok(*args).startswith("Linux\n")
     launch.mark()
     assert _marked(launch.ok(*args))
-    _world_file(profile, '{"defaultAction": "SCMP_ACT_ALLOW", '
+    world_file(profile, '{"defaultAction": "SCMP_ACT_ALLOW", '
                          '"syscalls": [{"names": ["uname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}')
     out = launch.ok(*args)  # dated like before: its size and ctime tell the edit
     assert not _marked(out) and not out.startswith("Linux")  # busybox prints what uname(2) left: nothing
@@ -391,7 +374,7 @@ def test_a_launch_that_pulls_saves_no_plan_the_next_one_does(
     connections); the pulled image is, from the next launch on."""
     # Files an hour old, as an image's are: one built this second would keep the
     # next launch from saving for 2 s (probe.settled), whatever the pull did.
-    layout = make_oci_image(world_tmp / "oci", "v1", [_image_built_an_hour_ago], ["--config.env=FROM=image"])
+    layout = make_oci_image(world_tmp / "oci", "v1", [rootfs_an_hour_old], ["--config.env=FROM=image"])
     ref = "docker://" + registry.push_oci(layout, "v1", "mb/plancache")
     args = (ref, "sh", "-c", "echo $FROM; cat /etc/passwd")
     env = {"MESOBOX_DEFAULT_FORMAT": "dir"}  # no mksquashfs: only the connection tells
@@ -405,13 +388,6 @@ def test_a_launch_that_pulls_saves_no_plan_the_next_one_does(
 # --- right after a pull -------------------------------------------------------------------
 
 
-def _image_built_an_hour_ago(root: Path) -> None:
-    """A layer whose files are an hour old, as an image's are: a tar's mtime is whole
-    seconds, rounded, so a file of this very second could be dated in the future."""
-    make_busybox_rootfs(root)
-    _age(root / "etc" / "passwd", root / "etc" / "group")
-
-
 @pytest.mark.userns
 @pytest.mark.parametrize("fmt", ["dir", "squashfs"])
 def test_launches_right_after_a_pull_save_and_use_a_plan(
@@ -420,7 +396,7 @@ def test_launches_right_after_a_pull_save_and_use_a_plan(
     """The store writes each file whole and renames it into place, never in place, and
     dates its mtime before its ctime (Store.settle): a launch trusts it at once.  A pull
     of an image already present rewrites nothing, so the plan stays valid."""
-    layout = make_oci_image(world_tmp / "oci", "v1", [_image_built_an_hour_ago], ["--config.env=FROM=image"])
+    layout = make_oci_image(world_tmp / "oci", "v1", [rootfs_an_hour_old], ["--config.env=FROM=image"])
     subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
     ref = f"oci:{layout}:v1"
     args = (ref, "sh", "-c", "echo $FROM; cat /etc/passwd")
@@ -451,7 +427,7 @@ def _copy_of_mesobox(mesobox: Mesobox, world_tmp: Path) -> Path:
         os.chmod(dirpath, 0o755)
         for name in names:
             os.chmod(os.path.join(dirpath, name), 0o644)
-            _age(Path(dirpath, name))
+            age(Path(dirpath, name))
     return tree
 
 
@@ -498,13 +474,13 @@ def test_an_installed_copy_is_known_by_its_record(
     tree = _copy_of_mesobox(mesobox, world_tmp)
     info = tree / f"mesobox-{__version__}.dist-info"
     info.mkdir(mode=0o755)
-    record = _world_file(info / "RECORD", "mesobox/__init__.py,sha256=one,342\n")
+    record = world_file(info / "RECORD", "mesobox/__init__.py,sha256=one,342\n")
     args = (str(image), "cat", "/etc/passwd")
     env = {"PYTHONPATH": str(tree)}
     launch.ok(*args, env=env)
     launch.mark()
     assert _marked(launch.ok(*args, env=env))
-    os.replace(_world_file(info / "RECORD.new", "mesobox/__init__.py,sha256=two,342\n"), record)  # reinstalled
+    os.replace(world_file(info / "RECORD.new", "mesobox/__init__.py,sha256=two,342\n"), record)  # reinstalled
     assert not _marked(launch.ok(*args, env=env))
 
 
@@ -561,7 +537,7 @@ def test_image_questions_are_about_the_file_not_its_place(tmp_path: Path) -> Non
     (tmp_path / "etc").mkdir()
     passwd = tmp_path / "etc" / "passwd"
     passwd.write_text("root:x:0:0::/:/bin/sh\n")
-    _age(passwd)
+    age(passwd)
     (tmp_path / "link").symlink_to("/etc/passwd")
     probe.record()
     try:
@@ -573,7 +549,7 @@ def test_image_questions_are_about_the_file_not_its_place(tmp_path: Path) -> Non
         probe.untracked()
     assert probe.unchanged(journal)
     passwd.write_text("root:x:0:0::/:/bin/bash\n")  # same size, new inode times
-    _age(passwd)
+    age(passwd)
     assert not probe.unchanged(journal)
 
 

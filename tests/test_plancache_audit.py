@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs, make_oci_image
+from conftest import Mesobox, User, make_oci_image
 from run_support import make_squashfs
-
-HOUR_AGO = time.time() - 3600
+from settled_support import age, rootfs_an_hour_old, world_file, world_image
 
 # Runs `mesobox ARGV…` with the audit hook; writes what it saw to LOG at plancache.save.
 DRIVER = r'''
@@ -215,11 +213,6 @@ def _mount_helper(target: object) -> bool:
     return target is None or os.path.basename(str(target)).startswith(("squashfuse", "fusermount"))
 
 
-def _age(*paths: Path) -> None:
-    for path in paths:
-        os.utime(path, (HOUR_AGO, HOUR_AGO), follow_symlinks=False)
-
-
 @pytest.fixture()
 def audit(mesobox: Mesobox, user: User, world_tmp: Path) -> Audit:
     return Audit(mesobox, user, world_tmp)
@@ -227,34 +220,14 @@ def audit(mesobox: Mesobox, user: User, world_tmp: Path) -> Audit:
 
 @pytest.fixture()
 def image(world_tmp: Path) -> Path:
-    root = make_busybox_rootfs(world_tmp / "image")
-    _age(root / "etc" / "passwd", root / "etc" / "group")
-    for dirpath, dirnames, _files in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o1777 if name == "tmp" else 0o755)
-    os.chmod(root, 0o755)
-    return root
-
-
-def _rootfs_an_hour_old(root: Path) -> None:
-    """An image layer as images are: its /etc files are not from this very second (a
-    tar's whole-second mtime may be rounded up into the future: not settled yet)."""
-    make_busybox_rootfs(root)
-    _age(root / "etc" / "passwd", root / "etc" / "group")
-
-
-def _world_file(path: Path, text: str) -> Path:
-    path.write_text(text)
-    os.chmod(path, 0o644)
-    _age(path)
-    return path
+    return world_image(world_tmp / "image")
 
 
 @pytest.mark.userns
 def test_a_directory_launch_reads_only_what_it_records(audit: Audit, image: Path, world_tmp: Path) -> None:
     src = world_tmp / "src"
     src.mkdir(mode=0o755)
-    env_file = _world_file(world_tmp / "env", "FROM_FILE=1\n")
+    env_file = world_file(world_tmp / "env", "FROM_FILE=1\n")
     _none(audit("-B", f"{src}:/data", "--env-file", str(env_file), "-e", "A=b", "-w", "/data",
                 str(image), "true"))
 
@@ -262,7 +235,7 @@ def test_a_directory_launch_reads_only_what_it_records(audit: Audit, image: Path
 @pytest.mark.userns
 def test_a_squashfs_launch_reads_only_what_it_records(audit: Audit, image: Path, world_tmp: Path) -> None:
     sqfs = make_squashfs(image, world_tmp / "image.sqfs")
-    _age(sqfs)
+    age(sqfs)
     _none(audit(str(sqfs), "true"))
 
 
@@ -270,7 +243,7 @@ def test_a_squashfs_launch_reads_only_what_it_records(audit: Audit, image: Path,
 def test_a_stored_image_launch_reads_only_what_it_records(
     audit: Audit, mesobox: Mesobox, user: User, world_tmp: Path
 ) -> None:
-    layout = make_oci_image(world_tmp / "oci", "v1", [_rootfs_an_hour_old], ["--config.env=FROM=image"])
+    layout = make_oci_image(world_tmp / "oci", "v1", [rootfs_an_hour_old], ["--config.env=FROM=image"])
     subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
     ref = f"oci:{layout}:v1"
     pulled = mesobox("pull", "-q", "--format", "dir", ref, as_user=user)
@@ -280,17 +253,17 @@ def test_a_stored_image_launch_reads_only_what_it_records(
 
 @pytest.mark.userns
 def test_options_that_read_host_files_record_them(audit: Audit, image: Path, world_tmp: Path) -> None:
-    profile = _world_file(world_tmp / "profile.json", '{"defaultAction": "SCMP_ACT_ALLOW"}')
+    profile = world_file(world_tmp / "profile.json", '{"defaultAction": "SCMP_ACT_ALLOW"}')
     overlay = world_tmp / "ovl"
     overlay.mkdir(mode=0o777)
     os.chmod(overlay, 0o777)
     extra = world_tmp / "extra"
     extra.mkdir(mode=0o755)
-    audit.env["MESOBOX_SITE_CONFIG"] = str(_world_file(world_tmp / "site.toml", f'default_binds = ["{extra}:/x"]\n'))
+    audit.env["MESOBOX_SITE_CONFIG"] = str(world_file(world_tmp / "site.toml", f'default_binds = ["{extra}:/x"]\n'))
     _none(audit("--security-opt", f"seccomp={profile}", "--overlay", str(overlay), str(image), "true"))
 
 
 @pytest.mark.userns
 def test_the_audit_sees_a_read_nobody_recorded(audit: Audit, image: Path, world_tmp: Path) -> None:
-    secret = _world_file(world_tmp / "host-file", "anything\n")
+    secret = world_file(world_tmp / "host-file", "anything\n")
     assert audit(str(image), "true", plant=str(secret)) == [f"open {secret}"]
