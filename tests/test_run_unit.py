@@ -56,7 +56,7 @@ def test_parse_bind_destinations_are_absolute_and_clean(parts: list[str]) -> Non
 
 
 def test_allowed_bind_sources_resolve_symlinks(tmp_path: os.PathLike[str]) -> None:
-    from mesobox.launch.specbuild import check_source
+    from mesobox.launch.binds import check_source
 
     allowed = os.path.join(tmp_path, "scratch")
     os.mkdir(allowed)

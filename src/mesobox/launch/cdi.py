@@ -33,9 +33,9 @@ import json
 import os
 import re
 
-from mesobox.errors import PolicyError, UsageError
-from mesobox.files import under
+from mesobox.errors import UsageError
 from mesobox.launch import probe
+from mesobox.launch.binds import check_source, device_bind, require_allowed
 from mesobox.oci import spec as S
 
 TYPE_CHECKING = False
@@ -276,10 +276,9 @@ def _node_mount(node: dict[str, Any], spec: _Spec, allowed: tuple[str, ...]) -> 
     if kind not in ("c", "b") or (wanted in ("c", "u", "b") and (wanted == "b") != (kind == "b")):
         raise UsageError(f"CDI device node {host} is not a {'block' if wanted == 'b' else 'character'} device "
                          f"(spec {spec.path})")
-    if not _allowed_source(real, allowed):  # as --device: the site's rule holds for device nodes too
-        raise PolicyError(f"CDI device node {host} is outside the allowed bind sources (spec {spec.path})",
-                          hint="the site allows: " + ", ".join(allowed))
-    return S.Mount(destination=dst, type="bind", source=real, options=("bind", "nosuid"))
+    # as --device: the site's rule holds for device nodes too
+    require_allowed(real, allowed, f"CDI device node {host}", f" (spec {spec.path})")
+    return device_bind(real, dst)
 
 
 def _bind_mount(mount: dict[str, Any], spec: _Spec, config: Config) -> S.Mount:
@@ -289,24 +288,7 @@ def _bind_mount(mount: dict[str, Any], spec: _Spec, config: Config) -> S.Mount:
     if mount.get("type") not in (None, "", "bind") and not {"bind", "rbind"} & set(options):
         raise UsageError(f"CDI spec {spec.path}: mount type {mount.get('type')!r} is not supported yet",
                          hint="mesobox applies bind mounts")
-    real = _mount_source(mount["hostPath"], spec, tuple(config.allowed_bind_sources))
+    real = check_source(mount["hostPath"], tuple(config.allowed_bind_sources), "CDI mount source",
+                        f" (spec {spec.path})")
     flags = ("rbind" if "rbind" in options else "bind", "nosuid", "nodev", "ro" if "ro" in options else "rw")
     return S.Mount(destination=dst, type="bind", source=real, options=flags)
-
-
-def _mount_source(src: str, spec: _Spec, allowed: tuple[str, ...]) -> str:
-    """The real path of a spec mount's hostPath, checked as specbuild.check_source checks
-    a -B source (not imported from there: specbuild imports this module)."""
-    error = probe.stat_error(src)
-    if error is not None:
-        what = "does not exist" if error in ("ENOENT", "ENOTDIR") else f"cannot be reached ({error})"
-        raise UsageError(f"CDI mount source {src} {what} (spec {spec.path})")
-    real = probe.realpath(src)
-    if not _allowed_source(real, allowed):
-        raise PolicyError(f"CDI mount source {src} is outside the allowed bind sources (spec {spec.path})",
-                          hint="the site allows: " + ", ".join(allowed))
-    return real
-
-
-def _allowed_source(real: str, allowed: tuple[str, ...]) -> bool:
-    return not allowed or any(under(real, probe.realpath(a)) for a in allowed)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import os
 
-from mesobox.errors import PolicyError, UsageError
-from mesobox.files import under
+from mesobox.errors import UsageError
 from mesobox.launch import probe
+from mesobox.launch.binds import device_bind, require_allowed
 from mesobox.oci import spec as S
 
 TYPE_CHECKING = False
@@ -140,8 +140,8 @@ def _char_nodes(dev: str, names: list[str]) -> list[tuple[str, str]]:
 
 def _node_mount(src: str, dst: str, allowed: tuple[str, ...]) -> S.Mount:
     real = probe.realpath(src)
-    _check_allowed(real, allowed)
-    return S.Mount(destination=dst, type="bind", source=real, options=("bind", "nosuid"))
+    require_allowed(real, allowed, f"GPU file {real}")
+    return device_bind(real, dst)
 
 
 # --- libraries and tools ---------------------------------------------------------------
@@ -206,7 +206,7 @@ def _on_path(name: str) -> str | None:
 
 def _file_mount(path: str, dst: str, allowed: tuple[str, ...]) -> S.Mount:
     real = probe.realpath(path)  # libcuda.so.1 is a link to libcuda.so.550.54: bind the file
-    _check_allowed(real, allowed)
+    require_allowed(real, allowed, f"GPU file {real}")
     return S.Mount(destination=dst, type="bind", source=real, options=LIB_OPTIONS)
 
 
@@ -216,12 +216,6 @@ def _override_allowed(config: Config) -> tuple[str, ...]:
     if config.gpu_dev_dir or config.gpu_ld_cache:
         return tuple(config.allowed_bind_sources)
     return ()
-
-
-def _check_allowed(real: str, allowed: tuple[str, ...]) -> None:
-    if allowed and not any(under(real, probe.realpath(a)) for a in allowed):
-        raise PolicyError(f"GPU file {real} is outside the allowed bind sources",
-                          hint="the site allows: " + ", ".join(allowed))
 
 
 def _environment(image_env: tuple[str, ...], libs: list[str], bins: list[str]) -> tuple[str, ...]:

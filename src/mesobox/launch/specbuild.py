@@ -33,6 +33,7 @@ import os
 from mesobox.errors import ImageNotFound, PolicyError, UsageError
 from mesobox.files import under
 from mesobox.launch import probe
+from mesobox.launch.binds import allowed_source, check_source, device_bind, require_allowed
 from mesobox.oci import spec as S
 from mesobox.records import Record
 
@@ -301,26 +302,6 @@ def parse_bind(text: str) -> list[tuple[str, str, bool]]:
     return out
 
 
-def check_source(src: str, allowed: tuple[str, ...]) -> str:
-    """The real path of bind source ``src``: it must exist, be reachable and, when the
-    site lists allowed sources, lie under one of them (symlinks resolved first)."""
-    error = probe.stat_error(src)
-    if error in ("ENOENT", "ENOTDIR"):
-        raise UsageError(f"bind source {src} does not exist")
-    if error is not None:
-        raise UsageError(f"bind source {src} cannot be reached ({error})",
-                         hint="a directory on its path is not searchable by you" if error == "EACCES" else None)
-    real = probe.realpath(src)
-    if not allowed_source(real, allowed):
-        raise PolicyError(f"bind source {src} is outside the allowed sources",
-                          hint="the site allows: " + ", ".join(allowed))
-    return real
-
-
-def allowed_source(real: str, allowed: tuple[str, ...]) -> bool:
-    return not allowed or any(under(real, probe.realpath(a)) for a in allowed)
-
-
 # --- devices ------------------------------------------------------------------------------
 
 DEVICE_HINT = "use --device HOST[:CONTAINER][:PERMS], PERMS rw or rwm"
@@ -380,10 +361,7 @@ def cdi_edits(opts: RunOptions, config: Config) -> tuple[tuple[S.Mount, ...], tu
 
 
 def device_mount(text: str, allowed: tuple[str, ...]) -> S.Mount:
-    """A bind of the device ``--device text`` names: nosuid but not nodev (a ``-B`` bind is
-    nodev, so a device bound that way cannot be opened).  Leaving nodev off adds no
-    privilege: the node's permissions and the device cgroup still decide, and a source
-    on a nodev host mount keeps that flag (it is locked in a user namespace)."""
+    """A bind of the device ``--device text`` names (binds.device_bind)."""
     src, dst = parse_device(text)
     error = probe.stat_error(src)
     if error in ("ENOENT", "ENOTDIR"):
@@ -396,10 +374,8 @@ def device_mount(text: str, allowed: tuple[str, ...]) -> S.Mount:
         what = {"d": "a directory", "f": "a regular file"}.get(kind, "neither a file nor a directory")
         raise UsageError(f"--device {src} is {what}, not a character or block device",
                          hint="bind files and directories with -B" if kind in ("d", "f") else None)
-    if not allowed_source(real, allowed):
-        raise PolicyError(f"--device {src} is outside the allowed bind sources",
-                          hint="the site allows: " + ", ".join(allowed))
-    return S.Mount(destination=dst, type="bind", source=real, options=("bind", "nosuid"))
+    require_allowed(real, allowed, f"--device {src}")
+    return device_bind(real, dst)
 
 
 def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str,
