@@ -16,7 +16,11 @@ PACKAGES=(
     runc podman charliecloud-runtime charliecloud-builders python3-lark python3-requests hyperfine
     slurm-wlm munge libpmix-dev openmpi-bin libopenmpi-dev
     gcc libc6-dev   # mpicc (tests build MPI programs); a fresh Debian 12 has no compiler
+    libmpich12   # --mpi host with the MPICH ABI (the library only: mpich/libmpich-dev would take the mpicc/mpirun alternatives)
     groff-base man-db zsh   # tests render the generated man pages and parse the zsh completion
+    chromium   # tests render the HTML reports of matrix/bench headless (screenshot, DOM)
+    rpm   # tests build a real sqlite rpmdb and cross-check rpm's version order (mesobox scan)
+    apache2-utils   # htpasswd: tests/test_login.py's registry with Basic auth (bcrypt)
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

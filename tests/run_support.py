@@ -112,3 +112,22 @@ def one_error_line(stderr: bytes) -> str:
     if len(lines) == 2:
         assert lines[1].startswith("mesobox: hint: "), text
     return lines[0]
+
+
+def error_text(proc: subprocess.CompletedProcess[bytes]) -> str:
+    """The stderr of a command that failed as it should: non-zero, no traceback, at
+    most the error line and its hint."""
+    err = proc.stderr.decode()
+    assert proc.returncode != 0, err
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) <= 2, err  # the error line, and its hint
+    return err
+
+
+def error_line(res: subprocess.CompletedProcess[bytes]) -> str:
+    """The one ``mesobox: error:`` line of a command, warnings and hints aside; no traceback."""
+    err = res.stderr.decode()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if not line.startswith(("mesobox: warning: ", "mesobox: hint: "))]
+    assert len(lines) == 1 and lines[0].startswith("mesobox: error: "), err
+    return lines[0]

@@ -3,7 +3,8 @@
 Root makes character devices with mknod under the test's own directory (copies of
 /dev/null, 1:3, and /dev/zero, 1:5, mode 0666) and writes CDI specs, JSON and YAML of
 two spec versions, that point at them, into a spec directory given through the
-``cdi_spec_dirs`` setting (MESOBOX_CDI_SPEC_DIRS); no host GPU is needed."""
+``cdi_spec_dirs`` setting (MESOBOX_CDI_SPEC_DIRS); no host GPU is needed.  The hooks'
+tests (createContainer, startContainer) are in test_hooks.py."""
 
 from __future__ import annotations
 
@@ -153,15 +154,15 @@ def test_a_missing_host_node(mesobox: Mesobox, user: User, busybox_rootfs: Path,
     _one_error_line(proc, f"CDI device node {devices}/zero does not exist")
 
 
-def test_a_spec_with_hooks_is_refused(mesobox: Mesobox, user: User, busybox_rootfs: Path, cdi_dir: Path,
-                                      devices: Path) -> None:
+def test_additional_gids_are_refused(mesobox: Mesobox, user: User, busybox_rootfs: Path, cdi_dir: Path,
+                                     devices: Path) -> None:
     spec = _json_spec(devices)
-    spec["kind"] = "hooked.example/gpu"
-    spec["containerEdits"]["hooks"] = [{"hookName": "createContainer", "path": "/sbin/ldconfig"}]
-    _write(cdi_dir, "hooked.json", json.dumps(spec))
-    proc = _run(mesobox, user, busybox_rootfs, cdi_dir, "--device", "hooked.example/gpu=dev0", str(busybox_rootfs),
+    spec["kind"] = "gids.example/gpu"
+    spec["containerEdits"]["additionalGIDs"] = [44]
+    _write(cdi_dir, "gids.json", json.dumps(spec))
+    proc = _run(mesobox, user, busybox_rootfs, cdi_dir, "--device", "gids.example/gpu=dev0", str(busybox_rootfs),
                 "true")
-    _one_error_line(proc, "hooks are not supported yet")
+    _one_error_line(proc, "additionalGIDs are not supported yet")
 
 
 def test_a_spec_cannot_bind_past_the_allowed_sources(mesobox: Mesobox, user: User, busybox_rootfs: Path,
@@ -206,3 +207,41 @@ def test_a_saved_launch_notices_a_changed_spec(mesobox: Mesobox, user: User, wor
     _write(cdi_dir, "z-later.json", json.dumps({"cdiVersion": "0.5.0", "kind": "example.com/test", "devices": [
         {"name": "dev0", "containerEdits": {"env": ["EXAMPLE_DEV=later"]}}]}))
     assert echo() == b"later\n"
+
+
+@pytest.mark.parametrize("how", ["writable-directory", "others-file", "writable-file", "writable-parent"])
+def test_a_spec_others_could_write_is_not_trusted(mesobox: Mesobox, user: User, attacker: User,
+                                                  busybox_rootfs: Path, world_tmp: Path, devices: Path,
+                                                  how: str) -> None:
+    """A spec names programs to run and files to bind: one that a second user wrote, or
+    could replace (its file or a directory on the way to it writable by them, not
+    sticky), is refused in one line, as a broken spec is."""
+    top = world_tmp / "site"
+    top.mkdir(mode=0o777 if how == "writable-parent" else 0o755)
+    os.chmod(top, 0o777 if how == "writable-parent" else 0o755)  # past root's umask
+    specs = top / "cdi"
+    specs.mkdir()
+    os.chmod(specs, 0o777 if how == "writable-directory" else 0o755)
+    _write(specs, "example.json", json.dumps(_json_spec(devices)))
+    if how == "others-file":
+        os.chown(specs / "example.json", attacker.uid, attacker.gid)
+    if how == "writable-file":
+        os.chmod(specs / "example.json", 0o666)
+    proc = _run(mesobox, user, busybox_rootfs, specs, "--device", "example.com/test=dev0", str(busybox_rootfs),
+                "true")
+    _one_error_line(proc, f"CDI spec {specs}/example.json: is not trusted")
+
+
+def test_a_users_own_spec_in_a_sticky_directory_is_trusted(mesobox: Mesobox, user: User, busybox_rootfs: Path,
+                                                           world_tmp: Path, devices: Path) -> None:
+    """world_tmp is 1777, as /tmp is: others cannot replace what is in it, so the user's
+    own spec directory there counts (what it grants obeys allowed_bind_sources)."""
+    specs = world_tmp / "mine"
+    specs.mkdir(mode=0o755)
+    _write(specs, "example.json", json.dumps(_json_spec(devices)))
+    os.chown(specs, user.uid, user.gid)
+    os.chown(specs / "example.json", user.uid, user.gid)
+    proc = _run(mesobox, user, busybox_rootfs, specs, "--device", "example.com/test=dev0", str(busybox_rootfs),
+                "sh", "-c", "echo $EXAMPLE_DEV")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"dev0\n"

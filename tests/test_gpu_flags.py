@@ -1,4 +1,4 @@
-"""--nv and --rocm without a CDI spec, against a fake driver tree (this machine has no
+"""--nv and --rocm, without a CDI spec and through one, against a fake driver tree (this machine has no
 GPU): root makes character devices named like the vendor's (copies of /dev/null, 1:3,
 and /dev/zero, 1:5, mode 0666) in a directory of the test's own, shared objects with
 the driver's sonames compiled by gcc, their own ldconfig cache (``ldconfig -C``) and a
@@ -7,6 +7,7 @@ An ordinary user then runs the container."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -16,8 +17,10 @@ import pytest
 
 from conftest import Mesobox, User
 from mesobox.launch import gpu
+from run_support import error_text
 
 SOURCE = "int cuInit(int flags) { return flags; }\n"
+NO_SPECS = "/nonexistent/cdi"  # a host's own /etc/cdi (nvidia-ctk's spec) would take --nv
 
 
 def _node(path: Path, minor: int) -> None:
@@ -54,7 +57,7 @@ def nvidia(world_tmp: Path) -> dict[str, str]:
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho fake-smi\n")
     os.chmod(bin_dir / "nvidia-smi", 0o755)
     return {"MESOBOX_GPU_DEV_DIR": str(top / "dev"), "MESOBOX_GPU_LD_CACHE": str(cache),
-            "PATH": f"{bin_dir}:/usr/bin:/bin"}
+            "PATH": f"{bin_dir}:/usr/bin:/bin", "MESOBOX_CDI_SPEC_DIRS": NO_SPECS}
 
 
 @pytest.fixture()
@@ -64,15 +67,8 @@ def rocm(world_tmp: Path) -> dict[str, str]:
     for name, minor in (("kfd", 3), ("dri/card0", 5), ("dri/renderD128", 5)):
         _node(top / "dev" / name, minor)
     cache = _driver(top, ("libamdhip64.so.6", "libhsa-runtime64.so.1"))
-    return {"MESOBOX_GPU_DEV_DIR": str(top / "dev"), "MESOBOX_GPU_LD_CACHE": str(cache)}
-
-
-def _one_error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode != 0, err
-    assert "Traceback" not in err, err
-    assert len(err.strip().splitlines()) <= 2, err  # the error line, and its hint
-    return err
+    return {"MESOBOX_GPU_DEV_DIR": str(top / "dev"), "MESOBOX_GPU_LD_CACHE": str(cache),
+            "MESOBOX_CDI_SPEC_DIRS": NO_SPECS}
 
 
 NV_SCRIPT = ("ls /.mesobox/nvidia/lib; echo LD=$LD_LIBRARY_PATH; ls /dev | grep nvidia; nvidia-smi; "
@@ -120,7 +116,7 @@ def test_nv_without_a_gpu_is_one_error(mesobox: Mesobox, user: User, busybox_roo
     empty.mkdir(mode=0o755)
     proc = mesobox("exec", "--nv", str(busybox_rootfs), "true", as_user=user,
                    env=dict(nvidia, MESOBOX_GPU_DEV_DIR=str(empty)))
-    assert "no nvidia GPU device" in _one_error_line(proc)
+    assert "no nvidia GPU device" in error_text(proc)
 
 
 def test_nv_without_libcuda_is_one_error(mesobox: Mesobox, user: User, busybox_rootfs: Path,
@@ -130,7 +126,7 @@ def test_nv_without_libcuda_is_one_error(mesobox: Mesobox, user: User, busybox_r
     cache = _driver(top, ("libnvidia-ml.so.1",))
     proc = mesobox("exec", "--nv", str(busybox_rootfs), "true", as_user=user,
                    env=dict(nvidia, MESOBOX_GPU_LD_CACHE=str(cache)))
-    assert "no libcuda.so in the host's ldconfig cache" in _one_error_line(proc)
+    assert "no libcuda.so in the host's ldconfig cache" in error_text(proc)
 
 
 def test_rocm_binds_kfd_dri_and_libraries(mesobox: Mesobox, user: User, busybox_rootfs: Path,
@@ -148,7 +144,7 @@ def test_rocm_without_a_gpu_is_one_error(mesobox: Mesobox, user: User, busybox_r
                                          rocm: dict[str, str], nvidia: dict[str, str]) -> None:
     proc = mesobox("exec", "--rocm", str(busybox_rootfs), "true", as_user=user,
                    env=dict(rocm, MESOBOX_GPU_DEV_DIR=nvidia["MESOBOX_GPU_DEV_DIR"]))
-    assert "no rocm GPU device" in _one_error_line(proc)
+    assert "no rocm GPU device" in error_text(proc)
 
 
 def test_a_moved_driver_tree_obeys_allowed_bind_sources(mesobox: Mesobox, user: User, busybox_rootfs: Path,
@@ -157,7 +153,7 @@ def test_a_moved_driver_tree_obeys_allowed_bind_sources(mesobox: Mesobox, user: 
     allowed sources refuse."""
     proc = mesobox("exec", "-c", "--nv", str(busybox_rootfs), "true", as_user=user,
                    env=dict(nvidia, MESOBOX_ALLOWED_BIND_SOURCES="/nonexistent-allowed"))
-    assert "outside the allowed bind sources" in _one_error_line(proc)
+    assert "outside the allowed bind sources" in error_text(proc)
 
 
 def test_ld_cache_lines_pick_the_wide_entry() -> None:
@@ -167,3 +163,87 @@ def test_ld_cache_lines_pick_the_wide_entry() -> None:
             "\tlibcudart.so.12 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcudart.so.12\n")
     found = gpu.libraries(gpu.parse_ld_cache(text), ("libcuda.so",))
     assert found == [("libcuda.so.1", "/usr/lib/x86_64-linux-gnu/libcuda.so.1")]
+
+
+# --- --nv and --rocm through the site's CDI spec --------------------------------------------
+
+
+def _site_spec(world_tmp: Path, nvidia: dict[str, str], kind: str = "nvidia.com/gpu") -> Path:
+    """A spec as ``nvidia-ctk cdi generate`` shapes one, of the fake driver's nodes: the
+    control node in the spec's own edits, one device per GPU named by its index and one
+    by a UUID, and "all"."""
+    dev = nvidia["MESOBOX_GPU_DEV_DIR"]
+    gpu = [{"deviceNodes": [{"path": f"/dev/nvidia{i}", "hostPath": f"{dev}/nvidia{i}"}]} for i in (0, 1)]
+    spec = {"cdiVersion": "0.5.0", "kind": kind,
+            "containerEdits": {"env": ["NVIDIA_VISIBLE_DEVICES=void"],
+                               "deviceNodes": [{"path": "/dev/nvidiactl", "hostPath": f"{dev}/nvidiactl"}]},
+            "devices": [{"name": "0", "containerEdits": gpu[0]}, {"name": "1", "containerEdits": gpu[1]},
+                        {"name": "GPU-8a6c0f6e", "containerEdits": gpu[1]},
+                        {"name": "all", "containerEdits": {"deviceNodes": gpu[0]["deviceNodes"]
+                                                           + gpu[1]["deviceNodes"]}}]}
+    specs = world_tmp / "cdi"
+    specs.mkdir(mode=0o755, exist_ok=True)
+    (specs / "nvidia.json").write_text(json.dumps(spec))
+    os.chmod(specs / "nvidia.json", 0o644)
+    return specs
+
+
+@pytest.mark.parametrize(("job", "seen"), [
+    ({}, [b"nvidia0", b"nvidia1"]),  # no list: the spec's "all"
+    ({"CUDA_VISIBLE_DEVICES": "1"}, [b"nvidia1"]),
+    ({"SLURM_STEP_GPUS": "0", "CUDA_VISIBLE_DEVICES": "1"}, [b"nvidia0"]),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-8a6c0f6e"}, [b"nvidia1"]),  # a UUID the spec names
+])
+def test_nv_uses_the_sites_cdi_spec(mesobox: Mesobox, user: User, busybox_rootfs: Path, world_tmp: Path,
+                                    nvidia: dict[str, str], job: dict[str, str], seen: list[bytes]) -> None:
+    """With a spec of kind nvidia.com/gpu, --nv is its devices for the job's GPUs: the
+    spec's env and nodes, and none of the ldconfig path's binds (its cache is not even
+    read: it names a file that is not there)."""
+    specs = _site_spec(world_tmp, nvidia)
+    env = {**nvidia, **job, "MESOBOX_CDI_SPEC_DIRS": str(specs), "MESOBOX_GPU_LD_CACHE": "/nonexistent/ld.so.cache"}
+    proc = mesobox("exec", "--debug", "--nv", str(busybox_rootfs), "sh", "-c",
+                   "ls /dev | grep 'nvidia[0-9]'; echo $NVIDIA_VISIBLE_DEVICES; test -c /dev/nvidiactl && echo ctl; "
+                   "test -e /.mesobox/nvidia || echo no-ldconfig-binds", as_user=user, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.split() == [*seen, b"void", b"ctl", b"no-ldconfig-binds"]
+    assert "--nv: through the site's CDI spec" in proc.stderr.decode()
+
+
+def test_nv_asks_the_spec_for_a_gpu_it_lacks(mesobox: Mesobox, user: User, busybox_rootfs: Path, world_tmp: Path,
+                                             nvidia: dict[str, str]) -> None:
+    specs = _site_spec(world_tmp, nvidia)
+    proc = mesobox("exec", "--nv", str(busybox_rootfs), "true", as_user=user,
+                   env={**nvidia, "CUDA_VISIBLE_DEVICES": "3", "MESOBOX_CDI_SPEC_DIRS": str(specs)})
+    assert "the site's CDI spec has no device nvidia.com/gpu=3" in error_text(proc)
+
+
+def test_nv_without_a_site_spec_binds_the_driver(mesobox: Mesobox, user: User, busybox_rootfs: Path,
+                                                 world_tmp: Path, nvidia: dict[str, str]) -> None:
+    """A spec of another vendor's kind does not take --nv: the ldconfig path does."""
+    specs = _site_spec(world_tmp, nvidia, kind="other.example/gpu")
+    proc = mesobox("exec", "--debug", "--nv", str(busybox_rootfs), "sh", "-c", "ls /.mesobox/nvidia/lib",
+                   as_user=user, env={**nvidia, "MESOBOX_CDI_SPEC_DIRS": str(specs)})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.split() == [b"libcuda.so.1", b"libnvidia-ml.so.1"]
+    assert "--nv: no CDI spec of kind nvidia.com/gpu: binding the driver" in proc.stderr.decode()
+
+
+def test_rocm_uses_an_amd_spec(mesobox: Mesobox, user: User, busybox_rootfs: Path, world_tmp: Path,
+                               nvidia: dict[str, str]) -> None:
+    specs = _site_spec(world_tmp, nvidia, kind="amd.com/gpu")
+    proc = mesobox("exec", "--rocm", str(busybox_rootfs), "sh", "-c", "ls /dev | grep 'nvidia[0-9]'",
+                   as_user=user, env={**nvidia, "MESOBOX_CDI_SPEC_DIRS": str(specs)})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.split() == [b"nvidia0", b"nvidia1"]
+
+
+def test_nv_refuses_a_spec_others_could_write(mesobox: Mesobox, user: User, busybox_rootfs: Path,
+                                              world_tmp: Path, nvidia: dict[str, str]) -> None:
+    """A spec of kind nvidia.com/gpu that another user could have planted (its directory
+    writable by all, not sticky) is neither used nor silently passed over for the
+    ldconfig path: --nv fails in one line naming it."""
+    specs = _site_spec(world_tmp, nvidia)
+    os.chmod(specs, 0o777)
+    proc = mesobox("exec", "--nv", str(busybox_rootfs), "true", as_user=user,
+                   env={**nvidia, "MESOBOX_CDI_SPEC_DIRS": str(specs)})
+    assert f"CDI spec {specs}/nvidia.json: is not trusted" in error_text(proc)

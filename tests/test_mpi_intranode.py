@@ -3,10 +3,11 @@ own container, as an ordinary user, with the host's Open MPI launcher and the im
 Open MPI (tests/data/mpi/pingpong.c, scripts/make-mpi-image.sh).
 
 By default every container sees the host's /dev/shm, so Open MPI's shared-memory BTL
-(vader) works between ranks; mesobox also tells it not to use CMA single-copy, which the
-separate user namespaces refuse.  ``OMPI_MCA_btl=self,vader`` forbids the TCP fallback:
-with one private /dev/shm per container the job fails ("unable to reach each other").
-Timeouts only stop a hang; nothing here is timed.
+(vader) works between ranks, and the ranks share one user namespace
+(launch/sharedns.py), so its CMA single copy (process_vm_readv) works too: forcing it
+passes here, and fails with ``--userns private``.  ``OMPI_MCA_btl=self,vader`` forbids
+the TCP fallback: with one private /dev/shm per container the job fails ("unable to
+reach each other").  Timeouts only stop a hang; nothing here is timed.
 """
 
 from __future__ import annotations
@@ -52,25 +53,38 @@ def test_two_ranks_on_one_node_use_shared_memory_and_never_hang(
     assert "shared memory initialization" not in text, text
 
 
-def test_default_needs_no_mpi_settings_and_users_cma_choice_reaches_the_rank(
+def test_default_needs_no_mpi_settings_and_single_copy_works_between_the_ranks(
     mpi_image: MpiImage, mesobox: Mesobox, user: User
 ) -> None:
     """Without OMPI_MCA_btl Open MPI picks vader on its own (no "open(2) failed" warning,
-    no TCP fallback); a user who asks for CMA gets it, and Open MPI's own check says why
-    it cannot work here: the user's value is not overridden."""
+    no TCP fallback).  Forcing CMA single copy works: the ranks share one user namespace.
+    With ``--userns private`` the forced CMA fails as the kernel says it must (separate
+    user namespaces), and without forcing the job still runs: mesobox told Open MPI."""
     result = _mpirun(mesobox, user, str(mpi_image.rootfs), "/opt/mpi/pingpong", "20")
     text = _text(result)
     assert result.returncode == 0, text
     assert [int(b) for b, _, _ in ROWS.findall(text)] == SIZES, text
     assert "shared memory initialization" not in text, text
 
-    result = _mpirun(mesobox, user, "-e", "OMPI_MCA_btl_vader_single_copy_mechanism=cma", str(mpi_image.rootfs),
-                     "/opt/mpi/pingpong", "20", env={"OMPI_MCA_btl": "self,vader"})
+    cma = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_vader_single_copy_mechanism": "cma"}
+    result = _mpirun(mesobox, user, str(mpi_image.squashfs), "/opt/mpi/pingpong", "20", env=cma)
+    text = _text(result)
+    assert result.returncode == 0, text
+    assert [int(b) for b, _, _ in ROWS.findall(text)] == SIZES, text
+
+    result = _mpirun(mesobox, user, "--userns", "private", str(mpi_image.rootfs), "/opt/mpi/pingpong", "20",
+                     env=cma)
     text = _text(result)
     assert result.returncode != 0 and not ROWS.search(text), text
     # Open MPI's help text relayed through mpirun is sometimes lost (an ORTE show_help
     # error); the rank's own abort line is printed directly.
     assert "different user namespaces" in text or "vader BTL is aborting" in text, text
+
+    result = _mpirun(mesobox, user, "--userns", "private", str(mpi_image.rootfs), "/opt/mpi/pingpong", "20",
+                     env={"OMPI_MCA_btl": "self,vader"})
+    text = _text(result)
+    assert result.returncode == 0, text
+    assert [int(b) for b, _, _ in ROWS.findall(text)] == SIZES, text
 
 
 def test_contain_keeps_a_private_dev_shm(mpi_image: MpiImage, mesobox: Mesobox, user: User) -> None:
@@ -85,5 +99,5 @@ def test_contain_keeps_a_private_dev_shm(mpi_image: MpiImage, mesobox: Mesobox, 
     env = mesobox("exec", "--contain", str(mpi_image.squashfs), "/usr/bin/env", as_user=user)
     assert env.returncode == 0, env.stderr.decode()
     assert "OMPI_MCA_" not in env.stdout.decode()
-    env = mesobox("exec", str(mpi_image.squashfs), "/usr/bin/env", as_user=user)
+    env = mesobox("exec", "--userns", "private", str(mpi_image.squashfs), "/usr/bin/env", as_user=user)
     assert "OMPI_MCA_btl_vader_single_copy_mechanism=none\n" in env.stdout.decode(), env.stdout.decode()

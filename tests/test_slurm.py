@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mesobox, Registry, User, make_busybox_rootfs, make_oci_image
-from slurm_support import MpiImage, mpi_image, slurm_cluster
+from slurm_support import MpiImage, mpi_image, slurm_cluster, wait_for_file
 
 pytestmark = [pytest.mark.slurm, pytest.mark.userns, pytest.mark.slow]
 __all__ = ["mpi_image", "slurm_cluster"]  # fixtures used by name below
@@ -242,3 +242,75 @@ def test_srun_container_uses_mesobox_as_the_oci_runtime(
     )
     out = _ok(result)
     assert sorted(out.split("\n"))[-2:] == [f"n1 {mpi_image.marker}", f"n2 {mpi_image.marker}"], out
+
+
+PINGPONG = re.compile(r"pingpong bytes=(\d+) latency_us=([\d.]+) bandwidth_MBps=([\d.]+)")
+# Shared memory only (no TCP fallback), and CMA single copy forced: it works only when
+# the two ranks share a user namespace (launch/sharedns.py).
+FORCED_CMA = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_vader_single_copy_mechanism": "cma"}
+
+
+def test_two_ranks_on_one_node_copy_with_cma_however_slurm_starts_them(
+    slurm_cluster: Path, mpi_image: MpiImage, mesobox: Mesobox, user: User, world_tmp: Path
+) -> None:
+    """``srun … mesobox exec`` (the README's hybrid line) and ``mesobox srun``: two ranks
+    of one job on one node, each in its own container, with default settings."""
+    env = {**mesobox.base_env(), **mesobox.runtime_env(user), "MESOBOX_STORE": str(mesobox.store_root / user.name),
+           **FORCED_CMA}
+    plain = user.run(["srun", "-N1", "-n2", "--mpi=pmix", mesobox.python, "-m", "mesobox", "exec",
+                      str(mpi_image.squashfs), "/opt/mpi/pingpong", "20"], env=env, cwd=world_tmp, timeout=180)
+    out = _ok(plain)
+    assert [int(b) for b, _, _ in PINGPONG.findall(out)] == [8, 1024, 65536, 1048576, 4194304], out
+
+    wrapped = mesobox("srun", "--image", str(mpi_image.squashfs), "--mpi=pmix", "-N1", "-n2", "--",
+                      "/opt/mpi/pingpong", "20", as_user=user, cwd=world_tmp, timeout=180, env=FORCED_CMA)
+    out = _ok(wrapped)
+    assert [int(b) for b, _, _ in PINGPONG.findall(out)] == [8, 1024, 65536, 1048576, 4194304], out
+
+
+APP = """#!/bin/sh
+# A checkpointing application: counts, saves its count on SIGUSR2, resumes from it.
+d=$MESOBOX_CHECKPOINT_DIR
+n=$(cat "$d/count" 2>/dev/null || echo 0)
+echo "run restart=${SLURM_RESTART_COUNT:-0} from=$n layer=$(cat /var/layer-mark 2>/dev/null || echo none)"
+echo "written-in-run-${SLURM_RESTART_COUNT:-0}" > /var/layer-mark
+if [ "$n" -gt 0 ]; then echo "resumed-and-done"; exit 0; fi
+trap 'echo "$n" > "$d/count"; echo "checkpointed at $n"; exit 3' USR2
+while :; do n=$((n + 1)); sleep 1; done
+"""
+
+
+def test_sbatch_checkpoint_dir_checkpoints_at_the_warning_and_requeues(
+    slurm_cluster: Path, busybox_rootfs: Path, mesobox: Mesobox, user: User, world_tmp: Path
+) -> None:
+    """``--checkpoint-dir``: Slurm's time-limit warning reaches the batch shell, which
+    sends the steps the chosen signal; the application saves its state in the bound
+    directory and stops; the job requeues itself and the next run resumes from the
+    state and from the task's writable layer (a file the first run wrote in the image's
+    /var).  The image is the user's own (owned by them, as a pull of theirs makes it):
+    a rootless writable layer cannot copy up a directory of an unmapped owner."""
+    image = world_tmp / "app.sqfs"
+    subprocess.run(["mksquashfs", str(busybox_rootfs), str(image), "-quiet", "-noappend",
+                    "-force-uid", str(user.uid), "-force-gid", str(user.gid)], check=True, capture_output=True)
+    app = world_tmp / "app.sh"
+    app.write_text(APP)
+    app.chmod(0o755)
+    checkpoints = world_tmp / "ckpt"
+    out = world_tmp / "job.out"
+    submitted = _ok(mesobox("sbatch", "--image", str(image), "--checkpoint-dir", str(checkpoints),
+                            "--checkpoint-signal", "USR2", "--checkpoint-warning", "45", "-N1", "-n1", "-t", "1",
+                            "--open-mode=append", f"--output={out}", "--wrap", str(app),
+                            as_user=user, cwd=world_tmp, timeout=120))
+    job = submitted.split()[-1]
+    try:
+        wait_for_file(out, "resumed-and-done", timeout=400)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    text = out.read_text()
+    runs = re.findall(r"^run restart=(\d+) from=(\d+) layer=(\S+)$", text, re.M)
+    assert runs[0] == ("0", "0", "none"), text
+    assert "checkpointed at" in text and "exit code 3" in text, text  # the application's own exit, not a kill
+    saved = int((checkpoints / "count").read_text())
+    assert saved > 0 and runs[1] == ("1", str(saved), "written-in-run-0"), text
+    assert (checkpoints / "layers" / "task-0").is_dir()
+    assert not (checkpoints / ".mesobox-requeue").exists()

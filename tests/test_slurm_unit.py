@@ -61,14 +61,16 @@ def test_srun_argv_runs_this_interpreter_on_the_nodes(tmp_path: Path) -> None:
     assert argv[6:] == ["task", "--bind", "/scratch", "--", str(tmp_path / "img.sqfs"), "app"]
 
 
-def test_task_setup_binds_pmix_dir_and_sets_mpi_defaults(tmp_path: Path) -> None:
+def test_task_setup_binds_pmix_dir_and_dev_shm_and_leaves_mpi_settings_alone(tmp_path: Path) -> None:
+    """The ranks share /dev/shm and one user namespace (sharedns.py): CMA works, so the
+    task sets no MPI variable; the user's own choice passes through untouched."""
     env = {"PMIX_SERVER_TMPDIR": str(tmp_path)}
     argv = task_setup(["--env", "A=1", "--", "/img", "app"], env)
     assert argv == ["--bind", "/dev/shm", "--bind", str(tmp_path), "--env", "A=1", "/img", "app"]
-    assert env["OMPI_MCA_btl_vader_single_copy_mechanism"] == "none"
+    assert env == {"PMIX_SERVER_TMPDIR": str(tmp_path)}
     env2 = {"OMPI_MCA_btl_vader_single_copy_mechanism": "cma"}
     task_setup(["--", "/img", "app"], env2)
-    assert env2["OMPI_MCA_btl_vader_single_copy_mechanism"] == "cma"  # the user's choice wins
+    assert env2 == {"OMPI_MCA_btl_vader_single_copy_mechanism": "cma"}
     with pytest.raises(UsageError):
         task_setup(["/img", "app"], {})
 
@@ -221,3 +223,30 @@ def test_bad_input_is_one_line_error(mesobox: Mesobox, argv: list[str], needle: 
     err = result.stderr.decode()
     assert result.returncode in (2, 125), (result.returncode, err)
     assert err.startswith("mesobox: error:") and needle in err and "Traceback" not in err, err
+
+
+def test_checkpoint_script_is_valid_bash_and_runs_simple_commands_without_a_shell(tmp_path: Path) -> None:
+    from mesobox.slurm.launch import Checkpoint, wrap_script
+
+    ckpt = Checkpoint(str(tmp_path / "ck"), "sigusr2", "45")
+    assert (ckpt.signal, ckpt.warning) == ("USR2", 45) and (tmp_path / "ck").is_dir()
+    assert ckpt.sbatch_args() == ["--requeue", "--signal=B:USR1@45"]
+    simple = wrap_script(tmp_path / "img", (), "/opt/app --steps 10", ckpt)
+    assert "\nsrun /opt/app --steps 10\n" in simple and "scancel --signal=USR2" in simple
+    compound = wrap_script(tmp_path / "img", (), "cd /x && ./app > log", ckpt)
+    assert "\nsrun /bin/sh -c 'cd /x && ./app > log'\n" in compound
+    for script in (simple, compound):
+        assert subprocess.run(["bash", "-n"], input=script.encode(), check=False).returncode == 0
+    for bad in (("NOPE", "45"), ("USR1;rm", "45"), ("USR1", "soon"), ("USR1", "0")):
+        with pytest.raises(UsageError):
+            Checkpoint(str(tmp_path / "ck"), *bad)
+
+
+def test_checkpoint_task_binds_the_directory_and_a_layer_per_task(tmp_path: Path) -> None:
+    env = {"MESOBOX_CHECKPOINT_DIR": str(tmp_path), "SLURM_PROCID": "3"}
+    argv = task_setup(["--", "/img", "app"], env)
+    assert argv[argv.index(str(tmp_path)) - 1] == "--bind"
+    assert argv[argv.index("--overlay") + 1] == str(tmp_path / "layers" / "task-3")
+    assert (tmp_path / "layers" / "task-3").is_dir()
+    mine = task_setup(["--writable-tmpfs", "--", "/img", "app"], env)  # the user's own writable root wins
+    assert "--overlay" not in mine

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs, wait_until
+from conftest import Mesobox, User, make_busybox_rootfs, release_runtime_dir, wait_until
 from run_support import make_squashfs, mesobox_argv, one_error_line, squashfs_watchers, squashfuse_state
 
 LINGER_VAR = "MESOBOX_SQUASHFS_LINGER"
@@ -405,3 +405,27 @@ def test_alive_compares_pid_and_start_time() -> None:
         zombie.wait()
     for ref in ("999999999:1", "999999999", "", "abc", "12:x", f"{me}:", f":{start}"):
         assert not _alive(ref), ref
+
+
+def test_root_sees_a_squashfs_rebuilt_in_place_while_the_old_mount_lingers(
+    mesobox: Mesobox, world_tmp: Path
+) -> None:
+    """Root mounts with the kernel on a loop device.  `mount -o loop` would reuse the
+    loop device still attached to the same file (same inode) for the lingering mount of
+    the old version, and show its old contents; each mount gets its own device."""
+    rootfs = make_busybox_rootfs(world_tmp / "inplace-rootfs")
+    image = world_tmp / "inplace.sqfs"
+    env = {LINGER_VAR: "600", "MESOBOX_RUNTIME_DIR": str(world_tmp / "rt-root")}
+    seen = []
+    try:
+        for version in ("one", "two"):
+            (rootfs / "version").write_text(version + "\n")
+            subprocess.run(["mksquashfs", str(rootfs), str(image), "-quiet", "-noappend", "-all-root"],
+                           check=True, capture_output=True)
+            result = mesobox("exec", str(image), "cat", "/version", env=env)
+            assert result.returncode == 0, result.stderr.decode()
+            seen.append((result.stdout.decode().strip(), image.stat().st_ino))
+        assert [text for text, _ in seen] == ["one", "two"]
+        assert seen[0][1] == seen[1][1]  # rebuilt in place: the same inode, as the bug needs
+    finally:
+        release_runtime_dir(world_tmp / "rt-root")

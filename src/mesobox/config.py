@@ -68,6 +68,12 @@ class Config:
         # file to read ("": the host's); for tests of a fake driver tree.
         ("gpu_dev_dir", ""),
         ("gpu_ld_cache", ""),
+        # --rdma (and --mpi host): where the RDMA device nodes are ("": /dev/infiniband),
+        # the libibverbs config directory ("": /etc/libibverbs.d) and the ldconfig cache
+        # file host libraries are found in ("": the host's); for tests of a fake tree.
+        ("rdma_dev_dir", ""),
+        ("rdma_config_dir", ""),
+        ("host_ld_cache", ""),
         # Pull limits: uncompressed bytes per image; parallel layer downloads.
         ("max_image_bytes", 64 * 1024**3),
         ("max_parallel_downloads", 4),
@@ -88,6 +94,13 @@ class Config:
         # Every container gets the default seccomp filter: --security-opt seccomp=unconfined
         # and profile files are refused (lock it in the site file to make it the site's rule).
         ("require_seccomp", False),
+        # The image trust policy (containers-policy.json syntax, docs/trust.md), checked at
+        # every pull and launch when the file exists.  Site file only (SITE_ONLY_KEYS).
+        ("policy_file", "/etc/mesobox/policy.json"),
+        # Refuse to launch an image whose last `mesobox scan` found something at or above
+        # this severity (LOW, MEDIUM, HIGH, CRITICAL; "": no such rule; image/scan.py).
+        # Site file only (SITE_ONLY_KEYS).
+        ("refuse_scan_severity", ""),
         ("debug", False),
     )
     __slots__ = tuple(("_" + name) if name in _PATHY else name for name, _ in FIELDS)
@@ -100,6 +113,9 @@ class Config:
     rocm_libraries: tuple[str, ...]
     gpu_dev_dir: str
     gpu_ld_cache: str
+    rdma_dev_dir: str
+    rdma_config_dir: str
+    host_ld_cache: str
     max_image_bytes: int
     max_parallel_downloads: int
     keep_setuid_for_root: bool
@@ -108,6 +124,8 @@ class Config:
     squashfs_linger: float
     plan_cache: bool
     require_seccomp: bool
+    policy_file: str
+    refuse_scan_severity: str
     debug: bool
     _store: str
     _ro_stores: tuple[str, ...]
@@ -173,13 +191,18 @@ class Config:
     __hash__ = None  # type: ignore[assignment]
 
 
-_PATH_KEYS = {"store", "runtime_dir"}
+_PATH_KEYS = {"store", "runtime_dir", "policy_file"}
 _PATHS_KEYS = {"ro_stores", "cdi_spec_dirs"}
 _TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources", "nv_libraries", "rocm_libraries"}
 _INT_KEYS = {"max_image_bytes", "max_parallel_downloads"}
 _BOOL_KEYS = {"keep_setuid_for_root", "plan_cache", "require_seccomp", "debug"}
-_STR_KEYS = {"squashfs_compression", "default_format", "gpu_dev_dir", "gpu_ld_cache"}
+_STR_KEYS = {"squashfs_compression", "default_format", "gpu_dev_dir", "gpu_ld_cache", "rdma_dev_dir",
+             "rdma_config_dir", "host_ld_cache"}
 _SECONDS_KEYS = {"squashfs_linger"}
+# Keys only the site file may set: neither a user file nor the environment, locked or
+# not (a user who could name the trust policy could name an empty one).
+SITE_ONLY_KEYS = {"policy_file", "refuse_scan_severity"}
+_SEVERITY_KEYS = {"refuse_scan_severity"}
 
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
@@ -189,9 +212,9 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             if not isinstance(value, str):
                 raise TypeError
             path = os.path.expanduser(value)
-            if key == "runtime_dir" and not os.path.isabs(path):
+            if key in ("runtime_dir", "policy_file") and not os.path.isabs(path):
                 # relative to the cwd: another directory (and mount) for every cwd
-                raise ConfigError(f"{origin}: runtime_dir must be an absolute path, not {value!r}")
+                raise ConfigError(f"{origin}: {key} must be an absolute path, not {value!r}")
             return path
         if key in _PATHS_KEYS or key in _TUPLE_KEYS:
             items = value.split(":" if key in _PATHS_KEYS else ",") if isinstance(value, str) else value
@@ -220,6 +243,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             if not isinstance(value, str):
                 raise TypeError
             return value
+        if key in _SEVERITY_KEYS:
+            if not isinstance(value, str) or value.strip().upper() not in ("", "LOW", "MEDIUM", "HIGH", "CRITICAL"):
+                raise ValueError
+            return value.strip().upper()
         if key in _SECONDS_KEYS:
             if isinstance(value, bool):
                 raise TypeError
@@ -337,11 +364,15 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         values[key] = _coerce(key, value, str(site_path))
     user_path = paths.user_config(env)
     for key, value in _read_toml(user_path, cache).items():
+        if key in SITE_ONLY_KEYS:
+            raise ConfigError(f"{user_path}: {key!r} can be set only in the site file")
         if key in locked:
             raise ConfigError(f"{user_path}: {key!r} is set by the site and cannot be changed")
         values[key] = _coerce(key, value, str(user_path))
     for key in known:
         var = "MESOBOX_" + key.upper()
+        if var in env and key in SITE_ONLY_KEYS:
+            raise ConfigError(f"{var}: {key!r} can be set only in the site file", hint=f"unset {var}")
         if var in env and key not in locked:
             values[key] = _coerce(key, env[var], var)
     return Config(**values)

@@ -31,6 +31,15 @@ def progress(line: str) -> None:
     sys.stderr.flush()
 
 
+def clear_progress() -> None:
+    """Erase the progress line (a failure: its error line takes the place)."""
+    global _line
+    if _line is not None:
+        sys.stderr.write(ERASE)
+        sys.stderr.flush()
+    _line = None
+
+
 def end_progress() -> None:
     """The progress line is final: what follows starts below it."""
     global _line

@@ -69,3 +69,11 @@ def _fsync_directory(head: str, dir_fd: int | None) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH (reproducible-builds.org) when it is a valid time, else 0: the
+    time of what an image build makes that no input dates (squashfs.py, layers.py)."""
+    text = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(text) if text.isdigit() and int(text) < 1 << 32 else 0
+

@@ -8,14 +8,21 @@ Stdlib only: used on the launch path (squashfs leases) and by instances.
 
 from __future__ import annotations
 
+import os
+
 
 def proc_stat(pid: int) -> tuple[int, int] | None:
     """(ppid, starttime) of a live, non-zombie process, or None."""
     if pid <= 0:
         return None
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+        # os.open/os.read, not open(): no buffered-I/O layer (isatty, fstat) on the
+        # launch path, where a shared user namespace reads two of these per rank.
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
         # comm may contain spaces and parentheses: split after the *last* ')'.
         fields = raw[raw.rindex(b")") + 2 :].split()
         if fields[0] in (b"Z", b"X"):

@@ -78,7 +78,8 @@ def split_args(argv: list[str], need_command: bool = True, verb: str = "srun") -
     command = tuple(argv[i:])
     if need_command and not command and "wrap" not in found:
         raise UsageError("no command given", hint="mesobox srun --image IMAGE [options] -- CMD [ARGS...]")
-    return SplitArgs(found.get("image"), tuple(run_args), tuple(slurm_args), command, found.get("wrap"))
+    return SplitArgs(found.get("image"), tuple(run_args), tuple(slurm_args), command, found.get("wrap"),
+                     found.get("checkpoint_dir"), found.get("checkpoint_signal"), found.get("checkpoint_warning"))
 
 
 def _need(tool: str) -> str:
@@ -109,27 +110,33 @@ def main_sbatch(argv: list[str], config: Config) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         sys.stdout.write(help_text("sbatch"))
         return 0
-    from mesobox.slurm.launch import batch_script, image_for, wrap_script
+    from mesobox.slurm.launch import Checkpoint, batch_script, image_for, wrap_script
 
     split = split_args(argv, verb="sbatch")
+    checkpoint = None
+    if split.checkpoint_dir is not None:
+        checkpoint = Checkpoint(split.checkpoint_dir, split.checkpoint_signal, split.checkpoint_warning)
+    elif split.checkpoint_signal is not None or split.checkpoint_warning is not None:
+        raise UsageError("--checkpoint-signal and --checkpoint-warning need --checkpoint-dir")
     image = image_for(config, split)
     script_args: list[str] = []
     if split.wrap is not None:
         if split.command:
             raise UsageError("give either a script or --wrap, not both")
-        script = wrap_script(image, split.run_args, split.wrap)
+        script = wrap_script(image, split.run_args, split.wrap, checkpoint)
     else:
         script_path, *script_args = split.command
         try:
             body = Path(script_path).read_text()
         except OSError as err:
             raise UsageError(f"cannot read batch script {script_path}: {err.strerror}") from None
-        script = batch_script(image, split.run_args, body)
+        script = batch_script(image, split.run_args, body, checkpoint)
     if config.debug:
         sys.stderr.write(script)
     # sbatch reads the script from stdin when no file is named (sbatch(1)); arguments
     # for the script need a file name in front of them, hence /dev/stdin.
-    cmd = [_need("sbatch"), *split.slurm_args, *(["/dev/stdin", *script_args] if script_args else [])]
+    slurm_args = [*(checkpoint.sbatch_args() if checkpoint else []), *split.slurm_args]
+    cmd = [_need("sbatch"), *slurm_args, *(["/dev/stdin", *script_args] if script_args else [])]
     return subprocess.run(cmd, input=script.encode(), check=False).returncode
 
 

@@ -137,6 +137,8 @@ RUN_OPTIONS = (
            field="nv"),
     Option("--rocm", FLAG, "AMD GPUs: /dev/kfd, /dev/dri nodes, ROCm libraries and tools from the host",
            field="rocm"),
+    Option("--rdma", FLAG, "InfiniBand/RDMA: /dev/infiniband nodes, the host's verbs libraries and providers",
+           field="rdma"),
     Option("-c --contain", FLAG, "no default binds ($HOME, working directory, /tmp, site binds)", field="contain"),
     Option("-e --env", LIST, "set a variable (K alone copies the host's); repeatable", "K=V|K", field="env"),
     Option("--env-file", LIST, "KEY=VALUE lines; repeatable", "FILE", field="env_files"),
@@ -154,6 +156,9 @@ RUN_OPTIONS = (
     Option("--pid", FLAG, "new pid namespace", field="pid"),
     Option("--ipc", FLAG, "new IPC namespace", field="ipc"),
     Option("--uts", FLAG, "new UTS namespace", field="uts"),
+    Option("--userns", VALUE, "shared: one user namespace with your other containers of this Slurm job and node, "
+           "so MPI ranks copy with CMA (default when /dev/shm is the host's and no --pid); private: its own",
+           "shared|private", field="userns", choices=("shared", "private")),
     Option("--hostname", VALUE, "hostname inside (implies --uts)", "NAME", field="hostname"),
     Option("--net --network", VALUE, "network (default host)", "host|none|slirp", field="net",
            words=("host", "none", "slirp")),
@@ -218,10 +223,17 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
                    "squashfs|dir", choices=("squashfs", "dir")),
             Option("--insecure", FLAG, "allow plain HTTP to this registry"),
             Option("-q --quiet", FLAG, "no progress display"),
-        ), about="Fetch an image into the store and flatten it; prints the manifest digest.  REFERENCE: "
+            Option("--json", FLAG, "print one JSON object (reference, digest, format, path, size, seconds...) "
+                   "instead of the digest"),
+        ), about="Fetch an image into the store and flatten it; prints the manifest digest.  On a terminal, a "
+                 "progress line shows the bytes, the transfer rate and the time left.  REFERENCE: "
                  "docker://REF, REF, oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE."),
         Verb("images", "list stored images", "", (json_flag,), about="List stored images (site caches included)."),
-        Verb("inspect", "show an image's configuration as JSON", "REFERENCE"),
+        Verb("inspect", "show an image's configuration, or an instance's state, as JSON", "REFERENCE|NAME", (
+            Option("--type", VALUE, "what NAME is; default: an image if one has that name, else an instance",
+                   "image|instance", choices=("image", "instance")),
+        ), about="Show a stored image's configuration and digests (its squashfs file's too), or an instance's "
+                 "state with the image digest its current run started from."),
         Verb("rm", "remove an image from the store", "REFERENCE...",
              about="Remove images from the store; their blobs stay until `mesobox prune`."),
         Verb("prune", "delete blobs and caches no image uses",
@@ -232,7 +244,24 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
             Option("-o --output", VALUE, "the new file or directory (an empty directory is fine)", "PATH",
                    required=True),
         ), about="Write a stored image as a directory, a squashfs file or an OCI image layout.  Every blob is "
-                 "hashed again as it is written; when export fails, nothing it wrote is left behind."),
+                 "hashed again as it is written; when export fails, nothing it wrote is left behind.  A squashfs "
+                 "file carries the image config after the filesystem: running it behaves like running the stored "
+                 "image, and `mesobox inspect FILE` shows it."),
+        Verb("login", "check and store credentials for a registry", "REGISTRY", (
+            Option("-u --username", VALUE, "the user name; default: asked for", "USER"),
+            Option("--password-stdin", FLAG, "read the password (or token) from stdin"),
+            Option("-p --password", VALUE, "refused: every user of the node sees a command line in ps; use the "
+                   "prompt or --password-stdin", "PASSWORD"),
+            Option("--authfile", VALUE, "the auth file to write; default: $REGISTRY_AUTH_FILE, else "
+                   "$XDG_RUNTIME_DIR/containers/auth.json (podman's)", "FILE"),
+            Option("--insecure", FLAG, "allow plain HTTP to this registry"),
+        ), about="REGISTRY: HOST[:PORT][/NAMESPACE] (docker.io for Docker Hub).  The credentials are checked "
+                 "against the registry (its token service, or Basic auth) before they are stored, mode 0600, in "
+                 "the auth file podman and `mesobox pull` read.  See docs/images.md."),
+        Verb("logout", "remove a registry's stored credentials", "[REGISTRY]", (
+            Option("-a --all", FLAG, "every registry's credentials in the auth file"),
+            Option("--authfile", VALUE, "the auth file; default: where `mesobox login` writes", "FILE"),
+        ), about="Remove what `mesobox login` stored; credentials in ~/.docker/config.json are docker's."),
     )
 
     instance = Verb("instance", "manage long-lived containers (cloud mode)", subverbs=(
@@ -275,6 +304,11 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
     sbatch = Verb("sbatch", "submit a batch job whose tasks are containers", "[SBATCH-OPTIONS] SCRIPT [ARGS...]", (
         image,
         Option("--wrap", VALUE, "the job runs this command line instead of a script", "CMD"),
+        Option("--checkpoint-dir", VALUE, "preemption-aware job: at the time-limit warning or a preemption the "
+               "steps get --checkpoint-signal, may save their state in DIR (bound, $MESOBOX_CHECKPOINT_DIR), "
+               "each task's writable layer is kept in DIR/layers, and the job is requeued", "DIR"),
+        Option("--checkpoint-signal", VALUE, "the signal the steps get (default USR1)", "SIG"),
+        Option("--checkpoint-warning", VALUE, "seconds before the time limit (default 120)", "SECONDS"),
     ), inherit=RUN, stop_at_args=True, passes_on="sbatch", about=slurm_about.format(tool="sbatch"))
     bundle = Verb("bundle", "make an OCI bundle (config.json + rootfs)", "IMAGE DIR", (
         Option("--copy", FLAG, "copy the rootfs instead of linking to it"),
@@ -310,6 +344,78 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
                    "Mounting it needs root (loop device); ordinary users use --overlay DIR or --writable-tmpfs=SIZE."),
     ))
 
+    password_env = Option("--password-env", VALUE, "the variable holding the private key's password", "VAR")
+    insecure = Option("--insecure", FLAG, "allow plain HTTP to this registry")
+    trust_verbs = (
+        Verb("key", "make a signing key pair (cosign's format)", subverbs=(
+            Verb("generate", "write PREFIX.key (PKCS#8, mode 0600) and PREFIX.pub: ECDSA P-256, PEM", "", (
+                Option("-o --output", VALUE, "where: PREFIX.key and PREFIX.pub; default: cosign", "PREFIX"),
+                password_env,
+            )),
+        ), about="See docs/trust.md."),
+        Verb("sign", "sign an image in its registry (cosign's format)", "IMAGE", (
+            Option("--key", VALUE, "the private key (PEM: PKCS#8 or SEC1)", "KEY", required=True),
+            password_env,
+            insecure,
+        ), about="Sign the manifest digest IMAGE (docker://REGISTRY/REPO:TAG) names in its registry, and push the "
+                 "signature under REPO:sha256-HEX.sig as cosign does, next to those already there."),
+        Verb("verify", "check an image's signatures in its registry", "IMAGE", (
+            Option("--key", VALUE, "the public key (PEM)", "PUB", required=True),
+            insecure,
+        ), about="Exit 0 when a signature of IMAGE's manifest digest verifies with PUB (cosign's format); "
+                 "exit 13 with one line otherwise."),
+    )
+
+    image_arg = ("IMAGE: a stored reference, a directory rootfs or a squashfs file; its packages are read from its "
+                 "own databases (dpkg, apk, rpm's sqlite rpmdb, Python dist-info/egg-info).")
+    feed = "FEED: a directory or zip of OSV JSON records (a site's offline mirror)."
+    audit_verbs = (
+        Verb("sbom", "print an image's software bill of materials", "IMAGE", (
+            Option("--format", VALUE, "the SBOM's format", "spdx-json|cyclonedx-json",
+                   choices=("spdx-json", "cyclonedx-json"), required=True),
+        ), about=image_arg + "  The time written is now, or $SOURCE_DATE_EPOCH when set.  See docs/trust.md."),
+        Verb("scan", "check an image's packages against an offline OSV feed", "IMAGE", (
+            Option("--db", VALUE, "the feed", "FEED", required=True),
+            json_flag,
+            Option("--fail-on", VALUE, "exit 1 when a finding is at or above this severity",
+                   "UNKNOWN|LOW|MEDIUM|HIGH|CRITICAL", choices=("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")),
+        ), about=image_arg + "  " + feed + "  A stored image's scan is recorded in the store, where the site's "
+                 "refuse_scan_severity rule finds it.  Exit 0, or 1 with --fail-on.  See docs/trust.md."),
+        Verb("diff", "compare the packages of two images", "IMAGE1 IMAGE2", (
+            Option("--db", VALUE, "also list the advisories the change fixed (and brought)", "FEED"),
+            json_flag,
+        ), about="Packages added, removed, upgraded and downgraded from IMAGE1 to IMAGE2, each ecosystem's version "
+                 "order deciding which is newer.  " + feed),
+    )
+
+    # The tools room (tools/): questions about containers, answered with `mesobox exec` in child processes.
+    report_options = (
+        Option("--json", VALUE, "write the results as JSON (-: to stdout, instead of the table)", "FILE"),
+        Option("--html", VALUE, "write a self-contained HTML report (inline CSS and SVG)", "FILE"),
+    )
+    tool_verbs = (
+        Verb("matrix", "run one test command in each of several images", "IMAGE... -- CMD [ARGS...]", (
+            Option("-j --jobs", VALUE, "images run at once; default: min(images, CPUs); with --slurm: the job "
+                   "array's throttle (%N), default none", "N"),
+            Option("--timeout", VALUE, f"kill an image's run after DURATION ({SECONDS}); it counts as failed",
+                   "DURATION"),
+            Option("--slurm", FLAG, "one Slurm job array (sbatch --array --wait), a task per image"),
+            Option("--sbatch-arg", LIST, "an sbatch option for the job array (repeatable), e.g. "
+                   "--sbatch-arg=--partition=debug", "ARG", field="sbatch_arg"),
+            *report_options,
+        ), inherit=EXEC, about="Runs `mesobox exec [EXEC-OPTIONS] IMAGE CMD...` for every IMAGE and prints pass "
+           "(exit 0) or fail, the exit code, the wall time and the first lines of output of each.  Exit 0 when "
+           "every image passed, else 1.  See docs/tools.md."),
+        Verb("bench", "time a command in a container against the host", "IMAGE -- CMD [ARGS...]", (
+            Option("-n --runs", VALUE, "timed runs per side; default: 10", "N"),
+            Option("--warmup", VALUE, "rounds run first and not counted; default: 1", "K"),
+            *report_options,
+        ), inherit=EXEC, about="Runs CMD in the container (`mesobox exec [EXEC-OPTIONS] IMAGE CMD...`) and on "
+           "the host, interleaved, the side that goes first alternating; prints min, median, MAD and a confidence "
+           "interval of the median per side, and the container/host ratio; records kernel, CPU, governor, image "
+           "digest, mesobox version and binds.  See docs/tools.md."),
+    )
+
     help_verb = Verb("help", "show a verb's help", "[VERB [SUBVERB]]")
     completion = Verb("completion", "print the shell completion script", "SHELL",
                       about="SHELL: bash or zsh.  scripts/setup-host.sh installs both.")
@@ -318,7 +424,8 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
     ), about="Without VERB: mesobox(1); with it: mesobox-VERB(1).")
 
     every = (RUN, EXEC, SHELL, *image_verbs, instance, checkpoint, restore, srun, sbatch, bundle, oci, slurm,
-             overlay, help_verb, completion, manpage)
+             overlay, *trust_verbs, *audit_verbs, *tool_verbs, help_verb, completion,
+             manpage)
 
     # Options before the verb: `mesobox --debug run ...`.
     top = Verb("", "Unprivileged containers for HPC centres.", "VERB [ARGS...]", (

@@ -1,5 +1,6 @@
 """Image room: write a stored image out, as a directory, a squashfs file or an OCI
-image layout (``mesobox export``).
+image layout (``mesobox export``).  A squashfs file carries the image config after the
+filesystem (image/portable.py), so it runs as the stored image does.
 
 Export holds the store's gc lock shared (``prune`` waits for it), re-hashes every blob
 it writes out (a substituted blob is never exported under the original digest) and
@@ -78,18 +79,26 @@ def export_dir(store: Store, record: ImageRecord, out: Path) -> None:
 
 def export_squashfs(config: Config, record: ImageRecord, out: Path) -> None:
     """The image's squashfs (made now when the store has only the directory), checked
-    against what was recorded when it was built."""
+    against what was recorded when it was built, followed by the image config
+    (image/portable.py): running the file then behaves like running the stored image."""
+    from mesobox.image.portable import MEDIA_TYPE, trailer
     from mesobox.image.pull import ensure_format
 
     record = ensure_format(config, record, "squashfs")
     assert record.squashfs is not None
-    copy_checked(record.squashfs, out, record.squashfs_check, f"the squashfs of {record.reference}",
-                 f"`mesobox pull {record.reference}` rebuilds it")
+    size, digest = copy_checked(record.squashfs, out, record.squashfs_check, f"the squashfs of {record.reference}",
+                                f"`mesobox pull {record.reference}` rebuilds it")
+    payload = {"mediaType": MEDIA_TYPE, "reference": record.reference, "digest": record.digest,
+               "indexDigest": record.index_digest, "configDigest": record.config_digest,
+               "platform": record.platform, "squashfsDigest": digest, "config": record.config}
+    with open(out, "ab") as f:
+        f.write(trailer(payload, size))
 
 
-def copy_checked(src: Path, dest: Path, check: tuple[int, str] | None, what: str, again: str) -> None:
+def copy_checked(src: Path, dest: Path, check: tuple[int, str] | None, what: str, again: str) -> tuple[int, str]:
     """Copy ``src`` to a new file ``dest``, hashing what is copied; DigestMismatch (and no
-    ``dest``) unless it is ``check`` (size, "sha256:HEX"); ``None`` checks nothing."""
+    ``dest``) unless it is ``check`` (size, "sha256:HEX"); ``None`` checks nothing.
+    Returns the (size, "sha256:HEX") copied."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -102,6 +111,7 @@ def copy_checked(src: Path, dest: Path, check: tuple[int, str] | None, what: str
     if check is not None and (size, "sha256:" + digest.hexdigest()) != check:
         dest.unlink(missing_ok=True)
         raise DigestMismatch(f"{what} is damaged: its content no longer matches {check[1]}", hint=again)
+    return size, "sha256:" + digest.hexdigest()
 
 
 def export_oci(store: Store, record: ImageRecord, out: Path) -> None:

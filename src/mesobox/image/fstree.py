@@ -41,7 +41,7 @@ class Tree:
         self.root_fd = root_fd
         self.unprivileged = unprivileged
         self.on_chmod = on_chmod  # (path, stat before we opened it up)
-        self.on_mkdir: Callable[[Path_], None] = lambda path: None
+        self.on_mkdir: Callable[[Path_, os.stat_result], None] = lambda path, st: None
         self._names: list[str] = []
         self._fds: list[int] = []
 
@@ -86,7 +86,7 @@ class Tree:
             if not create:
                 return None
             self.retry(parent, path[:-1], lambda: os.mkdir(name, 0o755, dir_fd=parent))
-            self.on_mkdir(path)
+            self.on_mkdir(path, os.stat(name, dir_fd=parent, follow_symlinks=False))
         except PermissionError:
             if not self.unprivileged:
                 raise
@@ -101,7 +101,7 @@ class Tree:
                 return None
             self.retry(parent, path[:-1], lambda: os.unlink(name, dir_fd=parent))
             self.retry(parent, path[:-1], lambda: os.mkdir(name, 0o755, dir_fd=parent))
-            self.on_mkdir(path)
+            self.on_mkdir(path, os.stat(name, dir_fd=parent, follow_symlinks=False))
         return os.open(name, O_DIR, dir_fd=parent)
 
     def open_up(self, parent: int, path: Path_) -> None:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mesobox.errors import LayerError, StoreError
+from mesobox.files import source_date_epoch
 from mesobox.image.fstree import O_DIR, Path_, Tree, show
 from mesobox.image.tarsafe import (
     CHUNK,
@@ -222,7 +223,7 @@ class _Extractor:
 
     def _run(self, st: _Layer) -> None:
         tar = tarfile.TarFile(fileobj=st.stream, mode="r")  # type: ignore[arg-type]
-        self.tree.on_mkdir = lambda path: self._made_dir(path, st)
+        self.tree.on_mkdir = lambda path, made: self._made_dir(path, made, st)
         members: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]
         while True:
             member = tar.next()
@@ -272,10 +273,13 @@ class _Extractor:
             return
         _mark(st.created, path)
 
-    def _made_dir(self, path: Path_, st: _Layer) -> None:
+    def _made_dir(self, path: Path_, made: os.stat_result, st: _Layer) -> None:
         """A new directory at ``path``: attributes recorded for an earlier one there are
-        stale (its inode number may even be reused by this one)."""
-        self.dirs.pop(path, None)
+        stale (its inode number may even be reused by this one).  Until the layer's own
+        entry for it (if any) says otherwise, it is dated SOURCE_DATE_EPOCH (else 0),
+        not now: the same layers give the same tree, and the same squashfs bytes."""
+        self.dirs[path] = _DirAttrs(stat.S_IMODE(made.st_mode), source_date_epoch() * 1_000_000_000, None,
+                                    made.st_ino)
         _mark(st.created, path)
 
     # -- entry kinds -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 Steps, each named after what it does::
 
     open_image_source      ask the source for the manifest of the wanted platform
+    check_trust        the image's signatures; the site policy (image/policy.py) accepts it
     fetch_blobs        config + layers into the store, in parallel, each once
     flatten            apply the layers into a directory (and mksquashfs it)
     record             write the image record: reference -> digest + config
@@ -44,7 +45,12 @@ FORMATS = ("squashfs", "dir")
 
 
 class Progress:
-    """A one-line progress display on a TTY; silent otherwise (or with quiet)."""
+    """A one-line progress display on a TTY: bytes, the transfer rate and the time left;
+    silent otherwise (or with quiet).  The rate is the download's over the last
+    ``WINDOW`` seconds; blobs already in the store count as done but not as transferred."""
+
+    WINDOW = 5.0  # seconds of samples the rate is taken over
+    STEADY = 0.5  # no rate (nor ETA) is shown before this many seconds of samples
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total = max(total, 1)
@@ -53,19 +59,51 @@ class Progress:
         self.lock = threading.Lock()
         self.last = 0.0
         self.stage = "fetching"
+        self.transferred = 0
+        self.samples: list[tuple[float, int]] = []  # (monotonic time, bytes transferred), oldest first
 
     def add(self, nbytes: int) -> None:
+        """``nbytes`` more were downloaded."""
         with self.lock:
             self.done += nbytes
+            self.transferred += nbytes
             now = time.monotonic()
-            if self.enabled and now - self.last > 0.1:
-                self.last = now
-                self._draw()
+            self.samples.append((now, self.transferred))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
+                del self.samples[0]
+            self._maybe_draw(now)
 
-    def _draw(self) -> None:
+    def have(self, nbytes: int) -> None:
+        """``nbytes`` were already in the store: done, without a transfer."""
+        with self.lock:
+            self.done += nbytes
+            self._maybe_draw(time.monotonic())
+
+    def _maybe_draw(self, now: float) -> None:
+        if self.enabled and now - self.last > 0.1:
+            self.last = now
+            self._draw()
+
+    def rate(self) -> float | None:
+        """Bytes per second over the window; None until it spans ``STEADY`` seconds."""
+        if len(self.samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 - t0 >= self.STEADY else None
+
+    def line(self) -> str:
         frac = min(self.done / self.total, 1.0)
         bar = "#" * int(frac * 30)
-        console.progress(f"{self.stage:<10} [{bar:<30}] {self.done / 1e6:8.1f}/{self.total / 1e6:.1f} MB")
+        text = f"{self.stage:<10} [{bar:<30}] {self.done / 1e6:8.1f}/{self.total / 1e6:.1f} MB"
+        rate = self.rate() if self.stage == "fetching" else None
+        if rate is not None:
+            text += f"  {_per_second(rate)}"
+            left = max(self.total - self.done, 0)
+            text += f"  ETA {_clock(left / rate)}" if rate > 0 else "  ETA --:--"
+        return text
+
+    def _draw(self) -> None:
+        console.progress(self.line())
 
     def note(self, stage: str) -> None:
         if self.enabled:
@@ -75,6 +113,34 @@ class Progress:
     def finish(self) -> None:
         if self.enabled:
             console.end_progress()
+
+    def abandon(self) -> None:
+        """The pull failed: erase the line, so the error stands on a line of its own."""
+        if self.enabled:
+            console.clear_progress()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        if kind is not None:
+            self.abandon()
+
+
+def _per_second(rate: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if rate < 1000 or unit == "GB":
+            return f"{rate:5.1f} {unit}/s"
+        rate /= 1000
+    return f"{rate:.1f} GB/s"
+
+
+def _clock(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
+    whole = int(min(seconds, 359999) + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +161,29 @@ def open_image_source(config: Config, text: str, platform: str | None, insecure:
         source.close()
         raise
     return source, resolved
+
+
+def check_trust(config: Config, source: Any, resolved: Any) -> list[dict[str, str]]:
+    """The signatures a registry holds for the image (its manifest's and its index's),
+    to keep in the store for launches; PolicyError, before any layer is fetched, when
+    the site policy refuses the image.  A registry that fails to answer for signatures
+    only means none (a policy that needs them refuses then)."""
+    from mesobox.errors import RegistryError
+
+    digests = tuple(d for d in (resolved.manifest_digest, resolved.index_digest) if d)
+    found: list[Any] = []
+    if resolved.reference.transport == "docker":
+        from mesobox.image.sign import fetch_signatures
+
+        for digest in digests:
+            try:
+                found += fetch_signatures(source, digest)
+            except (RegistryError, DigestMismatch) as err:
+                _warn(f"the signatures of {digest[:19]} could not be fetched: {err.message}")
+    from mesobox.image.policy import check_pull
+
+    check_pull(config, str(resolved.reference), digests, found)
+    return [sig.to_json() for sig in found]
 
 
 def fetch_blobs(store: Store, source: Any, resolved: Any, progress: Progress, workers: int) -> tuple[int, Verified]:
@@ -124,7 +213,7 @@ def _fetch_each(store: Store, source: Any, descriptors: list[Any], progress: Pro
         path, did_fetch = store.ensure_blob(desc.digest, fetch, desc.size)
         paths[desc.digest] = path
         if not did_fetch:
-            progress.add(desc.size)
+            progress.have(desc.size)
         return did_fetch
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -340,6 +429,7 @@ def pull_image(
     with store.in_use():  # `mesobox prune` waits for this pull
         source, resolved = open_image_source(config, text, platform, insecure)
         try:
+            signatures = check_trust(config, source, resolved)
             total = resolved.config.size + sum(d.size for d in resolved.layers)
             if total > config.max_image_bytes:
                 raise LayerError(
@@ -347,13 +437,15 @@ def pull_image(
                     hint="raise max_image_bytes in the configuration",
                 )
             progress = Progress(total, enabled=not quiet and sys.stderr.isatty())
-            fetched, verified = fetch_blobs(store, source, resolved, progress, config.max_parallel_downloads)
+            with progress:  # a failure erases the line: the error stands on its own
+                fetched, verified = fetch_blobs(store, source, resolved, progress, config.max_parallel_downloads)
         finally:
             source.close()
-        record = make_record(store, resolved)
-        progress.note("flattening")
-        check = flatten(store, record.digest, record.layers, fmt, reference=record.reference,
-                        verified=verified)
+        with progress:
+            record = make_record(store, resolved)
+            progress.note("flattening")
+            check = flatten(store, record.digest, record.layers, fmt, reference=record.reference,
+                            verified=verified)
         progress.finish()
         with store.lock("images"):
             if check is None:  # a dir pull: keep what is known of a squashfs of the same image
@@ -361,6 +453,7 @@ def pull_image(
                 check = next(iter(known)) if len(known) == 1 else None
             if check is not None:
                 record = dataclasses.replace(record, squashfs_size=check[0], squashfs_sha256=check[1])
+            store.write_signatures(record.digest, signatures)  # before the record: launches check them
             store.write_record(record)
         final = store.lookup(record.reference)
     assert final is not None

@@ -117,7 +117,8 @@ class RegistrySource:
     """An ``ImageSource`` for ``docker://`` references."""
 
     def __init__(self, ref: Reference, config: Config, insecure: bool = False,
-                 retry: RetryPolicy | None = None, env: dict[str, str] | None = None) -> None:
+                 retry: RetryPolicy | None = None, env: dict[str, str] | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
         self.ref = ref
         self.retry = retry or RetryPolicy()
         self.insecure = insecure or is_listed(ref.registry, config.insecure_registries)
@@ -127,7 +128,8 @@ class RegistrySource:
         self.base = f"{scheme}://{host}"
         self.host = host
         self.scope = f"repository:{ref.repository}:pull"
-        self.auth = Authenticator(ref.registry, ref.repository, self._fetch_token, env)
+        # credentials: given (`mesobox login` checks them), else looked up in the auth files
+        self.auth = Authenticator(ref.registry, ref.repository, self._fetch_token, env, credentials)
         self._ssl: ssl.SSLContext | None = None
         self._small: dict[str, bytes] = {}  # verified config blobs read by resolve()
 
@@ -151,10 +153,10 @@ class RegistrySource:
         target = parts.path or "/"
         return conn, target + (f"?{parts.query}" if parts.query else "")
 
-    def _send(self, method: str, url: str, headers: dict[str, str]) -> Response:
+    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> Response:
         conn, target = self._connect(url)
         try:
-            conn.request(method, target, headers={"User-Agent": "mesobox", **headers})
+            conn.request(method, target, body=body, headers={"User-Agent": "mesobox", **headers})
             return Response(conn, conn.getresponse(), url)
         except BaseException:
             conn.close()
@@ -164,7 +166,8 @@ class RegistrySource:
         resp = self._retrying(lambda: self._follow("GET", url, {"Authorization": basic} if basic else {}, None))
         return resp.status, resp.read(1024 * 1024)
 
-    def _follow(self, method: str, url: str, headers: dict[str, str], scope: str | None) -> Response:
+    def _follow(self, method: str, url: str, headers: dict[str, str], scope: str | None,
+                body: bytes | None = None) -> Response:
         """One request, answering one auth challenge and following up to 5 redirects."""
         own_host = urlsplit(url).netloc
         challenged = False
@@ -175,7 +178,7 @@ class RegistrySource:
                 sent.pop("Authorization", None)  # never leak credentials to another host
             elif scope is not None and (auth := self.auth.header(scope)):
                 sent["Authorization"] = auth
-            resp = self._send(method, url, sent)
+            resp = self._send(method, url, sent, body)
             if resp.status == 401 and scope is not None and same_host and not challenged:
                 challenge = resp.header("WWW-Authenticate")
                 resp.read_error()
@@ -219,6 +222,15 @@ class RegistrySource:
         """``method`` on ``/v2/...`` with retries and auth; the caller checks the status."""
         url = self.base + path
         return self._retrying(lambda: self._follow(method, url, dict(headers or {}), self.scope))
+
+    def push_request(self, method: str, target: str, headers: dict[str, str] | None = None,
+                     body: bytes | None = None) -> Response:
+        """``method`` on ``target`` (a ``/v2/...`` path, or the Location of an upload,
+        relative or absolute) with a token for pull and push (image/upload.py); the
+        caller checks the status."""
+        url = urljoin(self.base + "/", target)
+        scope = f"repository:{self.ref.repository}:pull,push"
+        return self._retrying(lambda: self._follow(method, url, dict(headers or {}), scope, body))
 
     def _check(self, resp: Response, what: str) -> None:
         if resp.status in (200, 206):

@@ -5,6 +5,16 @@ metadata servers want (the Shifter/Enroot/Apptainer-SIF model).  zstd is used wh
 this mksquashfs supports it, gzip otherwise.  Extended attributes are not stored: the
 image's security.capability bits must not reach anyone (see layers.py).
 
+Reproducible: the same flattened tree gives the same bytes.  mksquashfs orders
+entries and fragments deterministically (``-reproducible``, whatever ``-processors``),
+and the two times it would take from the clock are fixed: the filesystem's creation
+time and the root directory's (which no layer names), both SOURCE_DATE_EPOCH when it
+is set, else 0, as are directories no layer names (layers.py).  File times are the
+layers' own (Python's .pyc files are checked against them).  Owners are the flattening
+user's when it is not root (layers.py), so two users' stores differ in those ids;
+stores flattened by the same user, and root's, agree byte for byte (``inspect`` shows
+the file's digest).
+
 ``mksquashfs`` dies with the process that started it (``PR_SET_PDEATHSIG``): a pull
 killed with SIGKILL leaves no orphan compressing an image into a deleted directory.
 """
@@ -21,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mesobox.errors import StoreError
-from mesobox.files import SQUASHFS_MAGIC
+from mesobox.files import SQUASHFS_MAGIC, source_date_epoch
 
 _BYTES_USED = struct.Struct("<Q")  # superblock offset 40: bytes_used (squashfs 4.0)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -90,14 +100,18 @@ def supported_compressors() -> frozenset[str]:
 def build_squashfs(rootfs: Path, dest: Path, compression: str = "zstd") -> None:
     """Write ``rootfs`` as a squashfs file at ``dest`` (which must not exist)."""
     comp = compression if compression in supported_compressors() else "gzip"
+    fixed = str(source_date_epoch())
     argv = [
         _mksquashfs(), str(rootfs), str(dest),
-        "-comp", comp, "-noappend", "-no-xattrs", "-quiet", "-no-progress",
+        "-comp", comp, "-noappend", "-no-xattrs", "-quiet", "-no-progress", "-reproducible",
+        "-mkfs-time", fixed, "-root-time", fixed,
         "-processors", str(max(1, os.cpu_count() or 1)),
     ]
     if comp == "zstd":
         argv += ["-Xcompression-level", "3"]
-    res = subprocess.run(argv, capture_output=True, text=True, check=False,
+    # mksquashfs would read SOURCE_DATE_EPOCH itself and refuse it beside the options.
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, env=env,
                          preexec_fn=die_with_parent())
     if res.returncode != 0:
         msg = (res.stderr.strip().splitlines() or ["unknown error"])[-1]

@@ -10,6 +10,8 @@ the same layout and are consulted first)::
                                (+ size and sha256 of the squashfs, to check it on the next pull)
     rootfs/HEX/                flattened directory rootfs, one per manifest digest
     squashfs/HEX.sqfs          squashfs of the same, one per manifest digest
+    signatures/HEX             the cosign signatures the registry held for it at pull (JSON),
+                               verified at each launch against the site policy (image/policy.py)
     tmp/                       work directories, named ``HEX.PID.RANDOM``
     locks/NAME.lock            lock files (flock)
 
@@ -199,12 +201,15 @@ class Store:
     def record_path(self, reference: str, root: Path | None = None) -> Path:
         return (root or self.root) / "images" / (record_key(reference) + ".json")
 
+    def signatures_path(self, digest: str, root: Path | None = None) -> Path:
+        return (root or self.root) / "signatures" / digest_hex(digest)
+
     # -- set-up and locking ---------------------------------------------------------------
     def init(self) -> None:
         """Create the writable store's layout (idempotent), or refuse a foreign version."""
         version_file = self.root / "version"
         try:
-            for sub in ("blobs/sha256", "ingest", "images", "rootfs", "squashfs", "tmp", "locks"):
+            for sub in ("blobs/sha256", "ingest", "images", "rootfs", "squashfs", "signatures", "tmp", "locks"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             if not version_file.exists():
                 self.write_atomic(version_file, STORE_VERSION.encode() + b"\n")
@@ -389,6 +394,24 @@ class Store:
         if path is None:
             raise ImageNotFound(f"blob {digest} is not in the store", hint="pull the image again")
         return path.read_bytes()
+
+    # -- signatures ---------------------------------------------------------------------------
+    def write_signatures(self, digest: str, entries: list[dict[str, str]]) -> None:
+        """Keep the signatures of ``digest`` (sign.Signature.to_json each), added to those
+        kept before: a signature is about the digest, and stays true."""
+        path = self.signatures_path(digest)
+        try:
+            old = json.loads(path.read_bytes()).get("signatures")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        merged = [e for e in old if isinstance(e, dict)] if isinstance(old, list) else []
+        for entry in entries:
+            if entry not in merged:
+                merged.append(entry)
+        if not merged or merged == old:
+            return  # nothing new: the file (and every verdict that read it) stays
+        (self.root / "signatures").mkdir(exist_ok=True)  # a store made before signatures were kept
+        self.write_atomic(path, json.dumps({"digest": digest, "signatures": merged}, indent=1).encode())
 
     # -- image records ------------------------------------------------------------------------
     def write_record(self, record: ImageRecord) -> None:
@@ -577,7 +600,10 @@ class Store:
                 if record.index_digest:
                     used.add(digest_hex(record.index_digest))
                 used.update(digest_hex(layer["digest"]) for layer in record.layers)
-            for kind, keep in (("blobs/sha256", used), ("rootfs", flattened), ("squashfs", flattened)):
+            for kind, keep in (("blobs/sha256", used), ("rootfs", flattened), ("squashfs", flattened),
+                               ("signatures", flattened)):
+                if not (self.root / kind).is_dir():
+                    continue  # signatures/: not in a store made before they were kept
                 for entry in os.scandir(self.root / kind):
                     if entry.name.removesuffix(".sqfs") in keep:
                         continue

@@ -180,6 +180,7 @@ class Instance:
         return {
             "name": self.name,
             "image": self.spec.get("image"),
+            "image_ran": self.state.get("image"),  # REFERENCE@DIGEST (or path) of the current run
             "status": self.status,
             "pid": self.workload_pid,
             "supervisor_pid": self.state.get("supervisor_pid"),

@@ -70,7 +70,10 @@ class Supervisor:
     def launch(self) -> None:
         sys.stdout.flush()
         self.log_offset = os.lseek(sys.stdout.fileno(), 0, os.SEEK_END)
-        argv = [sys.executable, "-m", "mesobox", "run", *self.spec["options"], self.spec["image"], *self.spec["args"]]
+        # An instance is a service, not an MPI rank: its own user namespace unless its
+        # options say otherwise (the last --userns given counts).
+        argv = [sys.executable, "-m", "mesobox", "run", "--userns=private", *self.spec["options"], self.spec["image"],
+                *self.spec["args"]]
         cgroup = self.cgroup
         join = (lambda: cgroup.add_pid(os.getpid())) if cgroup is not None else None
         # The child joins the freezer cgroup *before* exec, so nothing it forks escapes.
@@ -175,7 +178,7 @@ class Supervisor:
         while self.child_status is None:
             if not up and self.reached_workload():
                 up = True
-                self.save(status=st.RUNNING)
+                self.save(status=st.RUNNING, image=image_ran(self.spec["image"]))
             if self.stopping:
                 self.terminate(self.grace())
                 break
@@ -252,6 +255,21 @@ def _cmdline(pid: int) -> bytes:
 
 def _cmdline_of_argv(argv: Any) -> bytes:
     return b"".join(os.fsencode(str(a)) + b"\0" for a in argv)
+
+
+def image_ran(image: str) -> str | None:
+    """The provenance of the run that just started: REFERENCE@DIGEST of the stored image
+    its name resolves to now (the run has pulled it if it had to), or the image's path."""
+    if image.startswith("/"):
+        return image
+    try:
+        from mesobox.config import load_config
+        from mesobox.image.store import Store
+
+        record = Store(load_config()).lookup(image)
+    except Exception:  # a name the run itself refused: nothing ran from it
+        return None
+    return f"{record.reference}@{record.digest}" if record is not None else None
 
 
 def _daemonize() -> None:

@@ -19,9 +19,20 @@ What the edits become, for an ordinary user who cannot mknod:
   Their sources obey ``allowed_bind_sources`` as ``-B`` binds do: a spec directory a
   user points the setting at grants nothing ``-B`` and ``--device`` would not.
 - ``env``: KEY=VALUE, over the image's Env, under --env-file and -e.
-- ``hooks``, ``additionalGIDs``, ``intelRdt`` and ``netDevices`` are refused with one
-  line for a device that asks for them: mesobox does not run CDI hooks yet, and ignoring
-  one (an ldconfig that never ran) would leave a container that looks right and fails.
+- ``hooks``: createContainer and startContainer hooks become ``Spec.hooks`` entries,
+  run by the launch as the OCI runtime spec says (program.py, execute.py); ``nvidia-ctk``'s
+  update-ldcache and create-symlinks write into the root, so specbuild.py gives such a
+  container a writable root (--writable-tmpfs), as Apptainer's --nvccli does.  A
+  prestart, createRuntime, poststart or poststop hook is refused in one line naming it.
+- ``additionalGIDs``, ``intelRdt`` and ``netDevices`` are refused with one line for a
+  device that asks for them: ignoring one would leave a container that looks right and
+  fails.
+
+A spec names programs the launch runs and files it binds, so only a spec nobody else
+could have written is used: the file must belong to root or to the caller and be
+writable by nobody else, and so must every directory on the way to it (a sticky one,
+such as /tmp, excepted: others cannot replace what is in it).  Any other spec is
+treated as a broken one.
 
 A spec file that cannot be read or parsed is an error only when a device of its kind
 (when it can tell) is asked for; otherwise it is a warning.
@@ -53,19 +64,24 @@ _CLASS = r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?"
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9_.:-]*[A-Za-z0-9])?"
 KIND_RE = re.compile(rf"^{_VENDOR}/{_CLASS}$")
 NAME_RE = re.compile(rf"^{_NAME}$")
-UNSUPPORTED = ("hooks", "additionalGIDs", "intelRdt", "netDevices")
+UNSUPPORTED = ("additionalGIDs", "intelRdt", "netDevices")
+RUN_HOOKS = ("createContainer", "startContainer")  # the kinds mesobox run runs (Spec.hooks)
+LATER_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
 HINT = "use --device VENDOR/CLASS=NAME (or =all), as named in a spec under the cdi_spec_dirs directories"
 
 
 class Edits:
-    """What CDI devices add to a container: bind mounts (device nodes included) and
-    KEY=VALUE environment entries, in the order the specs give them."""
+    """What CDI devices add to a container: bind mounts (device nodes included),
+    KEY=VALUE environment entries and (kind, hook) pairs, in the order the specs give
+    them."""
 
-    __slots__ = ("env", "mounts")
+    __slots__ = ("env", "hooks", "mounts")
 
-    def __init__(self, mounts: tuple[S.Mount, ...] = (), env: tuple[str, ...] = ()) -> None:
+    def __init__(self, mounts: tuple[S.Mount, ...] = (), env: tuple[str, ...] = (),
+                 hooks: tuple[tuple[str, S.Hook], ...] = ()) -> None:
         self.mounts = mounts
         self.env = env
+        self.hooks = hooks
 
 
 class _Spec:
@@ -100,6 +116,7 @@ def cdi_edits(names: list[str], config: Config) -> Edits:
         warn(message)
     mounts: list[S.Mount] = []
     env: list[str] = []
+    hooks: list[tuple[str, S.Hook]] = []
     applied: set[str] = set()
     allowed = tuple(config.allowed_bind_sources)
     for spec, device in chosen:
@@ -110,7 +127,20 @@ def cdi_edits(names: list[str], config: Config) -> Edits:
             mounts += [_node_mount(node, spec, allowed) for node in edits.get("deviceNodes") or ()]
             mounts += [_bind_mount(mount, spec, config) for mount in edits.get("mounts") or ()]
             env += list(edits.get("env") or ())
-    return Edits(tuple(mounts), tuple(env))
+            hooks += [_hook(hook, spec, device) for hook in edits.get("hooks") or ()]
+    return Edits(tuple(mounts), tuple(env), tuple(hooks))
+
+
+def kind_devices(kind: str, config: Config) -> tuple[str, ...] | None:
+    """The device names the specs under ``config.cdi_spec_dirs`` give for ``kind``, or
+    None when no spec file is of that kind (gpu.py: --nv through the site's spec).  A
+    broken or untrusted spec of that kind counts, with no names: using it then fails in
+    one line, rather than silently taking another path."""
+    specs, broken = _load(tuple(config.cdi_spec_dirs))
+    names = {name for spec in specs if spec.kind == kind for name in spec.devices}
+    if not names and kind not in broken:
+        return None
+    return tuple(sorted(names))
 
 
 def _parse_name(text: str) -> tuple[str, str]:
@@ -128,6 +158,8 @@ def _devices(specs: list[_Spec], kind: str, device: str, broken: dict[str, str])
     if device == "all":
         if not latest:
             raise UsageError(f"no CDI spec describes devices of kind {kind}", hint=_unknown_hint(broken))
+        if "all" in latest:  # nvidia-ctk writes an "all" device of its own: it is the spec's word for all
+            return [(latest["all"], "all")]
         return [(spec, name) for name, spec in latest.items()]
     if device not in latest:
         raise UsageError(f"unknown CDI device {kind}={device}", hint=_unknown_hint(broken, latest))
@@ -150,6 +182,7 @@ def _load(dirs: tuple[str, ...]) -> tuple[list[_Spec], dict[str, str]]:
     broken one by its kind ("" when the kind itself could not be read)."""
     specs: list[_Spec] = []
     broken: dict[str, str] = {}
+    distrust: dict[str, str | None] = {}  # directory → why it is not trusted
     for directory in dirs:
         for entry in probe.listdir(directory):
             if not entry.endswith(SPEC_SUFFIXES) or entry.startswith("."):
@@ -157,8 +190,13 @@ def _load(dirs: tuple[str, ...]) -> tuple[list[_Spec], dict[str, str]]:
             path = os.path.join(directory, entry)
             kind = ""
             try:
-                document = _read(path)
+                document, owner = _read(path)
                 kind = document.get("kind", "") if isinstance(document, dict) else ""
+                folder = os.path.dirname(os.path.realpath(path))
+                if folder not in distrust:
+                    distrust[folder] = _untrusted_directory(folder)
+                if owner or distrust[folder]:
+                    raise _Broken(f"is not trusted: {owner or distrust[folder]}")
                 specs.append(_validate(path, document))
             except _Broken as err:
                 kind = kind if isinstance(kind, str) else ""
@@ -170,11 +208,15 @@ class _Broken(Exception):
     """Why a spec file cannot be used."""
 
 
-def _read(path: str) -> Any:
+def _read(path: str) -> tuple[Any, str | None]:
+    """(the parsed document, why its file is not trusted or None)."""
     if probe.file_identity(path) is None:
         raise _Broken("not a regular file")
     try:
         with open(path, "rb") as f:
+            # The file read, not the name: its owner and mode (a change of either moves
+            # the ctime that probe.file_identity recorded).
+            owner = _untrusted_file(os.fstat(f.fileno()), "the file")
             data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as err:
         raise _Broken(f"cannot be read ({err.strerror})") from None
@@ -183,14 +225,45 @@ def _read(path: str) -> Any:
     try:
         text = data.decode()
         if path.endswith(".json"):
-            return json.loads(text)
+            return json.loads(text), owner
         import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
 
-        return yaml.safe_load(text)
+        return yaml.safe_load(text), owner
     except (UnicodeDecodeError, ValueError) as err:
         raise _Broken(f"cannot be parsed ({_first_line(err)})") from None
     except Exception as err:  # yaml.YAMLError: its module is imported here only
         raise _Broken(f"cannot be parsed ({_first_line(err)})") from None
+
+
+def _untrusted_file(st: os.stat_result, what: str) -> str | None:
+    """Why a file or directory with this status could have been written by someone other
+    than root or the caller, or None."""
+    import stat
+
+    if st.st_uid not in (0, os.getuid()):
+        return f"{what} belongs to uid {st.st_uid} (a spec must be root's or yours)"
+    if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        return f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _untrusted_directory(folder: str) -> str | None:
+    """Why someone other than root or the caller could replace what ``folder`` (a real
+    path) holds: it or a directory above it is theirs, or writable by them and not
+    sticky.  These stat(2)s are not recorded questions (probe.py), and need not be: a
+    directory that becomes writable later lets others add or replace a spec, which
+    changes a recorded listing or file identity, so a saved launch compiles anew and
+    checks again."""
+    path = "/"
+    for part in [""] + [p for p in folder.split("/") if p]:
+        path = os.path.join(path, part)
+        try:
+            problem = _untrusted_file(os.stat(path), f"directory {path}")
+        except OSError as err:
+            return f"directory {path} cannot be checked ({err.strerror})"
+        if problem:
+            return problem
+    return None
 
 
 def _first_line(err: Exception) -> str:
@@ -212,7 +285,7 @@ def _validate(path: str, document: Any) -> _Spec:
     named: dict[str, dict[str, Any]] = {}
     for device in devices:
         name = device.get("name") if isinstance(device, dict) else None
-        if not isinstance(name, str) or not NAME_RE.match(name) or name == "all":
+        if not isinstance(name, str) or not NAME_RE.match(name):
             raise _Broken(f"bad device name {name!r}")
         if name in named:
             raise _Broken(f"device {name!r} is described twice")
@@ -238,10 +311,44 @@ def _check_edits(edits: Any, where: str) -> dict[str, Any]:
         if not isinstance(mount.get("hostPath"), str) or not isinstance(options, list) \
                 or not all(isinstance(o, str) for o in options):
             raise _Broken(f"{where}: each mount needs a hostPath and a list of options")
+    hooks = edits.get("hooks") or []
+    if not isinstance(hooks, list):
+        raise _Broken(f"{where}: hooks must be a list")
+    for hook in hooks:
+        _check_hook(hook, where)
     return edits
 
 
+def _check_hook(hook: Any, where: str) -> None:
+    if not isinstance(hook, dict) or hook.get("hookName") not in RUN_HOOKS + LATER_HOOKS:
+        name = hook.get("hookName") if isinstance(hook, dict) else hook
+        raise _Broken(f"{where}: bad hookName {name!r} (one of {', '.join(RUN_HOOKS + LATER_HOOKS)})")
+    path, timeout = hook.get("path"), hook.get("timeout")
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise _Broken(f"{where}: a hook needs an absolute path, not {path!r}")
+    for key in ("args", "env"):
+        items = hook.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(i, str) and "\0" not in i for i in items):
+            raise _Broken(f"{where}: hook {path}: {key} must be a list of strings")
+    if not all("=" in e and not e.startswith("=") for e in hook.get("env") or []):
+        raise _Broken(f"{where}: hook {path}: env must be a list of KEY=VALUE")
+    if timeout is not None and (type(timeout) is not int or timeout <= 0):
+        raise _Broken(f"{where}: hook {path}: timeout must be a positive number of seconds")
+
+
 # --- applying the edits ----------------------------------------------------------------------
+
+
+def _hook(hook: dict[str, Any], spec: _Spec, device: str) -> tuple[str, S.Hook]:
+    """A CDI hook as (OCI hook kind, Spec hook); one line for a kind not run yet."""
+    kind = hook["hookName"]
+    if kind not in RUN_HOOKS:
+        raise UsageError(f"CDI device {spec.kind}={device}: {kind} hooks are not run by mesobox run yet "
+                         f"({hook['path']}, spec {spec.path})",
+                         hint="mesobox runs createContainer and startContainer hooks; ask the site for a spec "
+                              "without " + kind + " hooks")
+    return kind, S.Hook(path=hook["path"], args=tuple(hook.get("args") or ()), env=tuple(hook.get("env") or ()),
+                        timeout=hook.get("timeout"))
 
 
 def _refuse_unsupported(edits: dict[str, Any], spec: _Spec, device: str) -> None:

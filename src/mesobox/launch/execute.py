@@ -5,9 +5,10 @@ A program is plain data (a dict of str, int, bytes and tuples) that
 taken in it: mount steps, passwd/group text, the capabilities to keep, the compiled
 seccomp filter.  This module only makes the syscalls, in bubblewrap's order:
 unshare → id maps → make / slave → workspace tmpfs → root and mount steps →
-pivot_root → chdir → hostname/loopback → capabilities → user switch → no_new_privs →
-seccomp (last) → execve.  Being plain data, a program can be reused by the next
-launch of the same command line (plancache.py); only the environment is made anew.
+(OCI createContainer hooks) → pivot_root → chdir → hostname/loopback →
+(startContainer hooks) → capabilities → user switch → no_new_privs → seccomp (last) →
+execve.  Being plain data, a program can be reused by the next launch of the same
+command line (plancache.py); only the environment is made anew.
 
 The program's fields are listed, typed, in program.py (``Program``); the mount steps'
 kinds and fields in mountops.py.
@@ -85,10 +86,67 @@ def _not_executable(message: str, hint: str | None = None) -> Exception:
 
 
 def run(program: Program) -> NoReturn:
-    """Unshare, write one's own id maps, set the container up and exec (unsupervised)."""
-    unshare(program["flags"])
-    write_own_maps(program["uid_map"], program["gid_map"], privileged=os.getuid() == 0)
+    """Unshare (or join the node's shared user namespace), write one's own id maps, set
+    the container up and exec (unsupervised)."""
+    record_launch(program)
+    if program.get("share_userns"):
+        def maps(created: bool) -> None:
+            if created:
+                write_own_maps(program["uid_map"], program["gid_map"], privileged=False)
+
+        program = enter_shared_userns(program, maps)
+    else:
+        unshare(program["flags"])
+        write_own_maps(program["uid_map"], program["gid_map"], privileged=os.getuid() == 0)
     container(program)
+
+
+LAUNCH_LOG = "launches.log"
+LAUNCH_LOG_MAX = 1 << 20  # bytes; then it becomes launches.log.1
+
+
+def record_launch(program: Program) -> None:
+    """The provenance of every result: one line per launch in the runtime directory's
+    launches.log (UTC time, pid, Slurm job, REFERENCE@DIGEST or the image's path).  One
+    O_APPEND write (the lines of ranks starting together never mix), on the node's own
+    runtime directory, never a shared filesystem; past LAUNCH_LOG_MAX the log becomes
+    launches.log.1.  Best effort: a full disk never stops a launch."""
+    image = program.get("provenance")
+    if not image:
+        return
+    import time
+
+    path = os.path.join(os.path.dirname(program["workspace"]), LAUNCH_LOG)
+    job = os.environ.get("SLURM_JOB_ID", "")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = f"{when}\t{os.getpid()}\t{job if job.isdigit() else '-'}\t{image}\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        os.write(fd, line.encode("utf-8", "surrogateescape"))
+        if os.fstat(fd).st_size > LAUNCH_LOG_MAX:
+            os.replace(path, path + ".1")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def enter_shared_userns(program: Program, made: Callable[[bool], object]) -> Program:
+    """Join the user namespace the node's other ranks share, or create it (sharedns.py);
+    ``made(created)`` then writes the maps of a new one.  Where it cannot be shared, the
+    workload's environment keeps the MPI libraries off CMA (those the user set win)."""
+    from mesobox.launch import sharedns
+
+    directory = program["share_userns"]
+    assert directory is not None
+    if sharedns.enter(directory, program["flags"], program["uid_map"], program["gid_map"], unshare, made):
+        return program
+    have = {item.split("=", 1)[0] for item in program["env"]}
+    extra = tuple(item for item in program["cma_env"] if item.split("=", 1)[0] not in have)
+    return {**program, "env": program["env"] + extra}
 
 
 def hold_image(program: Program) -> None:
@@ -267,6 +325,8 @@ def setup_root(program: Program) -> None:
         from mesobox.isolation.network import setup_loopback
 
         setup_loopback()  # before pivot_root: it imports socket/fcntl from the host's stdlib
+    if program["hooks"] is not None:
+        run_hooks(program, 0)  # createContainer: in the container's namespaces, before pivot_root
     pivot(root)
     if program["hostname"] is not None:
         sc.sethostname(program["hostname"])
@@ -559,6 +619,8 @@ def exec_workload(program: Program) -> NoReturn:
 
         uid_maps, gid_maps = enter
         identity.enter_userns(uid_maps, gid_maps, sc.unshare, sc.CLONE_NEWUSER)
+    if program["hooks"] is not None:
+        run_hooks(program, 1)  # startContainer: in the container (its user namespace too), as it is now
     if program["keep_caps"] is not None:
         # Before the user switch: dropping from the bounding set needs CAP_SETPCAP.
         sc.drop_capabilities(frozenset(program["keep_caps"]))
@@ -630,6 +692,148 @@ def _rearm_parent_death(parent: int) -> None:
     sc.prctl(sc.PR_SET_PDEATHSIG, 9)
     if os.getppid() != parent:
         os._exit(137)
+
+
+# --- OCI hooks ------------------------------------------------------------------------------
+
+HOOK_KINDS = ("createContainer", "startContainer")
+_container_id = "mesobox"  # the state's "id": set before the first hook, inherited by the workload's fork
+
+
+def run_hooks(program: Program, stage: int) -> None:
+    """Run the createContainer (``stage`` 0: first writes the bundle they read) or
+    startContainer (1) hooks of the program, in order, each to its end; one that fails
+    or outlives its timeout stops the launch with one line naming it (OCI config.md)."""
+    global _container_id
+    plan = program["hooks"]
+    assert plan is not None
+    bundle, (head, tail), create, start, states = plan
+    pid = _proc_pid()
+    if stage == 0:
+        import json  # only a program with hooks gets here
+
+        _container_id = f"mesobox-{pid}"  # mesobox run names no container: its first pid as the host sees it
+        _write_bundle(bundle, head + json.dumps(list(program["env"])) + tail)
+    state = states[stage].replace("\0", str(pid)).replace("\1", _container_id).encode()
+    for hook in (create, start)[stage]:
+        _run_hook(HOOK_KINDS[stage], hook, state)
+
+
+def _proc_pid() -> int:
+    """This process's pid as the /proc a hook sees names it (the state's "pid"): the
+    host's before pivot_root, the container's after (a --pid container's differ)."""
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return os.getpid()
+
+
+def _write_bundle(bundle: str, config: str) -> None:
+    """The state's bundle: a directory holding config.json, in the private workspace
+    tmpfs (OCI runtime.md: hooks such as ``nvidia-ctk hook update-ldcache`` find the
+    container's root in it)."""
+    os.mkdir(bundle, 0o755)
+    fd = os.open(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, config.encode())
+    finally:
+        os.close(fd)
+
+
+def _run_hook(kind: str, hook: tuple[str, tuple[str, ...], tuple[str, ...], int], state: bytes) -> None:
+    """fork + execve(path, args, env exactly as given), the state JSON on its stdin and
+    its stdout and stderr on ours; wait for it, up to its timeout."""
+    path, args, env, timeout = hook
+    stdin = os.memfd_create("mesobox-hook-state", os.MFD_CLOEXEC)  # never blocks, however long the state
+    os.write(stdin, state)
+    os.lseek(stdin, 0, os.SEEK_SET)
+    err_r, err_w = os.pipe()  # close-on-exec: EOF once it has exec'd, an errno if it could not
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _exec_hook(path, args, env, stdin, err_w)
+    try:  # noqa: SIM105 - contextlib costs an import; as the child does, whichever runs first
+        os.setpgid(pid, pid)
+    except OSError:
+        pass  # it has exec'd already (EACCES), having made its group itself
+    os.close(err_w)
+    os.close(stdin)
+    with os.fdopen(err_r, "rb") as pipe:
+        exec_errno = pipe.read()
+    status = _wait_hook(pid, timeout)
+    name = f"{kind} hook {path}"
+    if exec_errno:
+        raise _launch_error(f"{name}: cannot execute: {os.strerror(int(exec_errno))}")
+    if status is None:
+        raise _launch_error(f"{name} did not finish within its timeout of {timeout} s: killed")
+    if os.WIFSIGNALED(status):
+        raise _launch_error(f"{name} was killed by signal {os.WTERMSIG(status)}")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise _launch_error(f"{name} failed with exit status {os.waitstatus_to_exitcode(status)}")
+
+
+def _exec_hook(path: str, args: tuple[str, ...], env: tuple[str, ...], stdin: int, err_w: int) -> NoReturn:
+    """The hook's child: its own process group (a timeout kills all of it), the
+    caller's signal mask and default SIGPIPE, the runtime's capabilities in the
+    container's user namespace kept across execve (as a rootless runtime's container
+    root has them: nvidia-ctk's update-ldcache chroots), then execve."""
+    code = 127
+    try:
+        os.dup2(stdin, 0)
+        os.dup2(2, 1)
+        os.setpgid(0, 0)
+        _ambient_capabilities()
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, signals.caller_sigmask or set())
+        os.execve(path, list(args), dict(item.split("=", 1) for item in env))  # noqa: S606 - a hook the spec names
+    except OSError as err:
+        os.write(err_w, str(err.errno or 5).encode())
+    except BaseException:
+        os.write(err_w, b"5")
+    os._exit(code)
+
+
+def _ambient_capabilities() -> None:
+    """Raise this child's permitted capabilities into its ambient set, so that a hook
+    keeps them across execve though its uid is not 0 (capabilities(7)): they are the
+    container user namespace's, nothing on the host.  Best effort: a kernel without
+    ambient capabilities runs the hook without them."""
+    if os.getuid() == 0:
+        return  # root keeps its permitted set across execve
+    try:
+        effective, permitted, _inheritable = sc.capget()
+        sc.capset(effective, permitted, permitted)
+        for cap in range(64):
+            if permitted >> cap & 1:
+                sc._prctl(sc.PR_CAP_AMBIENT, 2, cap, 0, 0)  # PR_CAP_AMBIENT_RAISE
+    except OSError:
+        pass
+
+
+def _wait_hook(pid: int, timeout: int) -> int | None:
+    """The hook's wait status, or None after killing its process group at the timeout
+    (0: none).  Polled: SIGCHLD is blocked here and pidfds are Linux 5.3 and later."""
+    if not timeout:
+        return os.waitpid(pid, 0)[1]
+    import time
+
+    end = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= end:
+            try:
+                os.killpg(pid, 9)
+            except OSError:
+                os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 # --- signals at exec ----------------------------------------------------------------------

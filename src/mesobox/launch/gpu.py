@@ -1,4 +1,11 @@
-"""GPU room: ``--nv`` and ``--rocm`` as Apptainer means them, for hosts without a CDI spec.
+"""GPU room: ``--nv`` and ``--rocm`` as Apptainer means them.
+
+A site that ships a CDI spec of kind ``nvidia.com/gpu`` (``amd.com/gpu`` for --rocm)
+in the ``cdi_spec_dirs`` directories (``nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml``
+writes one) gets that path: ``site_cdi`` turns the flag into the CDI devices of the
+job's GPUs (cdi.py applies them, hooks included), the same selection as below, by the
+names nvidia-ctk gives (the host index, "0", "1"…, or the GPU's UUID), or ``all`` when
+no list is set.  Without such a spec, the rest of this module binds the driver itself.
 
 A vendor's GPUs reach the container as three things, all decided at compile time:
 
@@ -123,15 +130,77 @@ def rocm_nodes(config: Config) -> list[tuple[str, str]]:
 def job_gpus() -> set[int] | None:
     """The host GPU indexes this job may use, or None: all (no list set, or one naming
     GPUs by UUID, which no node name carries)."""
-    for key in GPU_LISTS:
+    items = job_gpu_items()
+    if items is None or not all(i.isdigit() for i in items):
+        return None
+    return {int(i) for i in items}
+
+
+def job_gpu_items(lists: tuple[str, ...] = GPU_LISTS) -> list[str] | None:
+    """The entries of the first of ``lists`` set (indexes or UUIDs), or None: none is set."""
+    for key in lists:
         text = probe.environ(key)
-        if text is None:
-            continue
-        items = [i.strip() for i in text.split(",") if i.strip()]
-        if not all(i.isdigit() for i in items):
-            return None
-        return {int(i) for i in items}
+        if text is not None:
+            return [i.strip() for i in text.split(",") if i.strip()]
     return None
+
+
+# --- through the site's CDI spec ------------------------------------------------------------
+
+# (flag, its option, the CDI kind, the lists that select the job's GPUs): for AMD, only
+# Slurm's (host indexes, as the ldconfig path binds every DRI node without one)
+CDI_KINDS = (("nv", "--nv", "nvidia.com/gpu", GPU_LISTS),
+             ("rocm", "--rocm", "amd.com/gpu", ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")))
+
+
+def site_cdi(nv: bool, rocm: bool, config: Config) -> tuple[tuple[str, ...], bool, bool]:
+    """(CDI device names for the flags a site spec covers, --nv left, --rocm left): a flag
+    whose vendor has a spec under ``cdi_spec_dirs`` becomes that spec's devices; the
+    other stays for ``gpu_setup``.  --debug says which path each flag took."""
+    from mesobox.launch import cdi
+
+    names: list[str] = []
+    left = {"nv": nv, "rocm": rocm}
+    for key, flag, kind, lists in CDI_KINDS:
+        if not left[key]:
+            continue
+        known = cdi.kind_devices(kind, config)
+        if known is None:
+            _debug(config, f"{flag}: no CDI spec of kind {kind}: binding the driver from the ldconfig cache")
+            continue
+        left[key] = False
+        chosen = _cdi_selection(flag, kind, known, lists)
+        _debug(config, f"{flag}: through the site's CDI spec: --device " + " --device ".join(
+            f"{kind}={name}" for name in chosen))
+        names += [f"{kind}={name}" for name in chosen]
+    return tuple(names), left["nv"], left["rocm"]
+
+
+def _cdi_selection(flag: str, kind: str, known: tuple[str, ...], lists: tuple[str, ...]) -> list[str]:
+    """The job's GPUs by the spec's names: indexes as nvidia-ctk names them ("0"), UUIDs
+    where the spec names devices by them; ``all`` without a list, or for UUIDs the spec
+    does not name (as the ldconfig path binds every GPU then).  A spec of that kind that
+    is broken names none: ``all`` then makes cdi.py say what is wrong with it."""
+    items = job_gpu_items(lists)
+    if items is None or not known:
+        return ["all"]
+    if not items:
+        raise UsageError(f"{flag}: the job's GPU list is empty",
+                         hint="it names no GPU: unset it, or name some (" + ", ".join(lists) + ")")
+    if all(i.isdigit() for i in items) or all(i in known for i in items):
+        missing = [i for i in items if i not in known]
+        if missing:
+            raise UsageError(f"{flag}: the site's CDI spec has no device {kind}={missing[0]}",
+                             hint="known devices: " + ", ".join(known))
+        return items
+    return ["all"]
+
+
+def _debug(config: Config, line: str) -> None:
+    if config.debug:
+        import sys
+
+        sys.stderr.write(f"mesobox: {line}\n")
 
 
 def _char_nodes(dev: str, names: list[str]) -> list[tuple[str, str]]:

@@ -1,10 +1,19 @@
 """MPI bind model (``--mpi host``): run an image's MPI program on the host's MPI.
 
-Room: discovery of the host's Open MPI and the ``mesobox exec`` arguments that
+Room: discovery of the host's MPI — Open MPI, or one with the MPICH ABI (MPICH, Cray
+MPICH, Intel MPI, MVAPICH: ``libmpi.so.12``) — and the ``mesobox exec`` arguments that
 bind it into a container (as Sarus' and Shifter's MPI hooks do).  Steps:
 
-1. ``ompi_info --parsable --path all`` names the install (prefix, libdir, plugin
-   dir ``pkglibdir``, help files ``pkgdatadir``, ``sysconfdir``).
+0. Which MPI: the image's own tells the ABI it was built for (``libmpi.so.40``: Open
+   MPI; ``libmpi.so.12`` or Debian's ``libmpich.so.12``: the MPICH ABI), found in its
+   library directories without following a symlink out of the image.  A host MPI of
+   the other family is refused with one line naming both; for the MPICH ABI the host's
+   version must be at least the image's (the ABI lets a newer library serve an older
+   build).  An image without an MPI gets the host's Open MPI, else its MPICH.
+1. Open MPI: ``ompi_info --parsable --path all`` names the install (prefix, libdir,
+   plugin dir ``pkglibdir``, help files ``pkgdatadir``, ``sysconfdir``).  MPICH ABI:
+   the ldconfig cache names the library (its version from the library's own strings),
+   bound under both names, with its Fortran and C++ companions.
 2. ``ldd`` on libmpi, and on each Open MPI / PMIx plugin that needs (DT_NEEDED,
    read here from its ELF dynamic section) a library not already found, gives the
    library closure; glibc's own libraries and the dynamic loader are left out, because
@@ -17,7 +26,12 @@ bind it into a container (as Sarus' and Shifter's MPI hooks do).  Steps:
    ``/opt/mesobox/host-mpi/lib/<soname>``; the plugin, help-file and config
    directories at their host paths (Open MPI looks for them at its configured
    paths; OPAL_PREFIX names that prefix for relocated installs).
-   ``LD_LIBRARY_PATH`` inside starts with ``/opt/mesobox/host-mpi/lib``.
+   ``LD_LIBRARY_PATH`` inside starts with ``/opt/mesobox/host-mpi/lib``.  Where the
+   closure links UCX or libfabric, their plugin directories (``<libdir>/ucx``,
+   ``<libdir>/libfabric``) are bound at their host paths too, with what the plugins need.
+5. Where the node has an RDMA device (``/dev/infiniband``), ``--rdma`` is added
+   (launch/rdma.py: the device nodes, the verbs stack and its providers); quietly not
+   where it has none.
 
 Invariants: nothing here mounts anything — it only produces ``--bind``/``--env``
 arguments that go through the runtime's ordinary, checked bind path (nosuid,
@@ -36,21 +50,23 @@ from pathlib import Path
 from typing import Any
 
 from mesobox.errors import LaunchError, UsageError
+from mesobox.launch.hostlibs import GLIBC_PARTS, cache_index, elf_needed, glibc_needed, image_glibc, ld_cache
 
 CONTAINER_LIBDIR = "/opt/mesobox/host-mpi/lib"
-# glibc's own libraries and the loader (glibc 2.36 file list): they must be the image's.
-GLIBC_PARTS = re.compile(
-    r"^(ld-linux.*|ld64\.so.*|linux-vdso.*|linux-gate.*|lib(c|m|dl|rt|pthread|util|resolv|anl|mvec|"
-    r"BrokenLocale|crypt|nsl|thread_db|memusage|pcprofile|nss_[a-z0-9_]+)\.so(\..*)?)$"
-)
-GLIBC_NEED = re.compile(rb"GLIBC_2\.(\d+)(?:\.(\d+))?\x00")
-GLIBC_RELEASE = re.compile(rb"release version 2\.(\d+)")
-# Where an image keeps libc.so.6, merged-/usr layouts first (no symlink is followed).
-LIBC_CANDIDATES = (
-    "usr/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/aarch64-linux-gnu/libc.so.6",
-    "usr/lib/powerpc64le-linux-gnu/libc.so.6", "usr/lib64/libc.so.6",
-    "lib/x86_64-linux-gnu/libc.so.6", "lib/aarch64-linux-gnu/libc.so.6", "lib64/libc.so.6",
-)
+OPEN_MPI, MPICH_ABI = "Open MPI", "MPICH ABI"
+# The MPICH ABI's libraries (MPICH, Cray MPICH, Intel MPI, MVAPICH): the ABI's names and
+# Debian's (libmpich.so.12…); the host's file is bound under both, so a program built
+# either way finds it.
+MPICH_NAMES = (("libmpi.so.12", "libmpich.so.12"), ("libmpifort.so.12", "libmpichfort.so.12"),
+               ("libmpicxx.so.12", "libmpichcxx.so.12"))
+# Where an image keeps its MPI (symlinks leaving the image are not followed).
+IMAGE_LIBDIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib/powerpc64le-linux-gnu",
+                 "usr/lib64", "usr/lib", "lib/x86_64-linux-gnu", "lib64", "lib", "usr/local/lib", "usr/local/lib64")
+# MPI_Get_library_version's text where a build spells it out, and MPICH's build strings:
+# the release date (MPII_Version_date) right before the version (MPII_Version_string).
+MPICH_VERSION = re.compile(rb"(?:MPICH|MVAPICH2?) Version:\t(\d+(?:\.\d+)+[a-z0-9]*)\n")
+MPICH_DATED = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d [A-Z]{2,5} \d{4}\x00+"
+                         rb"(\d+\.\d+(?:\.\d+)?(?:[a-z]+\d*)?)\x00")
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,8 @@ class HostMpi:
     libs: dict[str, str]  # soname -> real host file
     dirs: tuple[str, ...]  # plugin/help/config directories, bound at their host paths
     glibc_needed: tuple[int, int]  # highest GLIBC_2.N the closure needs, as (2, N)
+    family: str = OPEN_MPI  # OPEN_MPI or MPICH_ABI
+    version: str = ""  # e.g. "4.0.2" (MPICH ABI); "" when unknown
 
 
 def _tool(name: str) -> str:
@@ -113,50 +131,12 @@ def ldd_closure(files: list[str]) -> dict[str, str]:
     return libs
 
 
-def glibc_needed(files: list[str]) -> tuple[int, int]:
-    """Highest ``GLIBC_2.N`` version any of ``files`` asks for."""
-    best = (2, 0)
-    for path in files:
-        data = Path(path).read_bytes()
-        for match in GLIBC_NEED.finditer(data):
-            best = max(best, (2, int(match.group(1))))
-    return best
-
-
 def _soname(real: str) -> str:
     """The ``libmpi.so.N`` link naming ``real`` (ldconfig(8) makes it), else the file name."""
     for link in sorted(Path(real).parent.glob("libmpi.so.*")):
         if re.fullmatch(r"libmpi\.so\.\d+", link.name) and os.path.realpath(link) == real:
             return link.name
     return os.path.basename(real)
-
-
-def elf_needed(path: str) -> set[str] | None:
-    """DT_NEEDED names of an ELF64 little-endian file, from its SHT_DYNAMIC section and
-    the string table that section links to (elf(5)); None when it cannot be read so."""
-    import struct
-
-    try:
-        data = Path(path).read_bytes()
-        if data[:4] != b"\x7fELF" or data[4:6] != b"\x02\x01":
-            return None
-        (shoff,), (shentsize, shnum) = struct.unpack_from("<Q", data, 0x28), struct.unpack_from("<HH", data, 0x3A)
-        for i in range(shnum):
-            _, sh_type, _, _, off, size, link = struct.unpack_from("<IIQQQQI", data, shoff + i * shentsize)
-            if sh_type != 6:  # SHT_DYNAMIC
-                continue
-            (strtab,) = struct.unpack_from("<Q", data, shoff + link * shentsize + 24)
-            names: set[str] = set()
-            for entry in range(off, off + size, 16):
-                tag, val = struct.unpack_from("<qQ", data, entry)
-                if tag == 0:  # DT_NULL ends the array
-                    break
-                if tag == 1:  # DT_NEEDED
-                    names.add(data[strtab + val : data.index(b"\0", strtab + val)].decode())
-            return names
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        return None
-    return None
 
 
 def _more(libs: dict[str, str], plugins: list[str]) -> dict[str, str]:
@@ -197,35 +177,121 @@ def discover() -> HostMpi:
             dirs.append(pmix_plugins)
         share = os.path.normpath(os.path.join(pmix_lib, "..", "share", "pmix"))
         dirs += [share] if os.path.isdir(share) else []
+    dirs += _transports(libs)
     return HostMpi(paths["prefix"], libs, tuple(dirs), glibc_needed(sorted(set(libs.values()))))
 
 
-def _read_libc(image: Path) -> bytes | None:
-    """The image's libc.so.6 bytes, from a rootfs directory or a squashfs file."""
-    for rel in LIBC_CANDIDATES:
-        if image.is_dir():
-            path = image / rel
-            # Never leave the image through one of its symlinks.
-            if path.is_file() and os.path.realpath(path).startswith(os.path.realpath(image) + os.sep):
-                return path.read_bytes()
+def _transports(libs: dict[str, str]) -> list[str]:
+    """UCX's and libfabric's plugin directories, where the closure links them, and what
+    those plugins need (added to ``libs``).  Both look for plugins beside their library
+    at its configured path (UCX: <libdir>/ucx, its UCX_MODULE_DIR default; libfabric:
+    <libdir>/libfabric, its FI_PROVIDER_PATH default), so they are bound at their host
+    paths.  A plugin's own directory is not bound twice through the library directory."""
+    dirs = []
+    for lib, sub in (("libucs.so.0", "ucx"), ("libfabric.so.1", "libfabric")):
+        if lib not in libs:
             continue
-        proc = subprocess.run([_tool("unsquashfs"), "-cat", str(image), rel],
-                              capture_output=True, check=False)
-        if proc.returncode == 0 and proc.stdout:
-            return proc.stdout
+        folder = os.path.join(os.path.dirname(libs[lib]), sub)
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            found = _more(libs, sorted(str(p) for p in Path(folder).glob("*.so*") if not p.is_symlink()))
+            libs.update({n: p for n, p in found.items() if os.path.dirname(p) != folder})
+            dirs.append(folder)
+    return dirs
+
+
+def discover_mpich(cache_file: str = "") -> HostMpi | None:
+    """The host's MPICH-ABI MPI, found in the ldconfig cache (libmpi.so.12 or Debian's
+    libmpich.so.12); None when it has none."""
+    index = cache_index(ld_cache(cache_file))
+    main = index.get("libmpi.so.12") or index.get("libmpich.so.12")
+    if main is None:
+        return None
+    libmpi = os.path.realpath(main)
+    libs = ldd_closure([libmpi])
+    for names in MPICH_NAMES:
+        path = next((index[n] for n in names if n in index), None)
+        if path is not None:
+            libs.update(dict.fromkeys(names, os.path.realpath(path)))
+    companions = sorted({p for n, p in libs.items() if n in MPICH_NAMES[1] + MPICH_NAMES[2]})
+    if companions:  # the Fortran and C++ bindings bring their own needs (libgfortran…)
+        libs.update(_more(libs, companions))
+    dirs = _transports(libs)
+    version = mpich_version(Path(libmpi).read_bytes()) or ""
+    prefix = os.path.dirname(libmpi)
+    return HostMpi(prefix, libs, tuple(dirs), glibc_needed(sorted(set(libs.values()))), MPICH_ABI, version)
+
+
+def mpich_version(data: bytes) -> str | None:
+    """The version an MPICH-ABI library was built as, from its bytes; None if unknown."""
+    match = MPICH_VERSION.search(data)
+    if match is None and b"MPICH Version:" in data:
+        match = MPICH_DATED.search(data)
+    return match.group(1).decode() if match else None
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    """"4.0.2" → (4, 0, 2); a pre-release suffix (4.1a1, 4.1rc2) counts as its release."""
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(n) for n in match.group(0).split(".")) if match else ()
+
+
+def image_mpi(image: Path) -> tuple[str, str, str] | None:
+    """(family, library name, version) of the MPI an image carries, or None."""
+    names = _image_libs(image)
+    if "libmpi.so.40" in names:
+        return OPEN_MPI, "libmpi.so.40", ""
+    for name in MPICH_NAMES[0]:
+        if name in names:
+            data = _image_file(image, names[name])
+            return MPICH_ABI, name, (mpich_version(data) or "") if data else ""
     return None
 
 
-def image_glibc(image: Path) -> tuple[int, int] | None:
-    """glibc version of an image, as (2, N); None when it has no libc.so.6."""
-    data = _read_libc(image)
-    if data is None:
+def _image_libs(image: Path) -> dict[str, str]:
+    """MPI library name → its path inside the image (symlinks resolved inside the image;
+    a name whose directory leaves the image is not the image's)."""
+    wanted = ("libmpi.so.40", *MPICH_NAMES[0])
+    found: dict[str, str] = {}
+    if image.is_dir():
+        top = os.path.realpath(image)
+        for rel in IMAGE_LIBDIRS:
+            folder = os.path.realpath(image / rel)
+            if folder != top and not folder.startswith(top + os.sep):
+                continue
+            for name in wanted:
+                if name not in found and os.path.lexists(os.path.join(folder, name)):
+                    found[name] = os.path.relpath(os.path.join(folder, name), top)
+        return found
+    proc = subprocess.run([_tool("unsquashfs"), "-lls", "-d", "", str(image), *IMAGE_LIBDIRS],
+                          capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        # "lrwxrwxrwx root/root  18 2024-01-01 00:00 /usr/lib/…/libmpich.so.12 -> libmpich.so.12.2.2"
+        entry = re.search(r" \d\d:\d\d (/.*)$", line)
+        if entry is None:
+            continue
+        path, _, target = entry.group(1).partition(" -> ")
+        name = os.path.basename(path)
+        if name in wanted and name not in found:
+            rel = path.lstrip("/")
+            if target:
+                rel = os.path.normpath(target.lstrip("/") if target.startswith("/")
+                                       else os.path.join(os.path.dirname(rel), target))
+            found[name] = rel
+    return found
+
+
+def _image_file(image: Path, rel: str) -> bytes | None:
+    """A file of the image (a rootfs directory or a squashfs file), never one outside it."""
+    if image.is_dir():
+        top = os.path.realpath(image)
+        path = os.path.realpath(image / rel)
+        if path.startswith(top + os.sep) and os.path.isfile(path):
+            return Path(path).read_bytes()
         return None
-    release = GLIBC_RELEASE.search(data)
-    if release:
-        return (2, int(release.group(1)))
-    versions = [int(m.group(1)) for m in GLIBC_NEED.finditer(data)]
-    return (2, max(versions)) if versions else None
+    if rel.startswith(".."):
+        return None
+    proc = subprocess.run([_tool("unsquashfs"), "-cat", str(image), rel], capture_output=True, check=False)
+    return proc.stdout if proc.returncode == 0 and proc.stdout else None
 
 
 def check_abi(mpi: HostMpi, image: Path) -> None:
@@ -242,25 +308,71 @@ def check_abi(mpi: HostMpi, image: Path) -> None:
                           "the host MPI needs", hint="use a newer image, or the image's own MPI (drop --mpi host)")
 
 
-def exec_args(mpi: HostMpi, env: Mapping[str, str]) -> list[str]:
-    """``mesobox exec`` arguments binding ``mpi`` into the container."""
+def exec_args(mpi: HostMpi, env: Mapping[str, str], more_libdirs: list[str] | None = None) -> list[str]:
+    """``mesobox exec`` arguments binding ``mpi`` into the container; ``more_libdirs``
+    follow the MPI's on LD_LIBRARY_PATH (--rdma's: our --env outranks its image-level one)."""
     args: list[str] = []
     for soname, path in sorted(mpi.libs.items()):
         args += ["--bind", f"{path}:{CONTAINER_LIBDIR}/{soname}:ro"]
     for directory in mpi.dirs:
         args += ["--bind", f"{directory}:{directory}:ro"]
     old = env.get("LD_LIBRARY_PATH")
-    args += ["--env", f"LD_LIBRARY_PATH={CONTAINER_LIBDIR}" + (f":{old}" if old else "")]
-    # Open MPI finds its plugins relative to OPAL_PREFIX when the install was moved.
-    args += ["--env", f"OPAL_PREFIX={mpi.prefix}"]
+    ld = ":".join([CONTAINER_LIBDIR, *(more_libdirs or []), *([old] if old else [])])
+    args += ["--env", f"LD_LIBRARY_PATH={ld}"]
+    if mpi.family == OPEN_MPI:
+        # Open MPI finds its plugins relative to OPAL_PREFIX when the install was moved.
+        args += ["--env", f"OPAL_PREFIX={mpi.prefix}"]
     return args
 
 
+def choose(image: Path, cache_file: str = "") -> HostMpi:
+    """The host MPI for this image: the family the image was built with (Open MPI's
+    libmpi.so.40, or the MPICH ABI's libmpi.so.12); for an image without an MPI, Open
+    MPI where the host has it, else its MPICH-ABI MPI.  One line where they differ."""
+    wanted = image_mpi(image) if image.exists() else None
+    if wanted is None or wanted[0] == OPEN_MPI:
+        if shutil.which("ompi_info") is not None:
+            return discover()
+        mpich = discover_mpich(cache_file)
+        if mpich is None:
+            _tool("ompi_info")  # the error naming what is missing
+        assert mpich is not None
+        if wanted is None:
+            return mpich
+        raise LaunchError(f"--mpi host: the image's MPI is Open MPI (libmpi.so.40) but this node's is "
+                          f"{_named(mpich)} (libmpi.so.12)",
+                          hint="an MPI library can only replace one of the same ABI: use the image's own MPI "
+                               "(drop --mpi host)")
+    mpich = discover_mpich(cache_file)
+    if mpich is None:
+        other = "Open MPI (libmpi.so.40)" if shutil.which("ompi_info") else "none"
+        raise LaunchError(f"--mpi host: the image's MPI has the MPICH ABI ({wanted[1]}) but this node's MPI is "
+                          f"{other}", hint="an MPI library can only replace one of the same ABI: use the image's "
+                                          "own MPI (drop --mpi host)")
+    if wanted[2] and mpich.version and _version_key(mpich.version) < _version_key(wanted[2]):
+        raise LaunchError(f"--mpi host: the image was built with MPICH-ABI MPI {wanted[2]}, newer than this node's "
+                          f"{_named(mpich)}", hint="the MPICH ABI lets a newer library serve an older build, not "
+                                                  "the reverse: use the image's own MPI (drop --mpi host)")
+    return mpich
+
+
+def _named(mpi: HostMpi) -> str:
+    return f"{mpi.family} {mpi.version}".strip() if mpi.family == OPEN_MPI else f"MPICH {mpi.version}".strip()
+
+
 def host_mpi_args(image: Path, env: Mapping[str, str]) -> list[str]:
-    """Discover, check the image, and return the binds/env for ``--mpi host``."""
-    mpi = discover()
+    """Discover, check the image, and return the ``mesobox exec`` arguments for
+    ``--mpi host``: binds, environment, and ``--rdma`` where the node has an RDMA device
+    (its verbs stack is what the MPI's UCX or libfabric drive)."""
+    from mesobox.config import load_config
+    from mesobox.launch import rdma
+
+    config = load_config(dict(env))
+    mpi = choose(image, config.host_ld_cache)
     check_abi(mpi, image)
-    return exec_args(mpi, env)
+    if not rdma.present(config):
+        return exec_args(mpi, env)
+    return [*exec_args(mpi, env, [f"{rdma.TOP}/lib"]), "--rdma"]
 
 
 def with_host_mpi(values: dict[str, Any], mode: str, image: str) -> dict[str, Any]:
@@ -270,9 +382,13 @@ def with_host_mpi(values: dict[str, Any], mode: str, image: str) -> dict[str, An
     if mode != "host":
         raise UsageError(f"--mpi {mode}: unknown MPI model", hint="the only model is `--mpi host` (the host's MPI)")
     args = host_mpi_args(Path(image), os.environ)
+    rdma = "--rdma" in args
+    args = [a for a in args if a != "--rdma"]
     binds = [args[i + 1] for i in range(0, len(args), 2) if args[i] == "--bind"]
     envs = [args[i + 1] for i in range(0, len(args), 2) if args[i] == "--env"]
     out = dict(values)
+    if rdma:
+        out["rdma"] = True
     out["binds"] = (*binds, *values.get("binds", ()))
     out["env"] = (*envs, *values.get("env", ()))
     return out

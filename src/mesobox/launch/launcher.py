@@ -106,6 +106,7 @@ def launch(spec: Spec, config: Config) -> int:
 
 
 def _supervise(spec: Spec, program: Program) -> int:
+    execute.record_launch(program)
     if program["enter_userns"] is not None:
         program = _with_held_slice(program)
     ready_r, ready_w = os.pipe()  # child → parent: "namespaces exist"
@@ -122,9 +123,11 @@ def _supervise(spec: Spec, program: Program) -> int:
     os.close(exec_w)
     cleanups: list[Callable[[int], None]] = []
     try:
-        if os.read(ready_r, 1) != b"u":  # the child failed before unsharing: it said why
+        ready = os.read(ready_r, 1)
+        if ready not in (b"u", b"j"):  # the child failed before unsharing: it said why
             return _wait_status(pid)
-        cleanups = _outside_setup(spec, program, pid)
+        # "j": it joined the node's shared user namespace, whose maps are written already.
+        cleanups = _outside_setup(spec, program, pid, write_maps=ready == b"u")
         os.write(go_w, b"g")
     except BaseException:
         os.kill(pid, 9)
@@ -160,20 +163,32 @@ def _with_held_slice(program: Program) -> Program:
 
 def _supervised_child(program: Program, ready_w: int, go_r: int) -> NoReturn:
     sc.prctl(sc.PR_SET_PDEATHSIG, 9)  # the container never outlives its supervisor
-    execute.unshare(program["flags"])
-    os.write(ready_w, b"u")
-    os.close(ready_w)
-    if os.read(go_r, 1) != b"g":
-        os._exit(125)  # the supervisor failed and has reported it
-    os.close(go_r)
+
+    def ready(created: bool) -> None:
+        """Tell the supervisor, and wait until it has written the maps (of a namespace
+        this child created), joined the cgroup, started the network."""
+        os.write(ready_w, b"u" if created else b"j")
+        os.close(ready_w)
+        if os.read(go_r, 1) != b"g":
+            os._exit(125)  # the supervisor failed and has reported it
+        os.close(go_r)
+
+    if program.get("share_userns"):
+        program = execute.enter_shared_userns(program, ready)
+    else:
+        execute.unshare(program["flags"])
+        ready(True)
     execute.container(program)
 
 
-def _outside_setup(spec: Spec, program: Program, pid: int) -> list[Callable[[int], None]]:
-    """Id maps (newuidmap for sub-id ranges), cgroup, slirp4netns for ``pid``."""
+def _outside_setup(spec: Spec, program: Program, pid: int, write_maps: bool = True) -> list[Callable[[int], None]]:
+    """Id maps (newuidmap for sub-id ranges; none for a joined namespace), cgroup,
+    slirp4netns for ``pid``."""
     from mesobox.launch import identity
 
-    if spec.mesobox.subids:
+    if not write_maps:
+        pass
+    elif spec.mesobox.subids:
         for tool, maps in (("newuidmap", spec.linux.uid_mappings), ("newgidmap", spec.linux.gid_mappings)):
             _run_helper(identity.newidmap_argv(tool, pid, maps))
     elif program["enter_userns"] is None:

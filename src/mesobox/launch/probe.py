@@ -200,6 +200,17 @@ def environ(name: str) -> str | None:
     return _note("environ", (name,), os.environ.get(name))
 
 
+def squashfs_trailer(path: str) -> dict[str, Any] | None:
+    """The image config a portable squashfs file carries after its filesystem, checked
+    (image/portable.py), None for a plain squashfs.  The question written down is the
+    file's identity, asked before the tail is read: the same identity is the same
+    trailer, and a file replaced in between fails that question at the next launch."""
+    file_identity(path)
+    from mesobox.image.portable import read_file
+
+    return read_file(path)[0]
+
+
 def listdir(path: str) -> tuple[str, ...]:
     """The names in directory ``path``, sorted; () when it cannot be listed (absent,
     not a directory, not readable): the CDI spec directories (cdi.py)."""

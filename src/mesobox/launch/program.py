@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from mesobox.launch.mountops import MountStep
     from mesobox.oci.spec import IdMap, Spec
 
+    HookStep = tuple[str, tuple[str, ...], tuple[str, ...], int]  # (path, argv, env, timeout s or 0)
+    # (bundle directory, config.json text around its process.env list, createContainer
+    # hooks, startContainer hooks, the state JSON of each: "\0" where the pid goes)
+    HookPlan = tuple[str, tuple[str, str], tuple[HookStep, ...], tuple[HookStep, ...], tuple[str, str]]
+
     class Program(TypedDict):
         squashfs: str | None  # the image file whose shared mount image_dir is (plancache attaches to it)
         image_dir: str  # the image's root directory: the lower layer of every root step
@@ -44,10 +49,14 @@ if TYPE_CHECKING:
         hostname: str | None  # set after pivot_root
         cwd: str  # chdir'd to after pivot_root
         enter_userns: tuple[tuple[IdMap, ...], tuple[IdMap, ...]] | None  # (uid, gid maps): real root, last
+        share_userns: str | None  # the record directory of the node's shared user namespace (sharedns.py)
+        cma_env: tuple[str, ...]  # "K=V" keeping MPI off CMA, for when the namespace could not be shared
+        provenance: str | None  # the image, REFERENCE@DIGEST or a path, escaped for the launch record
         keep_caps: tuple[int, ...] | None  # capabilities left in the bounding set; None: leave them
         user: tuple[int, int, tuple[int, ...]]  # (uid, gid, additional gids) inside
         no_new_privs: bool  # prctl(PR_SET_NO_NEW_PRIVS) before execve
         seccomp: bytes | None  # the compiled BPF filter
+        hooks: HookPlan | None  # OCI createContainer/startContainer hooks (execute.run_hooks)
         args: tuple[str, ...]  # argv of the workload
         env: tuple[str, ...]  # its environment, "K=V"
 
@@ -106,13 +115,88 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
         "hostname": spec.hostname,
         "cwd": proc.cwd,
         "enter_userns": (spec.linux.uid_mappings, spec.linux.gid_mappings) if userns_last else None,
+        "share_userns": _shared_userns_dir(spec, config, flags),
+        "cma_env": _cma_env(spec, config, flags),
+        "provenance": _escaped(settings.image),
         "keep_caps": keep_caps,
         "user": (proc.user.uid, proc.user.gid, tuple(proc.user.additional_gids)),
         "no_new_privs": proc.no_new_privileges,
         "seccomp": _seccomp_program(spec, config),
+        "hooks": _hook_plan(spec, workspace),
         "args": tuple(proc.args),
         "env": tuple(proc.env),
     }
+
+
+def _shared_userns_dir(spec: Spec, config: Config, flags: int) -> str | None:
+    """Where the node's shared user namespace is recorded (sharedns.py), when it is shared."""
+    if spec.mesobox.userns != "shared" or not flags & sc.CLONE_NEWUSER:
+        return None
+    return os.path.join(config.runtime_dir_str, "userns")
+
+
+def _cma_env(spec: Spec, config: Config, flags: int) -> tuple[str, ...]:
+    """What the MPI libraries are told if the namespace cannot be shared after all (a
+    spec that does not share has them in its environment already)."""
+    if _shared_userns_dir(spec, config, flags) is None:
+        return ()
+    from mesobox.launch.specbuild import MPI_SHM_DEFAULTS
+
+    return tuple(f"{key}={value}" for key, value in MPI_SHM_DEFAULTS)
+
+
+RUN_HOOKS = ("createContainer", "startContainer")
+_MARK = "\0"  # where execute.run_hooks puts the pid: json.dumps never writes a raw control character
+_MARK_ID = "\1"  # where it puts the container's id (the same in every hook of a launch)
+
+
+def _hook_plan(spec: Spec, workspace: str) -> HookPlan | None:
+    """The createContainer and startContainer hooks as plain data, with the OCI state
+    and the bundle's config.json they read, as JSON text made here: json is imported
+    only for a spec with hooks (and at run time only to write process.env, which a
+    saved program composes anew).  Compiling runs no hook.  A hook of another kind is
+    refused: running it is issue 13's OCI lifecycle, and skipping it would leave a
+    container that looks right and is not."""
+    hooks = spec.hooks
+    kinds = hooks.kinds()
+    if not kinds:
+        return None
+    later = [kind for kind in kinds if kind not in RUN_HOOKS]
+    if later:
+        from mesobox.errors import UsageError
+
+        raise UsageError(f"{later[0]} hooks are not run by mesobox run yet ({getattr(hooks, later[0])[0].path})",
+                         hint="mesobox runs createContainer and startContainer hooks")
+    import json
+
+    from mesobox.oci.spec import hooks_json
+
+    bundle = os.path.join(workspace, "bundle")
+    doc = {"ociVersion": "1.0.2",
+           # the root as the createContainer hooks see it: before pivot_root, in the
+           # container's mount namespace (nvidia-ctk's hooks find it here)
+           "root": {"path": os.path.join(workspace, "root"), "readonly": spec.root.readonly},
+           "process": {"args": list(spec.process.args), "cwd": spec.process.cwd, "env": _MARK},
+           "hooks": hooks_json(hooks), "annotations": dict(spec.annotations)}
+    head, _, tail = json.dumps(doc).partition(json.dumps(_MARK))
+    annotations = json.dumps(dict(spec.annotations))
+
+    def state(status: str) -> str:
+        return (f'{{"ociVersion": "1.0.2", "id": "{_MARK_ID}", "status": "{status}", "pid": {_MARK}, '
+                f'"bundle": {json.dumps(bundle)}, "annotations": {annotations}}}')
+
+    def steps(kind: str) -> tuple[HookStep, ...]:
+        return tuple((h.path, h.args or (h.path,), h.env, h.timeout or 0) for h in getattr(hooks, kind))
+
+    return bundle, (head, tail), steps("createContainer"), steps("startContainer"), (state("creating"),
+                                                                                       state("created"))
+
+
+def _escaped(text: str | None) -> str | None:
+    """One field of one line: a path may hold tabs and newlines."""
+    if text is None:
+        return None
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
 def _identity_files(spec: Spec, image: str) -> tuple[tuple[str, str], ...]:

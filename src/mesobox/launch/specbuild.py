@@ -6,7 +6,9 @@ Invariants:
 - Docker semantics for ``run`` (ARGS replace Cmd; Entrypoint kept unless
   ``--entrypoint``, which also drops the image Cmd, as ``docker run`` does); ``exec``
   runs CMD directly; ``shell`` runs /bin/bash, else /bin/sh.  A plain directory or
-  squashfs image has an empty config: its default command is /bin/sh (Apptainer's).
+  squashfs image has an empty config: its default command is /bin/sh (Apptainer's);
+  a squashfs file written by ``mesobox export`` carries its image's config
+  (image/portable.py) and runs as the stored image does.
 - Capabilities (caps.py): Docker's default set for uid 0 inside, none otherwise;
   real root's container root is shifted to a sub-id range unless ``--host-root``.
 - Default binds (unless ``--contain``): $HOME, the working directory (when it is not
@@ -17,9 +19,11 @@ Invariants:
   caller cannot reach (a checkout under /root, say) is not bound either: the
   container starts in $HOME, or /, with a warning, as Apptainer's does.
 - /dev/shm is the host's (unless ``--contain``: a private tmpfs), as Apptainer's is:
-  the ranks of a node, one container each, must see each other's MPI segments.  Each
-  rank has its own user namespace, so the MPI libraries are told not to use CMA
-  single-copy between them (MPI_SHM_DEFAULTS), unless the user set those variables.
+  the ranks of a node, one container each, must see each other's MPI segments.  They
+  then share one user namespace (``Settings.userns``, launch/sharedns.py), so MPI's CMA
+  single copy works between them; where they cannot (``--userns private``, ``--pid``,
+  real root, ``--fakeroot``) the MPI libraries are told not to use it (MPI_SHM_DEFAULTS),
+  unless the user set those variables.
 - Image names: a path-shaped name (/…, ./…, ../…, *.sqfs, *.squashfs, or one that is
   not a valid reference) is a directory or squashfs file; every other name is an image
   reference, never a path: a directory planted in a shared working directory under a
@@ -46,11 +50,11 @@ if TYPE_CHECKING:
 HOST_SHM_OPTIONS = ("rbind", "nosuid", "nodev", "rw")  # the host's /dev/shm: those of a -B bind
 PRIVATE_SHM = S.Mount(destination="/dev/shm", type="tmpfs", source="shm", options=("nosuid", "nodev", "mode=1777"))
 # With the host's /dev/shm, ranks of a node find each other's segments and use shared
-# memory; but each is in its own user namespace, where process_vm_readv(2) on a peer is
-# refused (ptrace_may_access: same ids, other namespace), and a library that picks CMA
-# single-copy for large messages then fails or hangs.  These make it copy through the
-# shared segments instead.  Lowest precedence: the host's value, the image's, an
-# --env-file or -e one wins.
+# memory; but in separate user namespaces process_vm_readv(2) on a peer is refused
+# (ptrace_may_access: same ids, other namespace), and a library that picks CMA
+# single-copy for large messages then fails or hangs.  Where the ranks do not share a
+# user namespace, these make it copy through the shared segments instead.  Lowest
+# precedence: the host's value, the image's, an --env-file or -e one wins.
 MPI_SHM_DEFAULTS = (
     ("OMPI_MCA_btl_vader_single_copy_mechanism", "none"),  # Open MPI 3-4: the vader BTL
     ("OMPI_MCA_smsc", "^cma"),  # Open MPI 5: its single-copy framework, without CMA
@@ -96,8 +100,10 @@ class RunOptions(Record):
         "pid",
         "pids_limit",
         "publish",
+        "rdma",
         "rocm",
         "security_opts",
+        "userns",
         "uts",
         "workdir",
         "writable_tmpfs",
@@ -108,7 +114,7 @@ class RunOptions(Record):
                  "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": (),
                  "host_root": False, "cpuset_cpus": None, "io_read_bps": (), "io_write_bps": (),
                  "io_read_iops": (), "io_write_iops": (), "publish": (), "devices": (),
-                 "nv": False, "rocm": False}
+                 "nv": False, "rocm": False, "rdma": False, "userns": None}
     mode: str
     image: str
     args: tuple[str, ...]
@@ -117,6 +123,7 @@ class RunOptions(Record):
     devices: tuple[str, ...]  # --device HOST[:CONTAINER][:PERMS]
     nv: bool  # --nv: the host's NVIDIA GPUs (launch/gpu.py)
     rocm: bool  # --rocm: the host's AMD GPUs
+    rdma: bool  # --rdma: the host's InfiniBand/RDMA devices and verbs libraries (launch/rdma.py)
     contain: bool
     cleanenv: bool
     env: tuple[str, ...]
@@ -129,6 +136,7 @@ class RunOptions(Record):
     pid: bool
     ipc: bool
     uts: bool
+    userns: str | None  # "shared" | "private"; None: shared where the ranks of a node need it
     hostname: str | None
     net: str | None
     publish: tuple[str, ...]  # -p HOST:CONTAINER, with --net slirp
@@ -146,13 +154,19 @@ class RunOptions(Record):
 
 
 class Image(Record):
-    __slots__ = ("config", "format", "lock", "path", "reference")
-    _defaults = {"lock": None}
+    __slots__ = ("config", "digest", "format", "lock", "path", "reference")
+    _defaults = {"lock": None, "digest": None}
     format: str  # "dir" | "squashfs"
     path: str
     config: dict[str, Any]
     reference: str
     lock: str | None  # the store's in-use lock of a stored directory image (execute.hold_image)
+    digest: str | None  # the stored image's manifest digest; None for a directory or file
+
+    @property
+    def provenance(self) -> str:
+        """What ran, for the launch record: REFERENCE@DIGEST, or the image's path."""
+        return f"{self.reference}@{self.digest}" if self.digest else self.path
 
 
 # --- image -------------------------------------------------------------------------------
@@ -200,7 +214,10 @@ def path_image(text: str) -> Image:
             raise UsageError(f"cannot read image file {text}: permission denied")
         if not _squashfs_file(text):
             raise UsageError(f"{text} is neither a directory nor a squashfs image")
-        return Image(format="squashfs", path=probe.abspath(text), config={}, reference=text)
+        # A file written by `mesobox export` carries its image's config (image/portable.py).
+        trailer = probe.squashfs_trailer(text)
+        return Image(format="squashfs", path=probe.abspath(text), config=trailer["config"] if trailer else {},
+                     reference=text)
     if error in ("EACCES", "EPERM"):
         raise UsageError(f"cannot reach image {text}: permission denied",
                          hint="a directory on its path is not searchable by you")
@@ -212,7 +229,12 @@ def path_image(text: str) -> Image:
 def find_image(text: str, config: Config) -> Image:
     """A directory, a squashfs file, a stored reference, or docker://… (pulled if missing)."""
     if is_path_name(text):
-        return path_image(text)
+        image = path_image(text)
+        if probe.file_identity(config.policy_file) is not None:  # a site trust policy (docs/trust.md)
+            from mesobox.image.policy import check_path
+
+            check_path(config, probe.realpath(image.path), probe.file_identity)
+        return image
     from mesobox.image.store import Store
 
     store = Store(config)
@@ -234,13 +256,32 @@ def find_image(text: str, config: Config) -> Image:
         raise ImageNotFound(f"image {text!r} has no rootfs or squashfs", hint=f"run `mesobox pull {text}` again")
     fmt = "dir" if record.rootfs else "squashfs"
     _note_record(store, text, record.digest)
+    if probe.file_identity(config.policy_file) is not None:  # a site trust policy (docs/trust.md)
+        from mesobox.image.policy import check_stored
+
+        check_stored(config, record.reference, tuple(d for d in (record.digest, record.index_digest) if d),
+                     str(store.signatures_path(record.digest, record.store)), probe.file_identity)
+    if config.refuse_scan_severity:  # the site refuses images whose last scan found too much (docs/trust.md)
+        _check_scan(config, store, record.digest)
     from mesobox.image.imageconfig import checked_config
 
     # A record written by an older mesobox (or edited) gets the same checks as a pull.
     image_config = checked_config(record.config or {}, f"image {record.reference}")
     # A directory image in the user's own store: `rm`/`prune` must not delete it under us.
     lock = str(store.inuse_lock_path(record.digest)) if fmt == "dir" and record.store == store.root else None
-    return Image(format=fmt, path=str(path), config=image_config, reference=record.reference, lock=lock)
+    return Image(format=fmt, path=str(path), config=image_config, reference=record.reference, lock=lock,
+                 digest=record.digest)
+
+
+def _check_scan(config: Config, store: Any, digest: str) -> None:
+    from mesobox.image.scan import scan_record_path, scan_refusal
+
+    for root in (*store.ro_roots, store.root):  # a new scan must invalidate a saved plan
+        probe.file_identity(scan_record_path(str(root), digest))
+    refusal = scan_refusal(config, digest)
+    if refusal:
+        raise PolicyError(refusal, hint="scan it again with a current feed (`mesobox scan IMAGE --db FEED`), "
+                                        "or ask the site's admins")
 
 
 def _note_record(store: Any, text: str, digest: str) -> None:
@@ -349,15 +390,32 @@ def is_cdi_name(text: str) -> bool:
     return "=" in text and not text.startswith("/")
 
 
-def cdi_edits(opts: RunOptions, config: Config) -> tuple[tuple[S.Mount, ...], tuple[str, ...]]:
-    """The binds and KEY=VALUE environment of the CDI devices among --device values."""
-    names = [text for text in opts.devices if is_cdi_name(text)]
+def cdi_edits(opts: RunOptions, config: Config,
+              more: tuple[str, ...] = ()) -> tuple[tuple[S.Mount, ...], tuple[str, ...], S.Hooks]:
+    """The binds, KEY=VALUE environment and hooks of the CDI devices among --device
+    values and ``more`` (--nv through a site spec: gpu.site_cdi)."""
+    names = [text for text in opts.devices if is_cdi_name(text)] + list(more)
     if not names:
-        return (), ()
+        return (), (), S.Hooks()
     from mesobox.launch import cdi
 
     edits = cdi.cdi_edits(names, config)
-    return edits.mounts, edits.env
+    hooks = S.Hooks(**{kind: tuple(hook for k, hook in edits.hooks if k == kind) for kind in cdi.RUN_HOOKS})
+    return edits.mounts, edits.env, hooks
+
+
+def root_for_hooks(opts: RunOptions, hooks: S.Hooks, config: Config) -> RunOptions:
+    """A createContainer hook writes into the root (nvidia-ctk's update-ldcache and
+    create-symlinks): without --overlay or --writable-tmpfs it gets a writable tmpfs
+    root, as Apptainer's --nvccli implies --writable-tmpfs."""
+    if not hooks.createContainer or opts.writable_tmpfs is not None or opts.overlay:
+        return opts
+    if config.debug:
+        import sys
+
+        sys.stderr.write("mesobox: note: createContainer hooks write into the root: --writable-tmpfs implied\n")
+    changed: RunOptions = opts.replace(writable_tmpfs=0)
+    return changed
 
 
 def device_mount(text: str, allowed: tuple[str, ...]) -> S.Mount:
@@ -457,13 +515,19 @@ def _binds_shm(binds: tuple[str, ...]) -> bool:
     return any(dst.rstrip("/") == "/dev/shm" for text in binds for _src, dst, _ro in parse_bind(text))
 
 
-def mpi_defaults(mounts: tuple[S.Mount, ...], cleanenv: bool) -> tuple[str, ...]:
-    """MPI_SHM_DEFAULTS as image-Env-like entries, when the container's /dev/shm is a
-    bind of the host's (the last mount there wins: ``-B /dev/shm`` with --contain too),
-    less those the host environment already sets and passes through.  probe.environ:
-    a saved program is used only while the host's answer stays the same."""
+def host_shm(mounts: tuple[S.Mount, ...]) -> bool:
+    """Is the container's /dev/shm a bind of the host's?  (The last mount there wins:
+    ``-B /dev/shm`` with --contain too.)"""
     shm = [m for m in mounts if m.destination.rstrip("/") == "/dev/shm"]
-    if not shm or shm[-1].type != "bind":
+    return bool(shm) and shm[-1].type == "bind"
+
+
+def mpi_defaults(mounts: tuple[S.Mount, ...], cleanenv: bool, cma: bool = False) -> tuple[str, ...]:
+    """MPI_SHM_DEFAULTS as image-Env-like entries, when the container's /dev/shm is the
+    host's and ``cma`` (single copy) cannot work, less those the host environment
+    already sets and passes through.  probe.environ: a saved program is used only while
+    the host's answer stays the same."""
+    if cma or not host_shm(mounts):
         return ()
     return tuple(f"{key}={value}" for key, value in MPI_SHM_DEFAULTS
                  if cleanenv or probe.environ(key) is None)
@@ -608,26 +672,41 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     # A shifted root (root isolation) does not get root's home (ssh keys, mode 0700:
     # unreadable to it anyway); it uses the image's own $HOME directory.
     shifted = identity.is_shifted(uid_maps)
-    cdi_mounts, cdi_env = cdi_edits(opts, config)
+    nv, rocm = opts.nv, opts.rocm
+    gpu_cdi: tuple[str, ...] = ()
+    if nv or rocm:  # a site's CDI spec for the vendor takes the flag (gpu.py)
+        from mesobox.launch.gpu import site_cdi
+
+        gpu_cdi, nv, rocm = site_cdi(nv, rocm, config)
+    cdi_mounts, cdi_env, hooks = cdi_edits(opts, config, gpu_cdi)
+    opts = root_for_hooks(opts, hooks, config)
     mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home, cdi_mounts)
     # The recipe, not the values: a saved program merges this launch's environment anew.
     file_pairs = tuple(pair for path in opts.env_files for pair in probe.env_file(path))
     # MPI defaults go first among the image's Env: the image, --env-file and -e override them.
     # A CDI device's env comes after the image's (the device's driver knows better) and
     # before --env-file and -e (the user's word is last).
-    image_env = mpi_defaults(mounts, opts.cleanenv) + tuple(image.config.get("Env") or ()) + cdi_env
-    if opts.nv or opts.rocm:
+    userns = _userns(opts, mounts, subids)
+    image_env = (mpi_defaults(mounts, opts.cleanenv, cma=userns == "shared" and not opts.pid)
+                 + tuple(image.config.get("Env") or ()) + cdi_env)
+    if nv or rocm:
         from mesobox.launch.gpu import gpu_setup
 
-        gpu_mounts, gpu_env = gpu_setup(opts.nv, opts.rocm, config, image_env)
+        gpu_mounts, gpu_env = gpu_setup(nv, rocm, config, image_env)
         mounts += gpu_mounts
         image_env += gpu_env  # after the image's Env, before --env-file and -e
+    if opts.rdma:
+        from mesobox.launch.rdma import rdma_setup
+
+        rdma_mounts, rdma_env = rdma_setup(config, image_env, image.path)
+        mounts += rdma_mounts
+        image_env += rdma_env  # after the image's Env, before --env-file and -e
     recipe = (image_env, opts.cleanenv, file_pairs, tuple(opts.env), home)
     probe.note_environment(recipe)
     env = environ.compose(dict(os.environ), recipe)
     settings = _settings(opts, subids).replace(
         root_format=image.format, image_lock=image.lock, user_name="root" if inside[0] == 0 else name,
-        group_name=group, home=home, shell=shell)
+        group_name=group, home=home, shell=shell, userns=userns, image=image.provenance)
     if inside[0] != 0 and not opts.cap_add and not opts.cap_drop:
         caps = dict(NO_CAPABILITIES)  # what caps.resolve says for a non-root uid, without its import
     else:
@@ -639,7 +718,7 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     linux = S.Linux(namespaces=_namespaces(opts), uid_mappings=uid_maps, gid_mappings=gid_maps,
                     resources=_resources(opts), seccomp=_seccomp(opts, config))
     spec = S.Spec(process=process, root=S.Root(path=image.path, readonly=opts.writable_tmpfs is None),
-                  mounts=mounts, hostname=opts.hostname, linux=linux, mesobox=settings)
+                  mounts=mounts, hostname=opts.hostname, linux=linux, mesobox=settings, hooks=hooks)
     spec.validate()
     return spec
 
@@ -673,6 +752,24 @@ def _settings(opts: RunOptions, subids: bool) -> S.Settings:
         publish = tuple(parse_publish(p) for p in opts.publish)
     return S.Settings(writable_tmpfs=opts.writable_tmpfs, overlay=overlay, overlay_image=overlay_image,
                       subids=subids, net=net, publish=publish)
+
+
+def _userns(opts: RunOptions, mounts: tuple[S.Mount, ...], subids: bool) -> str:
+    """``shared`` (launch/sharedns.py) where ranks of a node meet: the host's /dev/shm and
+    no pid namespace of its own (CMA names peers by pid).  Private for a root inside:
+    real root's containers each get their own id slice, and a --fakeroot root holds
+    every capability of its namespace, which must then be its own."""
+    if opts.userns == "private":
+        return "private"
+    if os.getuid() == 0 or subids or opts.fakeroot:
+        if opts.userns == "shared":
+            why = "real root's containers each get their own id slice" if os.getuid() == 0 else \
+                "a --fakeroot container's root holds every capability of its user namespace"
+            raise UsageError(f"--userns shared is not available here: {why}", hint="drop --userns shared")
+        return "private"
+    if opts.userns == "shared":
+        return "shared"
+    return "shared" if host_shm(mounts) and not opts.pid else "private"
 
 
 def _here() -> str:

@@ -78,17 +78,31 @@ def image_key(path: str) -> str:
     return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
-def _spawn(argv: list[str]) -> int:
-    """Run a helper and wait: posix_spawn, not subprocess (≈8 ms of imports per launch)."""
+def _spawn(argv: list[str], stdout: int = -1) -> int:
+    """Run a helper and wait: posix_spawn, not subprocess (≈8 ms of imports per launch).
+    Its stdout is ``stdout`` when given, else /dev/null like its stdin."""
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
-        actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1)]
+        actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, stdout if stdout >= 0 else devnull, 1)]
         # setsigmask=(): the launcher blocks the signals it forwards; the FUSE daemon
         # (which outlives this launcher) must not inherit that mask.
         pid = os.posix_spawn(argv[0], argv, dict(os.environ), file_actions=actions, setsigmask=())
     finally:
         os.close(devnull)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _spawn_output(argv: list[str]) -> tuple[int, bytes]:
+    """_spawn, and what the helper wrote on stdout (a short answer: losetup's)."""
+    r, w = os.pipe()
+    try:
+        code = _spawn(argv, w)
+    finally:
+        os.close(w)
+    try:
+        return code, os.read(r, 65536)
+    finally:
+        os.close(r)
 
 
 class Lease:
@@ -426,18 +440,39 @@ def _which(*names: str) -> str | None:
 
 def _mount(image: str, mountpoint: str) -> None:
     if os.getuid() == 0:
-        tool = _which("mount")
-        argv = [tool or "/bin/mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", image, mountpoint]
-    else:
-        tool = _which("squashfuse_ll", "squashfuse")
-        if tool is None:
-            raise LaunchError("squashfuse is not installed: cannot mount a squashfs image as a user",
-                              hint="apt-get install squashfuse (and fuse3), or use a directory image")
-        argv = [tool, image, mountpoint]
+        _mount_loop(image, mountpoint)
+        return
+    tool = _which("squashfuse_ll", "squashfuse")
+    if tool is None:
+        raise LaunchError("squashfuse is not installed: cannot mount a squashfs image as a user",
+                          hint="apt-get install squashfuse (and fuse3), or use a directory image")
+    argv = [tool, image, mountpoint]
     code = _spawn(argv)  # squashfuse daemonizes once its mount is in place
     if code != 0 or not os.path.ismount(mountpoint):
         raise LaunchError(f"cannot mount squashfs {image}: {os.path.basename(argv[0])} exited {code}",
                           hint="is it a valid squashfs (unsquashfs -s), and is /dev/fuse usable (mode 0666)?")
+
+
+def _mount_loop(image: str, mountpoint: str) -> None:
+    """Root: a kernel squashfs mount on a loop device of its own.  Not ``mount -o loop``:
+    util-linux reuses a loop device already attached to the same file, and a file
+    rebuilt in place (same inode) would then show a lingering mount's old contents (the
+    device's cached blocks, even its superblock).  ``losetup -d`` right after the mount
+    only marks the device to go with it (autoclear)."""
+    losetup = _which("losetup") or "/sbin/losetup"
+    code, out = _spawn_output([losetup, "--find", "--show", "--read-only", image])
+    device = out.decode(errors="replace").strip()
+    if code != 0 or not device.startswith("/dev/"):
+        raise LaunchError(f"cannot attach squashfs {image} to a loop device: losetup exited {code}",
+                          hint="is a loop device free (losetup -f)?")
+    try:
+        code = _spawn([_which("mount") or "/bin/mount", "-t", "squashfs", "-o", "ro,nosuid,nodev", device,
+                       mountpoint])
+    finally:
+        _spawn([losetup, "-d", device])  # detached now if the mount failed, else when it goes
+    if code != 0 or not os.path.ismount(mountpoint):
+        raise LaunchError(f"cannot mount squashfs {image}: mount exited {code}",
+                          hint="is it a valid squashfs (unsquashfs -s)?")
 
 
 def _exists(path: str) -> bool:

@@ -8,6 +8,10 @@ network mode, the names in the generated /etc/passwd) are typed fields of
 ``Spec.mesobox`` (``Settings``); only at the JSON boundary do they become
 ``org.mesobox.*`` annotations, which is what OCI annotations are for.
 
+``Spec.hooks`` holds the OCI hooks (config.md "POSIX-platform Hooks", config.json's
+``hooks``).  ``mesobox run`` runs the createContainer and startContainer ones (CDI
+devices bring them: launch/cdi.py); program.py refuses the other kinds in one line.
+
 Invariants:
 - Records are immutable (``replace`` makes a changed copy) and ``validate()`` checks
   the whole spec before the launcher makes its first syscall.
@@ -40,6 +44,8 @@ ANN_USER = "org.mesobox.user"
 ANN_GROUP = "org.mesobox.group"
 ANN_HOME = "org.mesobox.home"
 ANN_SHELL = "org.mesobox.shell"
+ANN_USERNS = "org.mesobox.userns"
+ANN_IMAGE = "org.mesobox.image"
 
 
 class User(Record):
@@ -155,9 +161,10 @@ class Resources(Record):
 class Settings(Record):
     """mesobox's own settings, the ones the OCI runtime spec has no field for."""
 
-    __slots__ = ("group_name", "home", "image_lock", "net", "overlay", "overlay_image", "publish",
-                 "root_format", "shell", "subids", "user_name", "writable_tmpfs")
-    _defaults = {"root_format": "dir", "image_lock": None, "writable_tmpfs": None, "overlay": None,
+    __slots__ = ("group_name", "home", "image", "image_lock", "net", "overlay", "overlay_image", "publish",
+                 "root_format", "shell", "subids", "user_name", "userns", "writable_tmpfs")
+    _defaults = {"root_format": "dir", "userns": "private", "image": None,
+                 "image_lock": None, "writable_tmpfs": None, "overlay": None,
                  "overlay_image": None, "subids": False, "net": "host", "publish": (), "user_name": "user",
                  "group_name": "group", "home": "/", "shell": "/bin/sh"}
     root_format: str  # "dir" | "squashfs": root.path is a directory, or a squashfs file to mount
@@ -172,11 +179,45 @@ class Settings(Record):
     group_name: str
     home: str
     shell: str
+    userns: str  # "private" | "shared": one user namespace for the node's ranks (launch/sharedns.py)
+    image: str | None  # what runs, for the launch record: REFERENCE@DIGEST or a path (provenance)
+
+
+HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+
+
+class Hook(Record):
+    """One OCI hook (config.md "POSIX-platform Hooks"): a program execve'd with exactly
+    ``args`` (argv, argv[0] included) and ``env``, the container's state on its stdin."""
+
+    __slots__ = ("args", "env", "path", "timeout")
+    _defaults = {"args": (), "env": (), "timeout": None}
+    path: str  # absolute: in the runtime's namespace, or the container's (startContainer)
+    args: tuple[str, ...]
+    env: tuple[str, ...]  # "KEY=VALUE"; nothing else is passed
+    timeout: int | None  # seconds before it is killed; None: no limit
+
+
+class Hooks(Record):
+    """The six OCI hook lists, each run in order at its point of the lifecycle."""
+
+    __slots__ = HOOK_KINDS  # the lifecycle's order
+    _defaults = dict.fromkeys(HOOK_KINDS, ())
+    prestart: tuple[Hook, ...]
+    createRuntime: tuple[Hook, ...]  # the OCI field names
+    createContainer: tuple[Hook, ...]
+    startContainer: tuple[Hook, ...]
+    poststart: tuple[Hook, ...]
+    poststop: tuple[Hook, ...]
+
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds that have hooks, in lifecycle order."""
+        return tuple(kind for kind in HOOK_KINDS if getattr(self, kind))
 
 
 class Spec(Record):
-    __slots__ = ("annotations", "hostname", "linux", "mesobox", "mounts", "process", "root")
-    _defaults = {"mounts": (), "hostname": None, "annotations": {}, "mesobox": Settings()}
+    __slots__ = ("annotations", "hooks", "hostname", "linux", "mesobox", "mounts", "process", "root")
+    _defaults = {"mounts": (), "hostname": None, "annotations": {}, "mesobox": Settings(), "hooks": Hooks()}
     process: Process
     root: Root
     mounts: tuple[Mount, ...]
@@ -184,6 +225,7 @@ class Spec(Record):
     linux: Linux
     mesobox: Settings
     annotations: dict[str, str]  # other annotations, passed through as OCI has them
+    hooks: Hooks  # which of them a launch runs: program.py decides
 
     def validate(self) -> None:
         """Check the whole spec; UsageError names the first problem."""
@@ -206,6 +248,18 @@ class Spec(Record):
         for maps in (self.linux.uid_mappings, self.linux.gid_mappings):
             _validate_maps(maps)
         _validate_settings(self.mesobox)
+        _validate_hooks(self.hooks)
+
+
+def _validate_hooks(hooks: Hooks) -> None:
+    for kind in hooks.kinds():
+        for hook in getattr(hooks, kind):
+            if not os.path.isabs(hook.path) or any("\0" in text for text in (hook.path, *hook.args)):
+                raise UsageError(f"{kind} hook path must be absolute, without NUL: {hook.path!r}")
+            if hook.timeout is not None and (type(hook.timeout) is not int or hook.timeout <= 0):
+                raise UsageError(f"{kind} hook {hook.path}: timeout must be a positive number of seconds, "
+                                 f"not {hook.timeout!r}")
+            environ.check(hook.env)
 
 
 def _validate_settings(m: Settings) -> None:
@@ -217,6 +271,8 @@ def _validate_settings(m: Settings) -> None:
         raise UsageError("-p/--publish needs --net slirp")
     if m.writable_tmpfs is not None and m.writable_tmpfs < 0:
         raise UsageError(f"bad --writable-tmpfs size {m.writable_tmpfs}")
+    if m.userns not in ("private", "shared"):
+        raise UsageError(f"unknown --userns {m.userns!r}", hint="use shared or private")
 
 
 def _validate_process(p: Process) -> None:
@@ -278,7 +334,26 @@ def to_oci_json(spec: Spec) -> dict[str, Any]:
     }
     if spec.hostname is not None:
         doc["hostname"] = spec.hostname
+    if spec.hooks.kinds():
+        doc["hooks"] = hooks_json(spec.hooks)
     return doc
+
+
+def hooks_json(hooks: Hooks) -> dict[str, list[dict[str, Any]]]:
+    """config.json's "hooks": only the kinds that have some."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind in hooks.kinds():
+        out[kind] = []
+        for hook in getattr(hooks, kind):
+            item: dict[str, Any] = {"path": hook.path}
+            if hook.args:
+                item["args"] = list(hook.args)
+            if hook.env:
+                item["env"] = list(hook.env)
+            if hook.timeout is not None:
+                item["timeout"] = hook.timeout
+            out[kind].append(item)
+    return out
 
 
 def _settings_json(m: Settings) -> dict[str, str]:
@@ -287,7 +362,8 @@ def _settings_json(m: Settings) -> dict[str, str]:
     optional = {ANN_IMAGE_LOCK: m.image_lock, ANN_OVERLAY: m.overlay, ANN_OVERLAY_IMAGE: m.overlay_image,
                 ANN_WRITABLE_TMPFS: None if m.writable_tmpfs is None else str(m.writable_tmpfs),
                 ANN_SUBIDS: "1" if m.subids else None, ANN_NET: None if m.net == "host" else m.net,
-                ANN_PUBLISH: ",".join(f"{h}:{c}" for h, c in m.publish) or None}
+                ANN_PUBLISH: ",".join(f"{h}:{c}" for h, c in m.publish) or None,
+                ANN_USERNS: None if m.userns == "private" else m.userns, ANN_IMAGE: m.image}
     out.update((k, v) for k, v in optional.items() if v is not None)
     return out
 
@@ -305,7 +381,7 @@ def _settings_from(annotations: dict[str, str]) -> tuple[Settings, dict[str, str
         net=take(ANN_NET, "host"),
         publish=tuple((int(h), int(c)) for h, _, c in (p.partition(":") for p in publish.split(",") if p)),
         user_name=take(ANN_USER, "user"), group_name=take(ANN_GROUP, "group"), home=take(ANN_HOME, "/"),
-        shell=take(ANN_SHELL, "/bin/sh"))
+        shell=take(ANN_SHELL, "/bin/sh"), userns=take(ANN_USERNS, "private"), image=take(ANN_IMAGE, None))
     return settings, ann
 
 
@@ -363,7 +439,22 @@ def _from_oci(doc: dict[str, Any]) -> Spec:
     settings, annotations = _settings_from(doc.get("annotations") or {})
     return Spec(process=process, root=Root(path=root["path"], readonly=bool(root.get("readonly", True))),
                 mounts=mounts, hostname=doc.get("hostname"), linux=linux, mesobox=settings,
-                annotations=annotations)
+                annotations=annotations, hooks=_hooks_from(doc.get("hooks") or {}))
+
+
+def _hooks_from(doc: dict[str, Any]) -> Hooks:
+    unknown = set(doc) - set(HOOK_KINDS)
+    if unknown:
+        raise ValueError(f"unknown hook kind {sorted(unknown)[0]!r}")
+    return Hooks(**{kind: tuple(_hook_from(h) for h in doc[kind] or ()) for kind in doc})
+
+
+def _hook_from(h: dict[str, Any]) -> Hook:
+    timeout = h.get("timeout")
+    if not isinstance(h["path"], str) or (timeout is not None and type(timeout) is not int):
+        raise ValueError(f"bad hook {h!r}")
+    return Hook(path=h["path"], args=tuple(str(a) for a in h.get("args") or ()),
+                env=tuple(str(e) for e in h.get("env") or ()), timeout=timeout)
 
 
 def _map_from(m: dict[str, Any]) -> IdMap:

@@ -11,10 +11,10 @@ Node side (``mesobox slurm task``): adds what an MPI rank in a container needs f
 the host and then runs ``mesobox exec`` in the same process (no second interpreter):
 binds for the PMIx server directory Slurm names in the environment (its socket
 rendezvous and shared-memory data store live there, pmix(7) PMIX_SERVER_TMPDIR), the
-host's /dev/shm (intra-node MPI segments must be visible to every rank of the node) and
-``OMPI_MCA_btl_vader_single_copy_mechanism=none`` (each rank has its own user
-namespace, so CMA/process_vm_readv between ranks is refused: ptrace_may_access(2)).
-With ``--mpi host`` it also binds the node's own Open MPI (``mesobox.launch.hostmpi``).
+host's /dev/shm (intra-node MPI segments must be visible to every rank of the node).
+The ranks of the job on a node then share one user namespace (launch/sharedns.py), so
+MPI's single copy (CMA, process_vm_readv) works between them.  With ``--mpi host`` it
+also binds the node's own MPI (``mesobox.launch.hostmpi``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from mesobox.slurm.options import SplitArgs
 
 # Environment a rank needs from the host, named by path: Slurm's PMIx plugin sets them.
 PMIX_DIR_VARS = ("PMIX_SERVER_TMPDIR",)
-MPI_DEFAULTS = {"OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
 IMAGE_ENV = "MESOBOX_SLURM_IMAGE"  # set in generated batch scripts for `mesobox srun`
+CHECKPOINT_ENV = "MESOBOX_CHECKPOINT_DIR"  # set by `sbatch --checkpoint-dir`; the tasks bind it
+REQUEUE_MARK = ".mesobox-requeue"  # in the checkpoint directory: the job was asked to checkpoint
 
 
 def mesobox_argv() -> list[str]:
@@ -78,7 +79,58 @@ def srun_argv(image: Path, split: SplitArgs) -> list[str]:
     return ["srun", *split.slurm_args, *task_argv(image, split.run_args, split.command)]
 
 
-def batch_script(image: Path, run_args: tuple[str, ...], body: str) -> str:
+class Checkpoint:
+    """``sbatch --checkpoint-dir``: a preemption-aware job (Slurm's own mechanisms only).
+
+    Slurm signals the batch shell ``--checkpoint-warning`` seconds before the time limit
+    (``--signal=B:USR1@T``), and with SIGTERM at a preemption.  The shell then sends the
+    steps ``--checkpoint-signal`` (``scancel --signal``: every task, the containers'
+    workloads themselves), marks the directory, and lets the steps finish: the
+    application saves its state in the directory, bound into every task as
+    ``$MESOBOX_CHECKPOINT_DIR``, where each task's writable layer also lives
+    (``--overlay DIR/layers/task-N``).  When the script ends, a marked job requeues
+    itself (``--requeue``, ``scontrol requeue``) and starts again from both; Slurm
+    counts the restarts in ``SLURM_RESTART_COUNT``."""
+
+    def __init__(self, directory: str, signal_name: str | None, warning: str | None) -> None:
+        sig = (signal_name or "USR1").upper().removeprefix("SIG")
+        if not sig.isalnum():
+            raise UsageError(f"bad --checkpoint-signal {signal_name!r}", hint="a signal name such as USR1 or TERM")
+        import signal as _signal
+
+        if not hasattr(_signal, f"SIG{sig}") and not sig.isdigit():
+            raise UsageError(f"unknown --checkpoint-signal {signal_name!r}", hint="a signal name such as USR1 or TERM")
+        seconds = warning or "120"
+        if not seconds.isdigit() or not 0 < int(seconds) <= 65535:
+            raise UsageError(f"bad --checkpoint-warning {warning!r}", hint="whole seconds before the time limit")
+        path = Path(directory).resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot make the checkpoint directory {directory}: {err.strerror}") from None
+        self.directory, self.signal, self.warning = path, sig, int(seconds)
+
+    def sbatch_args(self) -> list[str]:
+        return ["--requeue", f"--signal=B:USR1@{self.warning}"]
+
+    def preamble(self) -> list[str]:
+        d = shlex.quote(str(self.directory))
+        mark = shlex.quote(f"{self.directory}/{REQUEUE_MARK}")
+        return [
+            f"export {CHECKPOINT_ENV}={d}",
+            # A trap runs only once the shell's foreground command ends: steps run in the
+            # background and the shell waits (wait(1) returns at a trapped signal).
+            f"__mesobox_checkpoint() {{ __mesobox_trapped=1; : > {mark}; "
+            f"scancel --signal={self.signal} \"$SLURM_JOB_ID\"; }}",
+            "trap __mesobox_checkpoint USR1 TERM",
+            f"__mesobox_end() {{ if [ -e {mark} ]; then rm -f {mark}; scontrol requeue \"$SLURM_JOB_ID\"; fi; }}",
+            "trap __mesobox_end EXIT",
+            "__mesobox_wait() { while :; do __mesobox_trapped=; wait \"$1\"; __mesobox_rc=$?; "
+            "[ -n \"$__mesobox_trapped\" ] || return \"$__mesobox_rc\"; done; }",
+        ]
+
+
+def batch_script(image: Path, run_args: tuple[str, ...], body: str, checkpoint: Checkpoint | None = None) -> str:
     """Turn a user's batch script into one whose ``srun`` lines start containers.
 
     ``#SBATCH`` lines stay where they are (sbatch reads them only before the first
@@ -94,16 +146,39 @@ def batch_script(image: Path, run_args: tuple[str, ...], body: str) -> str:
     preamble = [
         "# --- added by mesobox sbatch: srun steps run in the container image ---",
         f"export {IMAGE_ENV}={shlex.quote(str(image))}",
-        f"srun() {{ {srun} \"$@\"; }}",
-        "# --- end of mesobox preamble ---",
     ]
+    if checkpoint is None:
+        preamble.append(f"srun() {{ {srun} \"$@\"; }}")
+    else:
+        preamble += checkpoint.preamble()
+        preamble.append(f"srun() {{ {srun} \"$@\" & __mesobox_wait $!; }}")
+    preamble.append("# --- end of mesobox preamble ---")
     return "\n".join([shebang, *head, *preamble, *lines]) + "\n"
 
 
-def wrap_script(image: Path, run_args: tuple[str, ...], command: str) -> str:
+def wrap_script(image: Path, run_args: tuple[str, ...], command: str, checkpoint: Checkpoint | None = None) -> str:
     """``sbatch --wrap CMD``: one step running CMD (through /bin/sh) in the image."""
+    if checkpoint is not None:  # the batch shell stays, to catch the warning
+        # The steps get the signal: a simple command runs as is, so that no shell between
+        # it and the signal dies of it first (and Slurm then ends the step).
+        words = _simple_command(command)
+        step = shlex.join(words) if words else f"/bin/sh -c {shlex.quote(command)}"
+        body = f"#!/bin/bash\n# generated by mesobox sbatch --wrap\nsrun {step}\n"
+        return batch_script(image, run_args, body, checkpoint)
     step = shlex.join(["srun", *task_argv(image, run_args, ("/bin/sh", "-c", command))])
     return f"#!/bin/sh\n# generated by mesobox sbatch --wrap\nexec {step}\n"
+
+
+def _simple_command(command: str) -> list[str] | None:
+    """The words of a command line that needs no shell (no operator, expansion or
+    redirection), else None."""
+    if any(ch in command for ch in ";&|<>$`()*?[]{}~\n#=\\"):
+        return None
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    return words or None
 
 
 def task_setup(argv: list[str], env: MutableMapping[str, str]) -> list[str]:
@@ -127,14 +202,28 @@ def task_setup(argv: list[str], env: MutableMapping[str, str]) -> list[str]:
         value = env.get(var)
         if value and os.path.isdir(value) and os.path.realpath(value) != "/":
             extra += ["--bind", os.path.realpath(value)]
-    for key, value in MPI_DEFAULTS.items():
-        env.setdefault(key, value)
+    extra += _checkpoint_binds(run_args, env)
     run_args, mpi_host = _take_mpi_host(run_args)
     if mpi_host:
         from mesobox.launch.hostmpi import host_mpi_args
 
         extra += host_mpi_args(Path(rest[0]), env)
     return [*extra, *run_args, *rest]
+
+
+def _checkpoint_binds(run_args: list[str], env: MutableMapping[str, str]) -> list[str]:
+    """In a ``--checkpoint-dir`` job: the directory, and this task's writable layer in
+    it (unless the options choose a writable root themselves)."""
+    directory = env.get(CHECKPOINT_ENV)
+    if not directory or not os.path.isabs(directory) or not os.path.isdir(directory):
+        return []
+    extra = ["--bind", directory]
+    if not any(a.split("=", 1)[0] in ("--overlay", "--writable-tmpfs") for a in run_args):
+        task = env.get("SLURM_PROCID", "0")
+        layer = os.path.join(directory, "layers", f"task-{task if task.isdigit() else 0}")
+        os.makedirs(layer, exist_ok=True)
+        extra += ["--overlay", layer]
+    return extra
 
 
 def _take_mpi_host(run_args: list[str]) -> tuple[list[str], bool]:

@@ -40,6 +40,9 @@ class SplitArgs:
     slurm_args: tuple[str, ...]
     command: tuple[str, ...]
     wrap: str | None = None  # sbatch --wrap: mesobox rewrites it
+    checkpoint_dir: str | None = None  # sbatch --checkpoint-dir: preemption-aware job (slurm/launch.py)
+    checkpoint_signal: str | None = None  # what the steps get at the warning (default USR1)
+    checkpoint_warning: str | None = None  # seconds before the time limit (default 120)
 
 
 def slurm_option_width(word: str) -> int:
