@@ -22,6 +22,7 @@ from mesobox.cli.slurm import split_args
 from mesobox.cli.usage import help_text, manpage
 from mesobox.errors import UsageError
 from mesobox.launch.specbuild import RunOptions
+from mesobox.slurm.options import slurm_option_width
 
 PATHS = [v.path for v in table.verbs()] + [s.path for v in table.verbs() for s in v.subverbs]
 LAUNCH = ("run", "exec", "shell")
@@ -135,7 +136,8 @@ def test_srun_hands_every_long_run_option_to_mesobox(opt: table.Option) -> None:
         assert (split.run_args, split.slurm_args, split.command) == (tuple(mine), ("-N2",), ("app",))
     for name in (n for n in opt.names if not n.startswith("--")):
         split = split_args([name, "X", "--", "app"])
-        assert (split.run_args, split.slurm_args) == ((), (name, "X"))
+        want = (name, "X") if slurm_option_width(name) == 2 else (name,)  # srun's -v and -u are flags
+        assert (split.run_args, split.slurm_args) == ((), want)
 
 
 def test_sbatch_wrap_is_taken_out() -> None:
@@ -150,9 +152,9 @@ def test_sbatch_wrap_is_taken_out() -> None:
 BASH_CASES = [
     (["mesobox", "run", "--bi"], ["--bind"]),
     (["mesobox", "ins"], ["inspect", "instance"]),
-    (["mesobox", "instance", "st"], ["start", "stop"]),
+    (["mesobox", "instance", "st"], ["start", "stop", "stats"]),
     (["mesobox", "instance", "start", "--bi"], ["--bind"]),  # inherited from run
-    (["mesobox", "instance", "start", "--re"], ["--restart"]),
+    (["mesobox", "instance", "start", "--res"], ["--restart"]),
     (["mesobox", "instance", "ls", "--a"], ["--all"]),  # an alias
     (["mesobox", "run", "--net", ""], ["host", "none", "slirp"]),
     (["mesobox", "run", "--net", "=", "s"], ["slirp"]),
@@ -256,3 +258,13 @@ def test_the_table_imports_nothing() -> None:
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert set(ast.literal_eval(out[0])) <= {"mesobox", "mesobox.cli", "mesobox.cli.table", "__future__"}
     assert out[1] == "[]"
+
+
+def test_bundled_flags_are_taken_apart_as_getopt_does() -> None:
+    run = table.find("run")
+    assert run is not None
+    values, args = table.parse(run, ["-it", "--rm", "img", "-it"])
+    assert values["interactive"] is True and values["tty"] is True and args == ["img", "-it"]
+    with pytest.raises(UsageError):
+        table.parse(run, ["-iB/x", "img"])  # -B takes a value: not a bundle of flags
+

@@ -351,3 +351,39 @@ def test_checkpoint_and_restore_with_criu(inst: Instances, rootfs: Path, world_t
     assert restored.returncode == 0, restored.stderr
     inst("instance", "stop", "-t", "1", "saved")
     assert_nothing_left(inst, ["saved"], [pid], rootfs)
+
+
+CHECKPOINTING = (
+    'd=$MESOBOX_CHECKPOINT_DIR; n=$(cat "$d/count" 2>/dev/null || echo 0); '
+    'echo "run from=$n layer=$(cat /var/layer-mark 2>/dev/null || echo none)"; '
+    'echo "written-by-run-from-$n" > /var/layer-mark; '
+    'trap \'echo "$n" > "$d/count"; echo "checkpointed at $n"; exit 0\' USR2; '
+    'while :; do n=$((n + 1)); sleep 0.2; done'
+)
+
+
+def test_a_checkpointing_instance_resumes_from_its_directory(
+    inst: Instances, rootfs: Path, user: User, world_tmp: Path
+) -> None:
+    """``instance start --checkpoint-dir DIR --checkpoint-signal USR2``: a stop sends
+    USR2, the workload saves its count in DIR (bound, $MESOBOX_CHECKPOINT_DIR) and
+    exits; its writable layer (a file it wrote in the image's /var) is kept in DIR too,
+    and the next start with the same DIR resumes from both.  The image is the user's
+    own, as a pull of theirs makes it: a rootless writable layer cannot copy up a
+    directory of an unmapped owner."""
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(rootfs)], check=True)
+    ckpt = world_tmp / "ckpt"
+    start = ["instance", "start", "--checkpoint-dir", str(ckpt), "--checkpoint-signal", "USR2", "-t", "20",
+             str(rootfs)]
+    inst.ok(*start, "first", "sh", "-c", CHECKPOINTING)
+    wait_until(lambda: (ckpt / "layer").is_dir() and "run from=0" in inst.ok("instance", "logs", "first"),
+               "the first run to start")
+    inst.ok("instance", "stop", "first")
+    saved = int((ckpt / "count").read_text())
+    assert saved > 0
+    inst.ok(*start, "second", "sh", "-c", CHECKPOINTING)
+    wait_until(lambda: "run from=" in inst.ok("instance", "logs", "second"), "the second run to start")
+    assert f"run from={saved} layer=written-by-run-from-0" in inst.ok("instance", "logs", "second")
+    inst.ok("instance", "stop", "second")
+    refused = inst("instance", "start", "--checkpoint-signal", "USR2", str(rootfs), "third", "true")
+    assert_one_line_error(refused, 2)

@@ -311,6 +311,10 @@ def test_sbatch_checkpoint_dir_checkpoints_at_the_warning_and_requeues(
     assert runs[0] == ("0", "0", "none"), text
     assert "checkpointed at" in text and "exit code 3" in text, text  # the application's own exit, not a kill
     saved = int((checkpoints / "count").read_text())
-    assert saved > 0 and runs[1] == ("1", str(saved), "written-in-run-0"), text
+    # Slurm may send the warning up to 60 s early (sbatch(1)): a requeued run can meet it
+    # again before it resumes and be requeued once more.  The run that resumed counts.
+    restart, start, layer = runs[-1]
+    assert int(restart) >= 1 and start == str(saved) and saved > 0, text
+    assert layer.startswith("written-in-run-"), text  # the writable layer outlived the first run
     assert (checkpoints / "layers" / "task-0").is_dir()
     assert not (checkpoints / ".mesobox-requeue").exists()

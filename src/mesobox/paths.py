@@ -75,6 +75,23 @@ def default_runtime_dir(env: dict[str, str] | os._Environ[str]) -> str:
     return f"/tmp/mesobox-{outer_uid()}"
 
 
+def logout_safe(runtime_dir: str, env: dict[str, str] | os._Environ[str]) -> str:
+    """Where state that must outlive the login session lives (instances, and the runs
+    their supervisors start): ``runtime_dir``, unless it lies in the login manager's
+    per-session directory ($XDG_RUNTIME_DIR, /run/user/UID), which pam_systemd removes
+    at the user's last logout while a detached instance keeps running; then the
+    node-local fallback /tmp/mesobox-UID (per node like the instance, kept until
+    reboot).  Either way it is trusted only through ``runtime_dir`` (private checks)."""
+    volatile = [f"/run/user/{os.getuid()}"]
+    base = env.get("XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base):
+        volatile.append(os.path.normpath(base))
+    path = os.path.normpath(runtime_dir)
+    if any(top != "/" and (path == top or path.startswith(top + "/")) for top in volatile):
+        return f"/tmp/mesobox-{outer_uid()}"
+    return runtime_dir
+
+
 def outer_uid() -> int:
     """The caller's uid as the parent user namespace knows it.  Root inside a
     ``--fakeroot`` container is an ordinary user outside: it shares that user's
@@ -145,6 +162,12 @@ def runtime_dir(path: str) -> str:
         os.close(fd)
     _checked.add(path)
     return path
+
+
+def forget_checked(path: str) -> None:
+    """Check ``path`` again at its next ``runtime_dir`` (a long-lived process whose
+    runtime dir may have been deleted meanwhile: an instance's supervisor)."""
+    _checked.discard(path)
 
 
 def _open_or_make(path: str) -> int:

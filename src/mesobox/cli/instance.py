@@ -2,8 +2,8 @@
 
 Only argument handling and printing live here; the work is in ``instances.lifecycle``
 (start, wait, list, stop), ``instances.state``, ``instances.supervisor`` (the detached
-keeper), ``instances.nsenter`` (exec), ``instances.pause`` and
-``instances.checkpoint``.  See docs/instances.md.
+keeper), ``instances.nsenter`` (exec), ``instances.pause``, ``instances.checkpoint``
+and ``instances.stats`` (stats, top).  See docs/instances.md.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def parse_restart(text: str) -> tuple[str, int | None]:
     return policy, int(limit) if limit else None
 
 
+DOCKER_HABITS = ("-d", "--detach", "--rm", "-i", "--interactive", "--tty")
+
+
 def parse_start(argv: list[str]) -> dict[str, Any] | None:
     """``instance start`` arguments → the instance's spec: our own options, the run
     options as typed (the supervisor hands them to ``mesobox run``), IMAGE, NAME, ARGS.
@@ -58,9 +61,21 @@ def parse_start(argv: list[str]) -> dict[str, Any] | None:
     name = st.check_name(name)
     if os.path.exists(image):  # a rootfs directory or squashfs file: absolute, the supervisor runs in "/"
         image = os.path.abspath(image)
+    # An instance is detached and removed by `instance stop` anyway: Docker's -d, --rm,
+    # -i and --tty mean nothing more here (and -d would stop `mesobox run`).
+    options = [o for o in values.get(table.INHERITED, ()) if o not in DOCKER_HABITS]
+    stop_signal = None
+    if "checkpoint_dir" in values:
+        from mesobox.slurm.launch import Checkpoint, checkpoint_options
+
+        checkpoint = Checkpoint(values["checkpoint_dir"], values.get("checkpoint_signal"), None)
+        options = checkpoint_options(str(checkpoint.directory), options, "layer") + options
+        stop_signal = checkpoint.signal
+    elif "checkpoint_signal" in values:
+        raise UsageError("--checkpoint-signal needs --checkpoint-dir")
     return {"restart": restart, "restart_max": restart_max, "time_limit": time_limit, "grace": grace,
-            "options": list(values.get(table.INHERITED, ())), "name": name, "image": image, "args": args,
-            "cwd": os.getcwd()}
+            "options": options, "name": name, "image": image, "args": args, "cwd": os.getcwd(),
+            "stop_signal": stop_signal}
 
 
 def cmd_start(argv: list[str], config: Config) -> int:
@@ -174,6 +189,75 @@ def cmd_snapshot(argv: list[str], config: Config) -> int:
     return 0
 
 
+def cmd_stats(argv: list[str], config: Config) -> int:
+    parsed = parse("instance stats", argv)
+    if parsed is None:
+        return 0
+    values, names = parsed
+    interval = parse_duration(values["interval"], "--interval") if "interval" in values else 1.0
+    from mesobox.instances import stats
+
+    if names:
+        chosen = [st.load(config, n) for n in names]
+        idle = [i.name for i in chosen if i.status not in (st.RUNNING, st.PAUSED)]
+        if idle:
+            raise UsageError(f"instance {idle[0]!r} is not running: no usage to show")
+    else:
+        chosen = [i for i in st.list_all(config) if i.status in (st.RUNNING, st.PAUSED)]
+    before = {i.name: stats.sample(i) for i in chosen}
+    try:
+        while True:
+            time.sleep(interval)  # CPU % is over this interval: it needs two samples
+            rows = []
+            for inst in chosen:
+                now = stats.sample(inst)
+                rows.append(now.row(before.get(inst.name)))
+                before[inst.name] = now
+            _print_stats(rows, bool(values.get("json")))
+            if values.get("no_stream"):
+                return 0
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_stats(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print_json(rows)
+        sys.stdout.flush()
+        return
+    from mesobox.instances.stats import human
+
+    fmt = "{:<20} {:>7} {:>10} {:>10} {:>10} {:>6}\n"
+    sys.stdout.write(fmt.format("NAME", "CPU %", "MEM", "IO READ", "IO WRITE", "PIDS"))
+    for r in rows:
+        cpu = "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.1f}%"
+        sys.stdout.write(fmt.format(r["name"], cpu, human(r["memory_bytes"]), human(r["io_read_bytes"]),
+                                    human(r["io_write_bytes"]), "-" if r["pids"] is None else r["pids"]))
+    sys.stdout.flush()
+
+
+def cmd_top(argv: list[str], config: Config) -> int:
+    parsed = parse("instance top", argv)
+    if parsed is None:
+        return 0
+    values, (name,) = parsed
+    inst = st.load(config, name)
+    if inst.status not in (st.RUNNING, st.PAUSED, st.DEAD) or inst.workload_pid is None:
+        raise UsageError(f"instance {inst.name!r} is {inst.status}: no processes to show")
+    from mesobox.instances.stats import human, top
+
+    rows = top(inst)
+    if values.get("json"):
+        print_json(rows)
+        return 0
+    fmt = "{:>8} {:<12} {:>6} {:>10}  {}\n"
+    sys.stdout.write(fmt.format("PID", "USER", "%CPU", "RSS", "COMMAND"))
+    for r in rows:
+        sys.stdout.write(fmt.format(r["pid"], r["user"][:12], f"{r['cpu_percent']:.1f}", human(r["rss_bytes"]),
+                                    r["command"][:200]))
+    return 0
+
+
 def main_instance(argv: list[str], config: Config) -> int:
     chosen = subverb("instance", argv)
     if chosen is None:
@@ -182,7 +266,7 @@ def main_instance(argv: list[str], config: Config) -> int:
     if verb in ("pause", "resume"):
         return cmd_pause(rest, config, verb == "resume")
     handlers = {"start": cmd_start, "list": cmd_list, "stop": cmd_stop, "logs": cmd_logs, "exec": cmd_exec,
-                "snapshot": cmd_snapshot}
+                "snapshot": cmd_snapshot, "stats": cmd_stats, "top": cmd_top}
     return handlers[verb](rest, config)
 
 

@@ -49,8 +49,10 @@ def _main(verb: str, argv: list[str], config: Config) -> int:
     if verb != "run" and values.get("entrypoint") is not None:
         raise UsageError("--entrypoint is for `mesobox run`")
     from mesobox.launch.launcher import launch
-    from mesobox.launch.specbuild import RunOptions, find_image, make_spec
+    from mesobox.launch.specbuild import RunOptions, find_image, implied_options, make_spec
 
+    if values.get("detach") or values.get("platform"):
+        implied_options(RunOptions(**values))  # refused before a docker:// image is pulled
     image = find_image(values["image"], config)
     if mpi is not None:
         from mesobox.launch.hostmpi import with_host_mpi

@@ -11,7 +11,8 @@ plain data and one small parser.  Only run/exec/shell are built at import; the o
 verbs when first asked for (``verbs()``, ``find()``).
 
 Grammar, getopt_long's without abbreviations: ``-Bvalue`` and ``-B value``,
-``--bind=value`` and ``--bind value``; an optional value only as ``--opt=value``;
+``--bind=value`` and ``--bind value``; bundled flags ``-it``; an optional value only as
+``--opt=value``;
 ``--`` ends the options; ``-h``/``--help`` among them asks for help.  A verb either
 stops taking options at its first argument (``run``: the rest is the command) or takes
 them between its arguments (``pull REF --quiet``), where ``-9`` is an argument.
@@ -181,6 +182,40 @@ RUN_OPTIONS = (
     Option("--mpi", VALUE, "bind the host's MPI (libmpi and its libraries) into the container", "host",
            field="mpi", words=("host",)),
     Option("--debug", FLAG, "print the spec and each mount step (also: mesobox --debug VERB ...)", field="debug"),
+    # The flags people type from Docker/Podman and Apptainer (docs/running.md has the table).
+    Option("-v --volume", LIST, "Docker's bind: as -B, but DST is required (repeatable; no comma lists)",
+           "SRC:DST[:ro|rw]", field="volumes"),
+    Option("--mount", LIST, "Docker's mount: type=bind,source=SRC,target=DST[,readonly] or "
+           "type=tmpfs,target=DST[,tmpfs-size=SIZE][,tmpfs-mode=MODE] (repeatable)", "SPEC", field="mounts"),
+    Option("--tmpfs", LIST, "a private tmpfs at DST (nosuid,nodev; repeatable)", "DST[:size=SIZE,mode=MODE]",
+           field="tmpfs"),
+    Option("--read-only", FLAG, "read-only root (the default: for Docker habits; refused with --writable-tmpfs "
+           "or --overlay)", field="read_only"),
+    Option("-u --user", VALUE, "run as UID[:GID] or NAME[:GROUP] of the image; other ids than yours need "
+           "--fakeroot with a sub-id range (or real root)", "UID[:GID]", field="user"),
+    Option("--shm-size", VALUE, "a private /dev/shm tmpfs of SIZE instead of the host's", "SIZE",
+           field="shm_size"),
+    Option("--ulimit", LIST, "a resource limit, set before the command starts (repeatable; -1 or unlimited: no "
+           "limit; raising a hard limit needs privilege)", "NAME=SOFT[:HARD]", field="ulimits"),
+    Option("--init", FLAG, "mesobox's minimal init as pid 1: forwards signals, reaps orphans (implies --pid)",
+           field="init"),
+    Option("--platform", VALUE, "only this host's platform runs: accepted when it names it", "OS/ARCH[/VARIANT]",
+           field="platform"),
+    Option("-i --interactive", FLAG, "accepted: stdin is always passed through", field="interactive"),
+    Option("-t --tty", FLAG, "accepted: the terminal is always passed through", field="tty"),
+    Option("-d --detach", FLAG, "refused: a detached container is an instance (`mesobox instance start`)",
+           field="detach"),
+    Option("--rm", FLAG, "accepted: a container leaves nothing behind anyway", field="rm"),
+    Option("--containall", FLAG, "--contain, --pid, --ipc and --cleanenv together (Apptainer's)",
+           field="containall"),
+    Option("--no-home", FLAG, "do not bind $HOME", field="no_home"),
+    Option("--no-mount", LIST, "leave out default binds: home, tmp, cwd, bind-paths (the site's), hostfs (never "
+           "made), or a site bind's destination (repeatable, comma lists ok)", "LIST", field="no_mount",
+           words=("home", "tmp", "cwd", "bind-paths", "hostfs")),
+    Option("--dns", LIST, "a generated /etc/resolv.conf naming these servers (repeatable, comma lists ok)",
+           "IP[,IP...]", field="dns"),
+    Option("--home", VALUE, "bind SRC as the home directory DST (default: SRC) and set HOME", "SRC[:DST]",
+           field="home"),
 )
 
 RUN = Verb("run", "run an image's default command (Docker semantics)", "IMAGE [ARGS...]", RUN_OPTIONS,
@@ -271,6 +306,10 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
             Option("--time", VALUE, f"stop it after DURATION ({SECONDS})", "DURATION", field="time_limit"),
             Option("-t --grace", VALUE, "seconds between SIGTERM and SIGKILL when it is stopped; default: 10",
                    "SECONDS"),
+            Option("--checkpoint-dir", VALUE, "preemption-aware: a stop sends --checkpoint-signal, the workload may "
+                   "save its state in DIR (bound, $MESOBOX_CHECKPOINT_DIR), its writable layer is kept in DIR/layer, "
+                   "and a later start with the same DIR resumes from both", "DIR"),
+            Option("--checkpoint-signal", VALUE, "the signal a stop sends instead of SIGTERM (default USR1)", "SIG"),
         ), inherit=RUN, stop_at_args=True),
         Verb("list", "list instances", "", (
             Option("-a --all", FLAG, "exited and failed ones too"),
@@ -288,6 +327,15 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
         Verb("resume", "thaw a paused instance", "NAME"),
         Verb("snapshot", "copy an instance's overlay changes", "NAME DEST",
              about="DEST: a directory, or *.tar / *.tar.gz.  The instance needs --overlay."),
+        Verb("stats", "show instances' CPU, memory, I/O and task counts", "[NAME...]", (
+            Option("--no-stream", FLAG, "print one sample and exit; default: one every --interval until ^C"),
+            Option("--interval", VALUE, "seconds between samples; default: 1", "SECONDS"),
+            json_flag,
+        ), about="From the instance's cgroup when it has one, else summed over its processes in /proc.  "
+                 "Without NAME: every running instance."),
+        Verb("top", "show an instance's processes", "NAME", (
+            json_flag,
+        ), about="PID, USER, %CPU (over each process's lifetime, as ps shows it), RSS, COMMAND."),
     ), about="See docs/instances.md.")
 
     checkpoint = Verb("checkpoint", "checkpoint an instance with CRIU", "NAME DIR",
@@ -483,6 +531,7 @@ def parse(verb: Verb, argv: Sequence[str], check: bool = True) -> tuple[dict[str
     values: dict[str, Any] = {}
     lists: dict[str, list[str]] = {}
     args: list[str] = []
+    argv = list(argv)
     i, count = 0, len(argv)
     while i < count:
         word = argv[i]
@@ -509,6 +558,12 @@ def parse(verb: Verb, argv: Sequence[str], check: bool = True) -> tuple[dict[str
             hint = f"mesobox {verb.path} --help lists the options".replace("  ", " ")
             raise _error(f"unknown option {word}", hint)
         opt, own = found
+        if opt.kind == FLAG and eq and not word.startswith("--"):
+            letters = [f"-{c}" for c in word[1:]]
+            if all(index.get(w, (None,))[0] is not None and index[w][0].kind == FLAG for w in letters):
+                argv[start : start + 1] = letters  # -it: bundled flags, as getopt takes them
+                i, count = start, len(argv)
+                continue
         if opt.kind == FLAG and eq:
             raise _error(f"{name} takes no value")
         if opt.takes_value and not eq:

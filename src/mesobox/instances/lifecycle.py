@@ -5,7 +5,11 @@ detached supervisor and wait until it runs, list them, stop one.
 a new session (it forks again and outlives the caller); it returns once the workload
 runs, or raises with the last line of the instance's log, leaving nothing behind.
 ``stop`` asks the supervisor (SIGTERM, grace, SIGKILL, cleanup); a supervisor that is
-dead or does not answer is replaced by ``kill_leftovers``.  See docs/instances.md.
+dead or does not answer is replaced by ``kill_leftovers``.  Then ``release_mounts``:
+the shared squashfs mounts the instance held are unmounted at once when nobody else
+uses them (their linger is for the next run of a short job, not for a service that was
+stopped on purpose), and as root stop returns only once the loop devices of its
+``--overlay`` images and of those mounts are detached.  See docs/instances.md.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def start(config: Config, spec: dict[str, Any]) -> None:
     """Start the instance ``spec`` describes (cli/instance.py parse_start) and wait until
     its workload runs (or has already run, exited or paused)."""
     path = st.claim(config, spec["name"])
+    spec = {**spec, "runtime_dir": st.home(config)}  # where its runs keep their state (paths.logout_safe)
     try:
         st.write_json(path / "spec.json", spec)
         with open(path / "output.log", "ab") as log:
@@ -101,8 +106,74 @@ def stop(inst: st.Instance, grace: float) -> None:
         if st.supervisor_alive(inst.path) and pid and same_process(pid, inst.state.get("supervisor_start")):
             os.kill(pid, signal.SIGKILL)
             st.wait_gone([pid], 5)
-    kill_leftovers(st.Instance(inst.name, inst.path, inst.spec, st.read_json(inst.path / "state.json")), grace)
+    final = st.Instance(inst.name, inst.path, inst.spec, st.read_json(inst.path / "state.json"))
+    kill_leftovers(final, grace)
+    release_mounts(final)
     st.remove(inst)
+
+
+LOOP_TIMEOUT = 30.0  # for the kernel to let go of a loop device once its last mount is gone
+
+
+def release_mounts(inst: st.Instance) -> None:
+    """After the workload is gone: unmount the shared squashfs mounts it held that nobody
+    else uses, then (root) wait until no loop device is backed by its overlay images or
+    those squashfs files; one left after LOOP_TIMEOUT, unmounted everywhere, is detached."""
+    runtime = inst.spec.get("runtime_dir")
+    keys = [str(k) for k in inst.state.get("mounts") or []]
+    if runtime and keys:
+        from mesobox.launch.squashmount import drop_unused
+
+        # Only those dropped are waited for: a mount another run still uses keeps its loop.
+        keys = [os.path.basename(mountpoint) for mountpoint in drop_unused(str(runtime), keys)]
+    else:
+        keys = []
+    if os.geteuid() != 0:
+        return  # an ordinary user's mounts are FUSE ones: no loop device
+    backing = overlay_images(inst.spec.get("options") or [], str(inst.spec.get("cwd") or "/"))
+    deadline = time.monotonic() + LOOP_TIMEOUT
+    while True:
+        held = loops_backed_by(backing, keys)
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for device in held:  # only marks it to go with its last mount if one is still there
+        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+
+
+def overlay_images(options: list[str], cwd: str) -> set[str]:
+    """The ``--overlay FILE`` images (files, not directories) among run options as typed
+    (relative to ``cwd``, where the instance was started)."""
+    found: set[str] = set()
+    for i, word in enumerate(options):
+        value = options[i + 1] if word == "--overlay" and i + 1 < len(options) else None
+        if word.startswith("--overlay="):
+            value = word.split("=", 1)[1]
+        if value:
+            path = os.path.join(cwd, value)
+            if os.path.isfile(path):
+                found.add(os.path.realpath(path))
+    return found
+
+
+def loops_backed_by(files: set[str], keys: list[str]) -> list[str]:
+    """Loop devices (/dev/loopN) whose backing file is one of ``files`` or is the image
+    of a shared-mount key (its device, inode, size, mtime: squashmount.image_key)."""
+    from mesobox.launch.squashmount import image_key
+
+    held = []
+    for name in os.listdir("/sys/block") if os.path.isdir("/sys/block") else []:
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        key = None
+        with contextlib.suppress(OSError):
+            key = image_key(backing)
+        if backing in files or (key is not None and key in keys):
+            held.append(f"/dev/{name}")
+    return held
 
 
 def kill_leftovers(inst: st.Instance, grace: float) -> None:

@@ -1,6 +1,10 @@
 """Instances room (cloud mode): on-disk state of long-lived containers and the queries on it.
 
-Layout, one directory per instance under ``config.runtime_dir/instances/NAME/``:
+Layout, one directory per instance under ``home(config)/instances/NAME/``: the runtime
+dir, except when that lies in the login session's $XDG_RUNTIME_DIR, which the login
+manager deletes at logout while instances live on; then /tmp/mesobox-UID
+(paths.logout_safe).  Instances an older mesobox left in ``$XDG_RUNTIME_DIR/mesobox``
+are still found there (``registries``).
 
 - ``spec.json``   what ``instance start`` asked for (written once by the CLI, before the
   supervisor starts).
@@ -29,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -44,12 +49,31 @@ STARTING, RUNNING, RESTARTING, EXITED, FAILED = "starting", "running", "restarti
 DEAD, PAUSED = "dead", "paused"
 
 
+def home(config: Config) -> str:
+    """The runtime dir of instances: one that outlives the login session (see the
+    module docstring), checked to be the caller's private one (paths.runtime_dir)."""
+    from mesobox import paths
+
+    return paths.runtime_dir(paths.logout_safe(config.runtime_dir_str, os.environ))
+
+
 def instances_dir(config: Config) -> Path:
     """The instances directory, in a runtime dir that is the caller's private one
     (paths.runtime_dir): a directory another user planted is never looked into."""
+    return Path(home(config)) / "instances"
+
+
+def registries(config: Config) -> list[Path]:
+    """Where instances are looked for: ``instances_dir``, then the runtime dir's own
+    ``instances`` when that differs and exists (instances started before they moved
+    out of $XDG_RUNTIME_DIR).  Each is trusted only when private (paths.runtime_dir)."""
     from mesobox import paths
 
-    return Path(paths.runtime_dir(config.runtime_dir_str)) / "instances"
+    found = [instances_dir(config)]
+    old = config.runtime_dir_str
+    if os.path.normpath(old) != os.path.normpath(home(config)) and os.path.isdir(os.path.join(old, "instances")):
+        found.append(Path(paths.runtime_dir(old)) / "instances")
+    return found
 
 
 def check_name(name: str) -> str:
@@ -59,14 +83,29 @@ def check_name(name: str) -> str:
 
 
 def instance_dir(config: Config, name: str) -> Path:
-    return instances_dir(config) / check_name(name)
+    """Where the instance ``name`` is: the first registry that has it, else where
+    ``claim`` would make it."""
+    check_name(name)
+    for top in registries(config):
+        if os.path.lexists(top / name):
+            return top / name
+    return instances_dir(config) / name
+
+
+def _own_dir(path: Path) -> bool:
+    """A real directory (no symlink) of the caller's that nobody else may write."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
 
 
 def claim(config: Config, name: str) -> Path:
-    """Create the instance directory; a taken name is a clear error."""
+    """Create the instance directory; a taken name (in any registry) is a clear error."""
     from mesobox import paths
 
-    paths.private_subdir(config.runtime_dir_str, "instances")
+    paths.private_subdir(home(config), "instances")
     path = instance_dir(config, name)
     try:
         path.mkdir(mode=0o700)
@@ -82,9 +121,10 @@ def claim(config: Config, name: str) -> Path:
 # --- atomic JSON ----------------------------------------------------------------------
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write-then-rename, so a reader sees the old or the new record, never half of one."""
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o666, durable=True)
+def write_json(path: Path | str, data: dict[str, Any], dir_fd: int | None = None) -> None:
+    """Write-then-rename, so a reader sees the old or the new record, never half of one.
+    With ``dir_fd``, ``path`` is relative to it (the supervisor's own directory)."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o666, durable=True, dir_fd=dir_fd)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -208,16 +248,18 @@ def supervisor_alive(path: Path) -> bool:
 
 def load(config: Config, name: str) -> Instance:
     path = instance_dir(config, name)
-    if not path.is_dir():
+    if not _own_dir(path):  # missing; or, in a private registry, never someone else's
         raise UsageError(f"no instance named {name!r}", hint="`mesobox instance list --all` shows the instances")
     return Instance(name, path, read_json(path / "spec.json"), read_json(path / "state.json"))
 
 
 def list_all(config: Config) -> list[Instance]:
-    top = instances_dir(config)
-    names = sorted(p.name for p in top.iterdir() if p.is_dir()) if top.is_dir() else []
+    names: set[str] = set()
+    for top in registries(config):
+        with contextlib.suppress(FileNotFoundError):
+            names.update(entry for entry in os.listdir(top) if _NAME_RE.fullmatch(entry))
     found = []
-    for name in names:
+    for name in sorted(names):
         with contextlib.suppress(UsageError):  # removed while we looked
             found.append(load(config, name))
     return found

@@ -6,8 +6,8 @@ taken in it: mount steps, passwd/group text, the capabilities to keep, the compi
 seccomp filter.  This module only makes the syscalls, in bubblewrap's order:
 unshare → id maps → make / slave → workspace tmpfs → root and mount steps →
 (OCI createContainer hooks) → pivot_root → chdir → hostname/loopback →
-(startContainer hooks) → capabilities → user switch → no_new_privs → seccomp (last) →
-execve.  Being plain data, a program can be reused by the next launch of the same
+(--ulimit rlimits) → (startContainer hooks) → capabilities → user switch → no_new_privs →
+seccomp (last) → execve.  Being plain data, a program can be reused by the next launch of the same
 command line (plancache.py); only the environment is made anew.
 
 The program's fields are listed, typed, in program.py (``Program``); the mount steps'
@@ -614,6 +614,10 @@ def exec_workload(program: Program) -> NoReturn:
     parent = os.getppid()
     enter = program["enter_userns"]
     real_root = enter is not None
+    if program["rlimits"]:
+        # Before the user namespace that real root enters last: raising a hard limit needs
+        # CAP_SYS_RESOURCE in the initial namespace, which the process then no longer has.
+        set_rlimits(program["rlimits"])
     if enter is not None:
         from mesobox.launch import identity
 
@@ -647,6 +651,26 @@ def exec_workload(program: Program) -> NoReturn:
         raise _not_found(f"{args[0]}: cannot execute: interpreter or loader not found") from None
     except OSError as err:
         raise _not_executable(f"{args[0]}: cannot execute: {err.strerror}") from None
+
+
+def set_rlimits(limits: tuple[tuple[str, int, int, int], ...]) -> None:
+    """--ulimit: setrlimit(2) each; a refusal is the kernel's word, as one line."""
+    import resource
+
+    for name, number, soft, hard in limits:
+        try:
+            resource.setrlimit(number, (soft, hard))
+        except (OSError, ValueError) as err:
+            have_soft, have_hard = resource.getrlimit(number)
+
+            def text(limit: int) -> str:
+                return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+
+            why = err.strerror if isinstance(err, OSError) else str(err)
+            raise _launch_error(f"cannot set --ulimit {name}={text(soft)}:{text(hard)}: {why} "
+                                f"(the limits here are {text(have_soft)}:{text(have_hard)})",
+                                hint="only privileged processes may raise a hard limit: ask for at most "
+                                     f"{text(have_hard)}") from None
 
 
 def find_command(name: str, search: str) -> str:

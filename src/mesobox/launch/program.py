@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         keep_caps: tuple[int, ...] | None  # capabilities left in the bounding set; None: leave them
         user: tuple[int, int, tuple[int, ...]]  # (uid, gid, additional gids) inside
         no_new_privs: bool  # prctl(PR_SET_NO_NEW_PRIVS) before execve
+        rlimits: tuple[tuple[str, int, int, int], ...]  # --ulimit: (name, RLIMIT_* number, soft, hard; -1: none)
         seccomp: bytes | None  # the compiled BPF filter
         hooks: HookPlan | None  # OCI createContainer/startContainer hooks (execute.run_hooks)
         args: tuple[str, ...]  # argv of the workload
@@ -84,6 +85,11 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
     if overlay_image:  # disk-quota overlay: loop-mounted on ws/ovl by execute.setup_root
         spec = spec.replace(mesobox=settings.replace(overlay=os.path.join(workspace, "ovl")))
     ops = plan.mount_ops(spec, workspace)
+    if settings.dns:  # --dns: the generated resolv.conf (_identity_files writes it) over the image's
+        from mesobox.launch import mountops
+
+        ops.append(mountops.bind(os.path.join(workspace, "etc", "resolv.conf"), "etc/resolv.conf", readonly=True,
+                                 file=True, recursive=False))
     before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir))
     ops = [*before, *ops, *after]
     if config.debug:
@@ -121,6 +127,7 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
         "keep_caps": keep_caps,
         "user": (proc.user.uid, proc.user.gid, tuple(proc.user.additional_gids)),
         "no_new_privs": proc.no_new_privileges,
+        "rlimits": _rlimits(spec),
         "seccomp": _seccomp_program(spec, config),
         "hooks": _hook_plan(spec, workspace),
         "args": tuple(proc.args),
@@ -208,7 +215,27 @@ def _identity_files(spec: Spec, image: str) -> tuple[tuple[str, str], ...]:
     passwd = identity.passwd_text(probe.image_text(image, "etc/passwd"), names.user_name, user.uid, user.gid,
                                   names.home, names.shell)
     group = identity.group_text(probe.image_text(image, "etc/group"), names.group_name, user.gid, names.user_name)
+    if names.dns:  # --dns, as Apptainer's: the name servers given, and nothing of the host's file
+        resolv = "".join(f"nameserver {server}\n" for server in names.dns)
+        return (("passwd", passwd), ("group", group), ("resolv.conf", resolv))
     return (("passwd", passwd), ("group", group))
+
+
+def _rlimits(spec: Spec) -> tuple[tuple[str, int, int, int], ...]:
+    """process.rlimits as setrlimit(2) arguments: the resource's number on this host
+    (RLIMIT_LOCKS is 10 everywhere, and missing from Python's resource module), and -1
+    for RLIM_INFINITY (how the resource module spells it)."""
+    if not spec.process.rlimits:
+        return ()
+    import resource
+
+    from mesobox.oci.spec import RLIM_INFINITY
+
+    def value(limit: int) -> int:
+        return -1 if limit >= RLIM_INFINITY else limit
+
+    return tuple((kind[7:].lower(), int(getattr(resource, kind, 10)), value(soft), value(hard))
+                 for kind, soft, hard in spec.process.rlimits)
 
 
 def _seccomp_program(spec: Spec, config: Config) -> bytes | None:

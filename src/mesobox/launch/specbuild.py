@@ -24,6 +24,9 @@ Invariants:
   single copy works between them; where they cannot (``--userns private``, ``--pid``,
   real root, ``--fakeroot``) the MPI libraries are told not to use it (MPI_SHM_DEFAULTS),
   unless the user set those variables.
+- The flags people type from Docker and Apptainer (-v, --mount, --tmpfs, --user,
+  --ulimit, --containall, --no-mount, --dns, --home…: the end of this module) become
+  the same binds, tmpfs mounts and spec fields; their code runs only when one is given.
 - Image names: a path-shaped name (/…, ./…, ../…, *.sqfs, *.squashfs, or one that is
   not a valid reference) is a directory or squashfs file; every other name is an image
   reference, never a path: a directory planted in a shared working directory under a
@@ -77,16 +80,22 @@ class RunOptions(Record):
         "cap_drop",
         "cleanenv",
         "contain",
+        "containall",
         "cpus",
         "cpuset_cpus",
+        "detach",
         "devices",
+        "dns",
         "entrypoint",
         "env",
         "env_files",
         "fakeroot",
+        "home",
         "host_root",
         "hostname",
         "image",
+        "init",
+        "interactive",
         "io_read_bps",
         "io_read_iops",
         "io_write_bps",
@@ -94,17 +103,29 @@ class RunOptions(Record):
         "ipc",
         "memory",
         "mode",
+        "mounts",
         "net",
+        "no_home",
+        "no_mount",
         "nv",
         "overlay",
         "pid",
         "pids_limit",
+        "platform",
         "publish",
         "rdma",
+        "read_only",
+        "rm",
         "rocm",
         "security_opts",
+        "shm_size",
+        "tmpfs",
+        "tty",
+        "ulimits",
+        "user",
         "userns",
         "uts",
+        "volumes",
         "workdir",
         "writable_tmpfs",
     )
@@ -114,7 +135,11 @@ class RunOptions(Record):
                  "cpus": None, "pids_limit": None, "security_opts": (), "cap_add": (), "cap_drop": (),
                  "host_root": False, "cpuset_cpus": None, "io_read_bps": (), "io_write_bps": (),
                  "io_read_iops": (), "io_write_iops": (), "publish": (), "devices": (),
-                 "nv": False, "rocm": False, "rdma": False, "userns": None}
+                 "nv": False, "rocm": False, "rdma": False, "userns": None,
+                 "volumes": (), "mounts": (), "tmpfs": (), "read_only": False, "user": None, "shm_size": None,
+                 "ulimits": (), "init": False, "platform": None, "interactive": False, "tty": False,
+                 "detach": False, "rm": False, "containall": False, "no_home": False, "no_mount": (), "dns": (),
+                 "home": None}
     mode: str
     image: str
     args: tuple[str, ...]
@@ -151,6 +176,25 @@ class RunOptions(Record):
     security_opts: tuple[str, ...]
     cap_add: tuple[str, ...]
     cap_drop: tuple[str, ...]
+    # The flags people type (docs/running.md, "The flags you know from Apptainer and Docker").
+    volumes: tuple[str, ...]  # -v SRC:DST[:ro|rw]: a -B bind, Docker's spelling
+    mounts: tuple[str, ...]  # --mount type=bind|tmpfs,...
+    tmpfs: tuple[str, ...]  # --tmpfs DST[:size=…,mode=…]
+    read_only: bool  # --read-only: the default; refused with a writable root
+    user: str | None  # --user UID[:GID] | NAME[:GROUP]
+    shm_size: str | None  # --shm-size SIZE: a private /dev/shm of that size
+    ulimits: tuple[str, ...]  # --ulimit NAME=SOFT[:HARD] → process.rlimits
+    init: bool  # --init: mesobox's init as pid 1 (a pid namespace)
+    platform: str | None  # --platform: must name this host's
+    interactive: bool  # -i: accepted, stdin is always passed through
+    tty: bool  # -t: accepted, the terminal is always passed through
+    detach: bool  # -d: refused, an instance is the detached container
+    rm: bool  # --rm: accepted, nothing is left behind anyway
+    containall: bool  # --containall: --contain --pid --ipc --cleanenv
+    no_home: bool  # --no-home: $HOME is not bound
+    no_mount: tuple[str, ...]  # --no-mount home,tmp,cwd,bind-paths,hostfs,/DST
+    dns: tuple[str, ...]  # --dns IP[,IP]: a generated /etc/resolv.conf (Settings.dns)
+    home: str | None  # --home SRC[:DST]
 
 
 class Image(Record):
@@ -440,12 +484,16 @@ def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str,
                 cdi_mounts: tuple[S.Mount, ...] = ()) -> tuple[S.Mount, ...]:
     allowed = tuple(config.allowed_bind_sources)
     binds: list[tuple[str, str, bool]] = []
+    skip = no_mount(opts) if opts.no_mount or opts.no_home or opts.home is not None else frozenset()
     if not opts.contain:
-        binds += [(path, path, False) for path in _automatic_binds(home, cwd, allowed)]
-        for text in config.default_binds:
-            binds += parse_bind(text)
+        binds += [(path, path, False) for path in _automatic_binds(home, cwd, allowed, skip)]
+        for text in () if "bind-paths" in skip else config.default_binds:
+            binds += [bind for bind in parse_bind(text) if bind[1] not in skip]
     for text in opts.binds:
         binds += parse_bind(text)
+    tmpfs: list[S.Mount] = []
+    if opts.volumes or opts.mounts or opts.tmpfs or opts.home is not None:
+        binds, tmpfs = _docker_mounts(opts, binds)
     mounts = []
     for src, dst, ro in binds:
         real = check_source(src, allowed)
@@ -453,18 +501,22 @@ def bind_mounts(opts: RunOptions, config: Config, cwd: str, home: str,
         mounts.append(S.Mount(destination=dst, type="bind", source=real, options=options))
     mounts += [device_mount(text, allowed) for text in opts.devices if not is_cdi_name(text)]
     mounts += cdi_mounts
-    if not opts.contain and not any(dst == "/tmp" for _src, dst, _ro in binds):
+    mounts += tmpfs
+    if not opts.contain and not any(dst == "/tmp" for _src, dst, _ro in binds) \
+            and not any(m.destination == "/tmp" for m in tmpfs):
         mounts.append(PRIVATE_TMP)  # the image's /tmp is read-only: a private one instead
     return tuple(mounts)
 
 
-def _automatic_binds(home: str, cwd: str, allowed: tuple[str, ...]) -> list[str]:
+def _automatic_binds(home: str, cwd: str, allowed: tuple[str, ...], skip: frozenset[str] = frozenset()) -> list[str]:
     """$HOME, /tmp and the working directory, where they can be bound: a directory the
     caller cannot reach is left out (_cwd says where the container starts instead),
-    one outside the site's allowed sources too, with a warning."""
-    kept = [path for path in (home, "/tmp") if path and probe.isdir(path) and _allowed_automatic(path, allowed)]
+    one outside the site's allowed sources too, with a warning; those --no-mount names
+    (``skip``) not at all."""
+    wanted = (home, "/tmp") if not skip else [p for n, p in (("home", home), ("tmp", "/tmp")) if n not in skip]
+    kept = [path for path in wanted if path and probe.isdir(path) and _allowed_automatic(path, allowed)]
     if cwd != "/" and cwd.split("/")[1] not in SYSTEM_DIRS and not any(under(cwd, p) for p in kept) \
-            and _reachable(cwd) and _allowed_automatic(cwd, allowed):
+            and "cwd" not in skip and _reachable(cwd) and _allowed_automatic(cwd, allowed):
         kept.append(cwd)
     return kept
 
@@ -497,6 +549,8 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
     if opts.contain:
         mounts.append(PRIVATE_TMP)
     for name in ("/etc/hosts", "/etc/resolv.conf"):
+        if name == "/etc/resolv.conf" and opts.dns:
+            continue  # --dns: a generated one instead (Settings.dns, program.py)
         if probe.isfile(name):
             mounts.append(S.Mount(destination=name, type="bind", source=probe.realpath(name),
                                   options=("bind", "nosuid", "nodev", "ro")))
@@ -505,7 +559,14 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
 
 def _shm(opts: RunOptions) -> S.Mount:
     """The host's /dev/shm, or a private tmpfs with --contain (or where the host has none,
-    or a -B bind covers it anyway: ``mesobox srun`` tasks bind it themselves)."""
+    or a -B bind covers it anyway: ``mesobox srun`` tasks bind it themselves); with
+    --shm-size a private tmpfs of that size, as Docker's."""
+    if opts.shm_size is not None:
+        from mesobox.sizes import parse_size
+
+        size = parse_size(opts.shm_size, "--shm-size")
+        return S.Mount(destination="/dev/shm", type="tmpfs", source="shm", options=(*PRIVATE_SHM.options,
+                                                                                    f"size={size}"))
     if opts.contain or not probe.isdir("/dev/shm") or _binds_shm(opts.binds):
         return PRIVATE_SHM
     return S.Mount(destination="/dev/shm", type="bind", source=probe.realpath("/dev/shm"), options=HOST_SHM_OPTIONS)
@@ -536,20 +597,20 @@ def mpi_defaults(mounts: tuple[S.Mount, ...], cleanenv: bool, cma: bool = False)
 # --- the spec ---------------------------------------------------------------------------------
 
 
-def resolve_user(text: str, image: Image) -> tuple[int, int]:
+def resolve_user(text: str, image: Image, label: str = "the image's User") -> tuple[int, int]:
     """Image ``User`` ("name", "uid", "uid:gid", "name:group") → ids, read from the image."""
     name, _, group = text.partition(":")
     passwd = _image_file(image, "etc/passwd") if not _numeric(name) or (group and not _numeric(group)) else ""
-    uid = int(name) if _numeric(name) else _lookup(passwd, name, 2, "user")
+    uid = int(name) if _numeric(name) else _lookup(passwd, name, 2, "user", label)
     gid = 0
     for line in passwd.splitlines():
         fields = line.split(":")
         if len(fields) > 3 and (fields[0] == name or fields[2] == str(uid)) and _numeric(fields[3]):
             gid = int(fields[3])
     if group:
-        gid = int(group) if _numeric(group) else _lookup(_image_file(image, "etc/group"), group, 2, "group")
+        gid = int(group) if _numeric(group) else _lookup(_image_file(image, "etc/group"), group, 2, "group", label)
     if not (uid < MAX_ID and gid < MAX_ID):
-        raise UsageError(f"the image's User {text[:40]!r} names an id out of range (ids are below {MAX_ID})")
+        raise UsageError(f"{label} {text[:40]!r} names an id out of range (ids are below {MAX_ID})")
     return uid, gid
 
 
@@ -561,12 +622,12 @@ def _numeric(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def _lookup(text: str, name: str, column: int, what: str) -> int:
+def _lookup(text: str, name: str, column: int, what: str, label: str = "the image's User") -> int:
     for line in text.splitlines():
         fields = line.split(":")
         if fields[0] == name and len(fields) > column and _numeric(fields[column]):
             return int(fields[column])
-    raise UsageError(f"the image's User {name[:40]!r} is not a {what} in its /etc files")
+    raise UsageError(f"{label} {name[:40]!r} is not a {what} in the image's /etc files")
 
 
 def _image_file(image: Image, rel: str) -> str:
@@ -654,9 +715,13 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     """Everything the launcher needs, decided here, validated as a whole."""
     from mesobox.launch import environ, identity
 
+    if opts.detach or opts.platform or opts.read_only or opts.containall or opts.init:
+        opts = implied_options(opts)
     uid, gid = os.getuid(), os.getgid()
     name, group, home, shell = identity.host_names(uid, gid)
     home = probe.environ("HOME") or home
+    if opts.home is not None:
+        home = parse_home(opts.home)[1]  # --home SRC:DST: bound by bind_mounts, HOME=DST below
     if opts.host_root and not identity.is_real_root():
         raise UsageError("--host-root is only for the real root user",
                          hint="an ordinary user's container root (--fakeroot) is always their own uid")
@@ -668,6 +733,8 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     inside = (0, 0) if opts.fakeroot or uid == 0 else (uid, gid)
     if (opts.fakeroot or uid == 0) and image.config.get("User"):
         inside = resolve_user(str(image.config["User"]), image)
+    if opts.user is not None:
+        inside = user_option(opts.user, image, uid_maps, gid_maps, (uid, gid), opts.fakeroot)
     args = _shell(opts, image) if opts.mode == "shell" else command(opts, image.config, False)
     # A shifted root (root isolation) does not get root's home (ssh keys, mode 0700:
     # unreadable to it anyway); it uses the image's own $HOME directory.
@@ -683,6 +750,8 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
     mounts = system_mounts(opts) + bind_mounts(opts, config, _here(), "" if shifted else home, cdi_mounts)
     # The recipe, not the values: a saved program merges this launch's environment anew.
     file_pairs = tuple(pair for path in opts.env_files for pair in probe.env_file(path))
+    if opts.home is not None:
+        file_pairs = (("HOME", home), *file_pairs)  # Apptainer's --home sets HOME; --env-file and -e win
     # MPI defaults go first among the image's Env: the image, --env-file and -e override them.
     # A CDI device's env comes after the image's (the device's driver knows better) and
     # before --env-file and -e (the user's word is last).
@@ -714,7 +783,8 @@ def make_spec(opts: RunOptions, config: Config, image: Image) -> S.Spec:
 
         caps = resolve(inside[0] == 0, opts.cap_add, opts.cap_drop)
     process = S.Process(args=args, env=env, cwd=_cwd(opts, mounts, image.config, home),
-                        user=S.User(uid=inside[0], gid=inside[1]), terminal=os.isatty(0), capabilities=caps)
+                        user=S.User(uid=inside[0], gid=inside[1]), terminal=os.isatty(0), capabilities=caps,
+                        rlimits=parse_ulimits(opts.ulimits) if opts.ulimits else ())
     linux = S.Linux(namespaces=_namespaces(opts), uid_mappings=uid_maps, gid_mappings=gid_maps,
                     resources=_resources(opts), seccomp=_seccomp(opts, config))
     spec = S.Spec(process=process, root=S.Root(path=image.path, readonly=opts.writable_tmpfs is None),
@@ -751,7 +821,7 @@ def _settings(opts: RunOptions, subids: bool) -> S.Settings:
 
         publish = tuple(parse_publish(p) for p in opts.publish)
     return S.Settings(writable_tmpfs=opts.writable_tmpfs, overlay=overlay, overlay_image=overlay_image,
-                      subids=subids, net=net, publish=publish)
+                      subids=subids, net=net, publish=publish, dns=parse_dns(opts.dns) if opts.dns else ())
 
 
 def _userns(opts: RunOptions, mounts: tuple[S.Mount, ...], subids: bool) -> str:
@@ -774,3 +844,257 @@ def _userns(opts: RunOptions, mounts: tuple[S.Mount, ...], subids: bool) -> str:
 
 def _here() -> str:
     return probe.getcwd() or "/"
+
+
+# --- the flags people type (Docker/Podman and Apptainer spellings) ----------------------------
+# Each is read only when given: a launch without them runs none of this.
+
+
+def implied_options(opts: RunOptions) -> RunOptions:
+    """The flags that stand for others (--containall, --init) and those only checked
+    (--detach, --platform, --read-only)."""
+    if opts.detach:
+        raise UsageError("-d/--detach: mesobox run stays in the foreground; a detached container is an instance",
+                         hint="mesobox instance start [OPTIONS] IMAGE NAME [ARGS...]")
+    if opts.platform:
+        check_platform(opts.platform)
+    if opts.read_only and (opts.writable_tmpfs is not None or opts.overlay):
+        other = "--overlay" if opts.overlay else "--writable-tmpfs"
+        raise UsageError(f"--read-only contradicts {other}: the one keeps the root read-only, the other makes "
+                         "it writable", hint=f"drop one of them (a read-only root is the default: {other} is "
+                                             "what changes it)")
+    if opts.containall:  # Apptainer's: file systems, PID, IPC and environment
+        opts = opts.replace(contain=True, pid=True, ipc=True, cleanenv=True)
+    if opts.init:  # the init that --pid already runs as pid 1 (execute._container_init)
+        opts = opts.replace(pid=True)
+    changed: RunOptions = opts
+    return changed
+
+
+def check_platform(text: str) -> None:
+    """--platform: only the host's own runs (there is no emulation)."""
+    from mesobox.image.manifest import parse_platform
+    from mesobox.image.source import host_platform
+
+    host = host_platform()
+    want_os, want_arch, want_variant = parse_platform(text)
+    host_os, host_arch, host_variant = parse_platform(host)
+    # containerd's rule: arm64 without a variant is v8.
+    default_variant = "v8" if host_arch == "arm64" else None
+    if (want_os, want_arch) != (host_os, host_arch) or want_variant not in (None, host_variant or default_variant):
+        raise UsageError(f"--platform {text}: this host runs {host}, and mesobox runs only the host's platform",
+                         hint=f"drop --platform, or give --platform {host}")
+
+
+NO_MOUNT_NAMES = ("home", "tmp", "cwd", "bind-paths", "hostfs")
+
+
+def no_mount(opts: RunOptions) -> frozenset[str]:
+    """--no-mount (Apptainer's names, comma lists ok), --no-home and --home: the default
+    binds left out: names, or a site bind's destination."""
+    skip = set()
+    for text in opts.no_mount:
+        for item in text.split(","):
+            item = item.strip()
+            if item.startswith("/"):
+                skip.add(os.path.normpath(item))
+            elif item in NO_MOUNT_NAMES:
+                skip.add(item)
+            elif item in ("proc", "sys", "dev", "devpts"):
+                raise UsageError(f"--no-mount {item}: mesobox always makes /proc, /sys, a minimal /dev and "
+                                 "/dev/pts of its own", hint=f"--no-mount takes {', '.join(NO_MOUNT_NAMES)} or a "
+                                                             "site bind's destination")
+            else:
+                raise UsageError(f"bad --no-mount value {item[:80]!r}",
+                                 hint=f"one of {', '.join(NO_MOUNT_NAMES)}, or a site bind's destination")
+    if opts.no_home or opts.home is not None:
+        skip.add("home")  # --home binds its own instead
+    return frozenset(skip)
+
+
+def _destination(dst: str, what: str) -> str:
+    if not os.path.isabs(dst) or ".." in dst.split("/") or os.path.normpath(dst) == "/":
+        raise UsageError(f"bad {what} destination {dst[:80]!r}", hint="use an absolute path other than /, "
+                                                                      "without '..'")
+    return os.path.normpath(dst)
+
+
+def parse_volume(text: str) -> tuple[str, str, bool]:
+    """Docker's ``-v SRC:DST[:OPTS]`` for a host path (a bind; OPTS ro or rw)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise UsageError(f"bad -v/--volume {text[:80]!r}", hint="use -v SRC:DST[:ro|rw]")
+    src, dst = parts[0], parts[1]
+    if not src.startswith(("/", ".")):
+        raise UsageError(f"-v {text[:80]}: {src!r} names a Docker volume; mesobox binds host paths only",
+                         hint=f"give a path: -v /path/to/{src}:{dst} (or ./{src}:{dst})")
+    options = set(parts[2].split(",")) if len(parts) == 3 else {"rw"}
+    if not options <= {"ro", "rw"} or options == {"ro", "rw"}:
+        raise UsageError(f"bad -v/--volume options {parts[2][:40]!r} in {text[:80]!r}",
+                         hint="ro or rw (SELinux labels and propagation modes are not mesobox's)")
+    return src, _destination(dst, "-v/--volume"), "ro" in options
+
+
+def parse_mount(text: str) -> tuple[str, str, bool] | S.Mount:
+    """Docker's ``--mount``: type=bind (a bind tuple) or type=tmpfs (a tmpfs Mount)."""
+    fields: dict[str, str] = {}
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        key = {"src": "source", "dst": "target", "destination": "target", "ro": "readonly"}.get(key, key)
+        if key == "readonly" and value in ("", "true", "1", "false", "0") and (eq or not value):
+            fields[key] = "false" if value in ("false", "0") else "true"
+            continue
+        if not eq or not value or key in fields:
+            raise UsageError(f"bad --mount field {item[:80]!r} in {text[:80]!r}",
+                             hint="use type=bind,source=SRC,target=DST[,readonly] or "
+                                  "type=tmpfs,target=DST[,tmpfs-size=SIZE][,tmpfs-mode=MODE]")
+        fields[key] = value
+    kind, target = fields.pop("type", ""), fields.pop("target", "")
+    if kind not in ("bind", "tmpfs"):
+        raise UsageError(f"--mount {text[:80]}: type {kind!r} is not mesobox's" if kind else
+                         f"--mount {text[:80]}: no type", hint="type=bind or type=tmpfs")
+    if not target:
+        raise UsageError(f"--mount {text[:80]}: no target", hint="add target=DST")
+    readonly = fields.pop("readonly", "false") == "true"
+    if kind == "bind":
+        source = fields.pop("source", "")
+        if not source or fields:
+            raise UsageError(f"--mount {text[:80]}: " + (f"unknown field {sorted(fields)[0]!r}" if source else
+                                                         "no source"),
+                             hint="type=bind takes source, target and readonly")
+        return source, _destination(target, "--mount"), readonly
+    size, mode = fields.pop("tmpfs-size", None), fields.pop("tmpfs-mode", None)
+    if fields or readonly:
+        raise UsageError(f"--mount {text[:80]}: " + (f"unknown field {sorted(fields)[0]!r}" if fields else
+                                                     "a read-only tmpfs would stay empty"),
+                         hint="type=tmpfs takes target, tmpfs-size and tmpfs-mode")
+    return tmpfs_mount(target, size, mode, "--mount")
+
+
+def parse_tmpfs(text: str) -> S.Mount:
+    """Docker's ``--tmpfs DST[:size=SIZE,mode=MODE,noexec]``."""
+    dst, _, options = text.partition(":")
+    size = mode = None
+    noexec = False
+    for item in options.split(",") if options else ():
+        key, eq, value = item.partition("=")
+        if key == "size" and eq:
+            size = value
+        elif key == "mode" and eq:
+            mode = value
+        elif item in ("noexec", "exec", "rw", "nosuid", "nodev"):
+            noexec = noexec or item == "noexec"
+        else:
+            raise UsageError(f"bad --tmpfs option {item[:40]!r} in {text[:80]!r}",
+                             hint="use --tmpfs DST[:size=SIZE,mode=MODE,noexec] (always nosuid,nodev)")
+    return tmpfs_mount(dst, size, mode, "--tmpfs", noexec)
+
+
+def tmpfs_mount(dst: str, size: str | None, mode: str | None, what: str, noexec: bool = False) -> S.Mount:
+    """A private tmpfs at ``dst``, nosuid and nodev; Docker's default mode 1777."""
+    options = ["nosuid", "nodev", *(("noexec",) if noexec else ())]
+    mode = mode or "1777"
+    if not (mode.isascii() and mode.isdigit() and set(mode) <= set("01234567") and int(mode, 8) <= 0o7777):
+        raise UsageError(f"bad {what} mode {mode[:20]!r}", hint="an octal mode such as 1777 or 755")
+    options.append(f"mode={int(mode, 8):o}")
+    if size is not None:
+        from mesobox.sizes import parse_size
+
+        options.append(f"size={parse_size(size, what + ' size')}")
+    return S.Mount(destination=_destination(dst, what), type="tmpfs", source="tmpfs", options=tuple(options))
+
+
+def parse_home(text: str) -> tuple[str, str]:
+    """Apptainer's ``--home SRC[:DST]`` → (host directory, home inside)."""
+    src, _, dst = text.partition(":")
+    if not src or ":" in dst:
+        raise UsageError(f"bad --home {text[:80]!r}", hint="use --home SRC[:DST]")
+    return src, _destination(dst or os.path.abspath(src), "--home")
+
+
+def _docker_mounts(opts: RunOptions, binds: list[tuple[str, str, bool]]) -> tuple[list[tuple[str, str, bool]],
+                                                                                  list[S.Mount]]:
+    """-B binds plus --home, -v and --mount type=bind ones; and the tmpfs mounts of
+    --tmpfs and --mount type=tmpfs.  Every bind gets the checks of a -B bind."""
+    binds = list(binds)
+    tmpfs: list[S.Mount] = []
+    if opts.home is not None:
+        src, dst = parse_home(opts.home)
+        binds.append((src, dst, False))
+    binds += [parse_volume(text) for text in opts.volumes]
+    for text in opts.mounts:
+        mount = parse_mount(text)
+        if isinstance(mount, S.Mount):
+            tmpfs.append(mount)
+        else:
+            binds.append(mount)
+    tmpfs += [parse_tmpfs(text) for text in opts.tmpfs]
+    return binds, tmpfs
+
+
+def user_option(text: str, image: Image, uid_maps: tuple[S.IdMap, ...], gid_maps: tuple[S.IdMap, ...],
+                own: tuple[int, int], fakeroot: bool) -> tuple[int, int]:
+    """--user UID[:GID] or NAME[:GROUP] (the image's /etc files): honoured where those ids
+    are mapped (--fakeroot with a sub-id range, real root); the caller's own ids are."""
+    uid, gid = resolve_user(text, image, "--user")
+    if ":" not in text and uid == own[0] and not fakeroot:
+        gid = own[1]  # `--user $(id -u)`: one's own group, not the image's guess
+    if _mapped(uid, uid_maps) and _mapped(gid, gid_maps):
+        return uid, gid
+    have = ", ".join(str(m.container_id) if m.size == 1 else f"{m.container_id}-{m.container_id + m.size - 1}"
+                     for m in uid_maps)
+    if fakeroot and len(uid_maps) > 1:
+        hint = "pick ids your sub-id range maps (the uids above)"
+    elif fakeroot:
+        hint = "--fakeroot maps other ids only with a sub-id range in /etc/subuid and /etc/subgid: ask the site"
+    else:
+        hint = "use --fakeroot (uid 0 inside; with a sub-id range, --fakeroot --user UID:GID for other ids)"
+    raise UsageError(f"--user {text[:40]}: uid {uid} gid {gid} is not mapped in this container (uids mapped: "
+                     f"{have})", hint=hint)
+
+
+def _mapped(number: int, maps: tuple[S.IdMap, ...]) -> bool:
+    return any(m.container_id <= number < m.container_id + m.size for m in maps)
+
+
+def parse_ulimits(texts: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+    """Docker's ``--ulimit NAME=SOFT[:HARD]`` (HARD defaults to SOFT; -1 or unlimited:
+    none) → process.rlimits; a name given twice: the last counts."""
+    limits: dict[str, tuple[int, int]] = {}
+    for text in texts:
+        name, eq, values = text.partition("=")
+        kind = "RLIMIT_" + name.upper()
+        if not eq or kind not in S.RLIMIT_TYPES or not name.islower():
+            names = ", ".join(k[7:].lower() for k in S.RLIMIT_TYPES)
+            raise UsageError(f"bad --ulimit {text[:80]!r}", hint=f"use NAME=SOFT[:HARD], NAME one of {names}")
+        soft_text, _, hard_text = values.partition(":")
+        soft = _limit(soft_text, text)
+        hard = _limit(hard_text, text) if hard_text else soft
+        if soft > hard:
+            raise UsageError(f"--ulimit {text[:80]}: the soft limit exceeds the hard one")
+        limits[kind] = (soft, hard)
+    return tuple((kind, soft, hard) for kind, (soft, hard) in limits.items())
+
+
+def _limit(text: str, whole: str) -> int:
+    if text in ("-1", "unlimited"):
+        return S.RLIM_INFINITY
+    if not (text.isascii() and text.isdigit()) or int(text) >= S.RLIM_INFINITY:
+        raise UsageError(f"bad --ulimit value {text[:40]!r} in {whole[:80]!r}",
+                         hint="a whole number, or -1 (unlimited)")
+    return int(text)
+
+
+def parse_dns(texts: tuple[str, ...]) -> tuple[str, ...]:
+    """--dns IP[,IP] (repeatable): the name servers, checked as addresses."""
+    import ipaddress
+
+    servers = []
+    for text in texts:
+        for item in text.split(","):
+            try:
+                servers.append(str(ipaddress.ip_address(item.strip())))
+            except ValueError:
+                raise UsageError(f"bad --dns server {item[:80]!r}: not an IP address",
+                                 hint="use --dns IP[,IP...]") from None
+    return tuple(servers)

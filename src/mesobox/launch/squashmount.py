@@ -398,6 +398,46 @@ def reap_stale(base: str, linger: float = 0.0, job_over: bool = False) -> list[s
     return reaped
 
 
+def held_by(runtime_dir: str, ref: str) -> list[str]:
+    """The keys under ``runtime_dir/mnt`` whose refs name ``ref`` (``PID:STARTTIME``):
+    the shared mounts one launcher holds (``instance stop`` drops their linger)."""
+    base = os.path.join(runtime_dir, "mnt")
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    keys = []
+    for name in names:
+        if name.endswith(".refs"):
+            lease = Lease(base, name[:-5], os.path.join(base, name[:-5]), "")
+            if ref in lease._entries():
+                keys.append(lease.key)
+    return sorted(keys)
+
+
+def drop_unused(runtime_dir: str, keys: list[str]) -> list[str]:
+    """Unmount now, without their linger, the mounts of ``keys`` that no live launcher
+    uses (a lingering key's watcher then finds its mount gone and exits); returns the
+    mount points dropped.  A key someone else still uses is left to its last user."""
+    base = os.path.join(runtime_dir, "mnt")
+    dropped = []
+    for key in keys:
+        if "/" in key or key.startswith("."):
+            continue
+        lease = Lease(base, key, os.path.join(base, key), "")
+        try:
+            fd = lease._locked()
+        except OSError:
+            continue
+        try:
+            if not lease._refs() and _exists(lease.mountpoint):
+                lease._drop()
+                dropped.append(lease.mountpoint)
+        finally:
+            os.close(fd)
+    return dropped
+
+
 def _unused(lease: Lease, linger: float) -> bool:
     """No live user, and not lingering, or lingering for ``linger`` seconds or more, or
     with no mount point left (a stamp alone is litter)."""

@@ -46,6 +46,12 @@ ANN_HOME = "org.mesobox.home"
 ANN_SHELL = "org.mesobox.shell"
 ANN_USERNS = "org.mesobox.userns"
 ANN_IMAGE = "org.mesobox.image"
+ANN_DNS = "org.mesobox.dns"
+# process.rlimits types mesobox sets (--ulimit's names, as Docker spells them, upper-cased).
+RLIMIT_TYPES = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
+                "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS",
+                "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK")
+RLIM_INFINITY = 2**64 - 1  # OCI's (uint64) "unlimited"
 
 
 class User(Record):
@@ -161,9 +167,9 @@ class Resources(Record):
 class Settings(Record):
     """mesobox's own settings, the ones the OCI runtime spec has no field for."""
 
-    __slots__ = ("group_name", "home", "image", "image_lock", "net", "overlay", "overlay_image", "publish",
+    __slots__ = ("dns", "group_name", "home", "image", "image_lock", "net", "overlay", "overlay_image", "publish",
                  "root_format", "shell", "subids", "user_name", "userns", "writable_tmpfs")
-    _defaults = {"root_format": "dir", "userns": "private", "image": None,
+    _defaults = {"root_format": "dir", "userns": "private", "image": None, "dns": (),
                  "image_lock": None, "writable_tmpfs": None, "overlay": None,
                  "overlay_image": None, "subids": False, "net": "host", "publish": (), "user_name": "user",
                  "group_name": "group", "home": "/", "shell": "/bin/sh"}
@@ -181,6 +187,7 @@ class Settings(Record):
     shell: str
     userns: str  # "private" | "shared": one user namespace for the node's ranks (launch/sharedns.py)
     image: str | None  # what runs, for the launch record: REFERENCE@DIGEST or a path (provenance)
+    dns: tuple[str, ...]  # --dns: name servers of a generated /etc/resolv.conf (program.py)
 
 
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
@@ -273,6 +280,9 @@ def _validate_settings(m: Settings) -> None:
         raise UsageError(f"bad --writable-tmpfs size {m.writable_tmpfs}")
     if m.userns not in ("private", "shared"):
         raise UsageError(f"unknown --userns {m.userns!r}", hint="use shared or private")
+    for server in m.dns:  # one line each of resolv.conf: nothing that could start another
+        if not server or any(c.isspace() for c in server) or "\0" in server:
+            raise UsageError(f"bad --dns server {server[:80]!r}", hint="give IP addresses: --dns IP[,IP...]")
 
 
 def _validate_process(p: Process) -> None:
@@ -281,6 +291,11 @@ def _validate_process(p: Process) -> None:
     if not os.path.isabs(p.cwd):
         raise UsageError(f"working directory must be absolute: {p.cwd!r}")
     environ.check(p.env)
+    for kind, soft, hard in p.rlimits:
+        if kind not in RLIMIT_TYPES:
+            raise UsageError(f"unknown rlimit type {kind!r}")
+        if not 0 <= soft <= hard <= RLIM_INFINITY:
+            raise UsageError(f"bad {kind} limit {soft}:{hard}: the soft limit must not exceed the hard one")
 
 
 def _validate_destination(dest: str) -> None:
@@ -363,7 +378,8 @@ def _settings_json(m: Settings) -> dict[str, str]:
                 ANN_WRITABLE_TMPFS: None if m.writable_tmpfs is None else str(m.writable_tmpfs),
                 ANN_SUBIDS: "1" if m.subids else None, ANN_NET: None if m.net == "host" else m.net,
                 ANN_PUBLISH: ",".join(f"{h}:{c}" for h, c in m.publish) or None,
-                ANN_USERNS: None if m.userns == "private" else m.userns, ANN_IMAGE: m.image}
+                ANN_USERNS: None if m.userns == "private" else m.userns, ANN_IMAGE: m.image,
+                ANN_DNS: ",".join(m.dns) or None}
     out.update((k, v) for k, v in optional.items() if v is not None)
     return out
 
@@ -381,7 +397,8 @@ def _settings_from(annotations: dict[str, str]) -> tuple[Settings, dict[str, str
         net=take(ANN_NET, "host"),
         publish=tuple((int(h), int(c)) for h, _, c in (p.partition(":") for p in publish.split(",") if p)),
         user_name=take(ANN_USER, "user"), group_name=take(ANN_GROUP, "group"), home=take(ANN_HOME, "/"),
-        shell=take(ANN_SHELL, "/bin/sh"), userns=take(ANN_USERNS, "private"), image=take(ANN_IMAGE, None))
+        shell=take(ANN_SHELL, "/bin/sh"), userns=take(ANN_USERNS, "private"), image=take(ANN_IMAGE, None),
+        dns=tuple(server for server in take(ANN_DNS, "").split(",") if server))
     return settings, ann
 
 

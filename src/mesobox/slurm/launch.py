@@ -217,12 +217,19 @@ def _checkpoint_binds(run_args: list[str], env: MutableMapping[str, str]) -> lis
     directory = env.get(CHECKPOINT_ENV)
     if not directory or not os.path.isabs(directory) or not os.path.isdir(directory):
         return []
-    extra = ["--bind", directory]
+    task = env.get("SLURM_PROCID", "0")
+    return checkpoint_options(directory, run_args, os.path.join("layers", f"task-{task if task.isdigit() else 0}"))
+
+
+def checkpoint_options(directory: str, run_args: list[str], layer: str) -> list[str]:
+    """Run options for a checkpointing container: the directory bound (and named in
+    $MESOBOX_CHECKPOINT_DIR inside), and its writable layer kept there, at ``layer``
+    below it, unless the options choose a writable root themselves."""
+    extra = ["--bind", directory, "--env", f"{CHECKPOINT_ENV}={directory}"]
     if not any(a.split("=", 1)[0] in ("--overlay", "--writable-tmpfs") for a in run_args):
-        task = env.get("SLURM_PROCID", "0")
-        layer = os.path.join(directory, "layers", f"task-{task if task.isdigit() else 0}")
-        os.makedirs(layer, exist_ok=True)
-        extra += ["--overlay", layer]
+        path = os.path.join(directory, layer)
+        os.makedirs(path, exist_ok=True)
+        extra += ["--overlay", path]
     return extra
 
 
