@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from conftest import Mesobox, User
+from conftest import Mesobox, User, make_busybox_rootfs, need_tool
 from conftest import wait_until as wait_until  # waits on a condition, a generous ceiling against hangs
 
 
@@ -123,3 +123,16 @@ def mounts_mentioning(text: str) -> list[str]:
             continue
         found += [f"{entry}: {line}" for line in lines if text in line]
     return found
+
+
+def instance_rootfs(path: Path) -> Path:
+    """A busybox rootfs every user can use, with the /etc files any real image has."""
+    need_tool("busybox")
+    root = make_busybox_rootfs(path)
+    for name in ("hosts", "resolv.conf"):
+        (root / "etc" / name).write_text("")
+    for dirpath, dirnames, _ in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o1777 if d == "tmp" else 0o755)
+    return root
+

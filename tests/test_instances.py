@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs, need_tool
+from conftest import Mesobox, User
 from hostcaps import criu_check, needs_cgroup
 from instances_support import (
     Instances,
     alive,
+    instance_rootfs,
     mounts_mentioning,
     proc_state,
     process_tree,
@@ -37,14 +38,7 @@ LOOP = "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.2; done"
 @pytest.fixture()
 def rootfs(world_tmp: Path) -> Path:
     # One image per test, so mount scans cannot confuse two tests' containers.
-    need_tool("busybox")
-    root = make_busybox_rootfs(world_tmp / "rootfs")
-    for name in ("hosts", "resolv.conf"):  # as any real image has them
-        (root / "etc" / name).write_text("")
-    for dirpath, dirnames, _ in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o1777 if d == "tmp" else 0o755)
-    return root
+    return instance_rootfs(world_tmp / "rootfs")
 
 
 @pytest.fixture()

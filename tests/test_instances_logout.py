@@ -23,8 +23,16 @@ from typing import Any
 
 import pytest
 
-from conftest import Mesobox, User, make_busybox_rootfs, need_tool
-from instances_support import Instances, alive, mounts_mentioning, process_tree, processes_mentioning, wait_until
+from conftest import Mesobox, User, need_tool
+from instances_support import (
+    Instances,
+    alive,
+    instance_rootfs,
+    mounts_mentioning,
+    process_tree,
+    processes_mentioning,
+    wait_until,
+)
 from run_support import make_squashfs, one_error_line
 
 LOOP = "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.2; done"
@@ -65,14 +73,7 @@ def unique(stem: str) -> str:
 
 @pytest.fixture()
 def rootfs(world_tmp: Path) -> Path:
-    need_tool("busybox")
-    root = make_busybox_rootfs(world_tmp / "rootfs")
-    for name in ("hosts", "resolv.conf"):
-        (root / "etc" / name).write_text("")
-    for dirpath, dirnames, _ in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o1777 if d == "tmp" else 0o755)
-    return root
+    return instance_rootfs(world_tmp / "rootfs")
 
 
 @pytest.fixture()

@@ -79,6 +79,18 @@ def main_images(argv: list[str], config: Config) -> int:
     return 0
 
 
+def config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The image config's fields ``inspect`` shows, for a stored image or a file."""
+    return {
+        "Env": cfg.get("Env") or [],
+        "Entrypoint": cfg.get("Entrypoint"),
+        "Cmd": cfg.get("Cmd"),
+        "WorkingDir": cfg.get("WorkingDir") or "",
+        "User": cfg.get("User") or "",
+        "Labels": cfg.get("Labels") or {},
+    }
+
+
 def inspect_data(record: ImageRecord) -> dict[str, Any]:
     cfg = record.config
     return {
@@ -90,12 +102,7 @@ def inspect_data(record: ImageRecord) -> dict[str, Any]:
         "ConfigDigest": record.config_digest,
         "Layers": [layer["digest"] for layer in record.layers],
         "Size": record.size,
-        "Env": cfg.get("Env") or [],
-        "Entrypoint": cfg.get("Entrypoint"),
-        "Cmd": cfg.get("Cmd"),
-        "WorkingDir": cfg.get("WorkingDir") or "",
-        "User": cfg.get("User") or "",
-        "Labels": cfg.get("Labels") or {},
+        **config_fields(cfg),
         "Squashfs": str(record.squashfs) if record.squashfs else None,
         # Reproducible (image/squashfs.py): the same manifest gives this digest in every
         # store the same user (or root) flattened.
@@ -173,12 +180,7 @@ def file_inspect_data(name: str) -> dict[str, Any]:
         "Platform": found.get("platform"),
         "ConfigDigest": found.get("configDigest"),
         "Size": os.stat(image.path).st_size,
-        "Env": cfg.get("Env") or [],
-        "Entrypoint": cfg.get("Entrypoint"),
-        "Cmd": cfg.get("Cmd"),
-        "WorkingDir": cfg.get("WorkingDir") or "",
-        "User": cfg.get("User") or "",
-        "Labels": cfg.get("Labels") or {},
+        **config_fields(cfg),
         "StopSignal": cfg.get("StopSignal") or "",
         "SquashfsDigest": digest,
     })
