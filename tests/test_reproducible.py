@@ -21,7 +21,7 @@ import pytest
 
 from conftest import Mesobox, User, make_busybox_rootfs, make_oci_image
 from instances_support import Instances
-from layers_support import dir_, reg, sym, tar_bytes, write_blob
+from layers_support import Entry, dir_, fifo, hard, reg, sym, tar_bytes, wh, write_blob
 from run_support import mesobox_argv
 
 pytestmark = pytest.mark.userns
@@ -33,18 +33,42 @@ def _blob(layout: Path, data: bytes) -> dict[str, object]:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def _layout(top: Path) -> Path:
-    """An OCI layout, tag v1: two layers, implicit parents, no root entry."""
+PLAIN_LAYERS = (
+    [dir_("etc"), reg("etc/os-release", b"ID=test\n"), reg("usr/share/deep/er/file", b"x" * 5000),
+     reg("usr/lib/python3/mod.py", b"print(1)\n"), sym("usr/bin/py", "../lib/python3/mod.py")],
+    [reg("usr/share/deep/er/second", b"y" * 70000), reg("opt/app/data.bin", b"z" * 300)],
+)
+
+
+def _owned(entry: Entry, uid: int, gid: int) -> Entry:
+    entry.info.uid, entry.info.gid = uid, gid
+    return entry
+
+
+# Files of other owners than root, as images have them (a service user's home, www-data's
+# files, a hardlink, a symlink, a FIFO, a name with a space); owners that change from one
+# layer to the next, and a path deleted then made again by root.
+OWNED_LAYERS = (
+    [dir_("", uid=0, gid=0), dir_("etc"), reg("etc/os-release", b"ID=test\n"),
+     dir_("home/app", mode=0o700, uid=1000, gid=1000), reg("home/app/.profile", b"x=1\n", mode=0o600, uid=1000,
+                                                           gid=1000),
+     dir_("var/www", uid=33, gid=33), reg("var/www/index.html", b"<p>", uid=33, gid=33),
+     hard("var/www/copy.html", "var/www/index.html"), _owned(sym("var/www/link", "index.html"), 33, 33),
+     _owned(fifo("var/www/pipe", 0o640), 33, 4), reg("var/www/a name", b"s", uid=7, gid=7),
+     reg("srv/gone", b"g", uid=5, gid=5), reg("srv/back", b"b", uid=6, gid=6)],
+    [reg("etc/os-release", b"ID=test2\n", uid=100, gid=101), reg("home/app/.profile", b"x=2\n", mode=0o600),
+     wh("srv/gone"), wh("srv/back"), reg("srv/back", b"root again")],
+)
+
+
+def _layout(top: Path, layer_entries: tuple[list[Entry], ...] = PLAIN_LAYERS) -> Path:
+    """An OCI layout, tag v1: two layers, implicit parents, no root entry (by default)."""
     layout = top / "layout"
     (layout / "blobs" / "sha256").mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     layers = []
     diff_ids = []
-    for entries in (
-        [dir_("etc"), reg("etc/os-release", b"ID=test\n"), reg("usr/share/deep/er/file", b"x" * 5000),
-         reg("usr/lib/python3/mod.py", b"print(1)\n"), sym("usr/bin/py", "../lib/python3/mod.py")],
-        [reg("usr/share/deep/er/second", b"y" * 70000), reg("opt/app/data.bin", os.urandom(0) + b"z" * 300)],
-    ):
+    for entries in layer_entries:
         raw = tar_bytes(entries)
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
         gz = write_blob(top / "layer.tgz", raw).read_bytes()
@@ -88,6 +112,38 @@ def test_two_stores_make_the_same_squashfs_bytes(mesobox: Mesobox, user: User, w
         digests.append(data["SquashfsDigest"])
         time.sleep(1.1)  # a second later: any time taken from the clock would differ
     assert digests[0] == digests[1]
+
+
+def test_root_and_two_users_make_the_same_squashfs_bytes(
+        mesobox: Mesobox, user: User, attacker: User, world_tmp: Path) -> None:
+    """Every store holds the same bytes for one image, whoever flattened it: an ordinary
+    user's squashfs carries the image's owners (not the user's own id), as root's does."""
+    layout = _layout(world_tmp, OWNED_LAYERS)
+    digests = {}
+    for who, caller in (("root", None), ("user", user), ("other", attacker)):
+        store = world_tmp / f"store-{who}"
+        store.mkdir()
+        if caller is not None:
+            os.chown(store, caller.uid, caller.gid)
+        result = mesobox("pull", "--format", "squashfs", f"oci:{layout}:v1", as_user=caller,
+                         env={"MESOBOX_STORE": str(store)})
+        assert result.returncode == 0, result.stderr.decode()
+        data = _inspect(mesobox, caller, store, f"oci:{layout}:v1")
+        digests[who] = data["SquashfsDigest"]
+        if who == "user":
+            listing = subprocess.run(["unsquashfs", "-lln", str(data["Squashfs"])], capture_output=True,
+                                     text=True, check=True).stdout
+    assert digests["user"] == digests["root"] == digests["other"], digests
+    owners = {}
+    for line in listing.splitlines():  # "MODE UID/GID SIZE DATE TIME NAME[ -> TARGET]"
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("squashfs-root"):
+            owners[fields[5].split(" -> ")[0].removeprefix("squashfs-root")] = fields[1]
+    assert owners[""] == "0/0" and owners["/etc"] == "0/0"
+    assert owners["/home/app"] == "1000/1000" and owners["/home/app/.profile"] == "0/0"
+    assert owners["/etc/os-release"] == "100/101" and owners["/var/www/copy.html"] == "33/33"
+    assert owners["/var/www/link"] == "33/33" and owners["/var/www/a name"] == "7/7"
+    assert owners["/var/www/pipe"] == "33/4" and owners["/srv/back"] == "0/0" and "/srv/gone" not in owners
 
 
 def test_source_date_epoch_sets_the_filesystem_time(mesobox: Mesobox, world_tmp: Path) -> None:

@@ -31,6 +31,9 @@ service:
   stores a world-writable directory or file of an image would let any other user
   replace a binary the image's users then run.
 - Unprivileged, everything belongs to the invoking user; as root, tar uid/gid are kept.
+  Unprivileged, the tar's owners are still *recorded* (``apply_layers(owners=…)``: every
+  path whose final owner is not 0:0), so a squashfs can store exactly the owners root's
+  would (squashfs.py): the same image, the same bytes, whoever flattened it.
   Modes are otherwise the tar's; directory modes and mtimes are set in a final pass,
   deepest first, so a 0555 directory never blocks a later entry.
 - The uncompressed tar stream of all layers together is bounded by ``max_bytes``, and
@@ -122,13 +125,18 @@ class _Layer:
     member: str | None = None
 
 
-def apply_layers(rootfs: Path, blobs: Sequence[Path], policy: LayerPolicy) -> LayerStats:
-    """Apply ``blobs`` (base first) onto ``rootfs``; ``policy.max_bytes`` bounds them all."""
+def apply_layers(rootfs: Path, blobs: Sequence[Path], policy: LayerPolicy,
+                 owners: dict[Path_, tuple[int, int]] | None = None) -> LayerStats:
+    """Apply ``blobs`` (base first) onto ``rootfs``; ``policy.max_bytes`` bounds them all.
+    Unprivileged, ``owners`` receives the tar owner of every path not owned by 0:0 (a
+    path deleted later may still be listed: check that it exists)."""
     total = LayerStats()
     with _Extractor(rootfs, policy) as ex:
         for blob in blobs:
             total.add(ex.layer(blob, policy.max_bytes - total.tar_bytes, policy.max_bytes - total.file_bytes))
         ex.finish()
+        if owners is not None:
+            owners.update(ex.owners)
     return total
 
 
@@ -169,6 +177,7 @@ class _Extractor:
         self.umask = _umask()
         self.ids = (os.geteuid(), os.getegid())
         self.dirs: dict[Path_, _DirAttrs] = {}
+        self.owners: dict[Path_, tuple[int, int]] = {}  # unprivileged: tar owners other than 0:0
         self.kept_setuid = 0
         try:
             root_fd = os.open(rootfs, O_DIR)
@@ -256,6 +265,7 @@ class _Extractor:
             if not m.isdir():
                 raise UnsafeMember("would replace the rootfs directory itself")
             self.dirs[()] = self._dir_attrs(m, st, (), os.fstat(self.tree.root_fd).st_ino)
+            self._note_owner((), m)
             return
         if m.isdir():
             self._dir(path, m, st)
@@ -280,6 +290,7 @@ class _Extractor:
         not now: the same layers give the same tree, and the same squashfs bytes."""
         self.dirs[path] = _DirAttrs(stat.S_IMODE(made.st_mode), source_date_epoch() * 1_000_000_000, None,
                                     made.st_ino)
+        self.owners.pop(path, None)  # root's mkdir: 0:0
         _mark(st.created, path)
 
     # -- entry kinds -----------------------------------------------------------------
@@ -308,6 +319,16 @@ class _Extractor:
             return None
         return (m.uid, m.gid)
 
+    def _note_owner(self, path: Path_, m: tarfile.TarInfo) -> None:
+        """Unprivileged: remember the owner root would have given ``path`` (ids chown(2)
+        could not take are left out, as root's flatten would fail on them)."""
+        if not self.policy.unprivileged:
+            return
+        if (m.uid, m.gid) == (0, 0) or not (0 <= m.uid < 0xFFFFFFFF and 0 <= m.gid < 0xFFFFFFFF):
+            self.owners.pop(path, None)
+        else:
+            self.owners[path] = (m.uid, m.gid)
+
     def _dir_attrs(self, m: tarfile.TarInfo, st: _Layer, path: Path_, ino: int) -> _DirAttrs:
         return _DirAttrs(self._mode(m, st, path), _ns(m.mtime), self._owner(m), ino)
 
@@ -334,6 +355,7 @@ class _Extractor:
         fd = self.tree.dir_fd(path, create=True)
         assert fd is not None
         self.dirs[path] = self._dir_attrs(m, st, path, os.fstat(fd).st_ino)
+        self._note_owner(path, m)
 
     def _parent(self, path: Path_) -> int:
         fd = self.tree.dir_fd(path[:-1], create=True)
@@ -348,6 +370,7 @@ class _Extractor:
         assert fd is not None
         try:
             st.stats.bytes_written += self._copy(fd, m, st.stream)
+            self._note_owner(path, m)
             owner = self._owner(m)
             if owner is not None:
                 os.fchown(fd, *owner)  # before chmod: chown clears setuid bits (chown(2))
@@ -377,6 +400,7 @@ class _Extractor:
         parent = self._parent(path)
         name = path[-1]
         self._create(parent, path, lambda: os.symlink(m.linkname, name, dir_fd=parent))
+        self._note_owner(path, m)
         owner = self._owner(m)
         if owner is not None:
             os.chown(name, *owner, dir_fd=parent, follow_symlinks=False)
@@ -412,6 +436,11 @@ class _Extractor:
                 raise UnsafeMember(f"hardlink target {show(target)!r} is a directory") from None
         finally:
             os.close(src)
+        shared = self.owners.get(target)  # one inode: the target's owner
+        if shared is None:
+            self.owners.pop(path, None)
+        else:
+            self.owners[path] = shared
         st.stats.hardlinks += 1
 
     def _special(self, path: Path_, m: tarfile.TarInfo, st: _Layer) -> None:
@@ -422,6 +451,7 @@ class _Extractor:
         parent = self._parent(path)
         name = path[-1]
         self._create(parent, path, lambda: os.mkfifo(name, mode & 0o777, dir_fd=parent))
+        self._note_owner(path, m)
         owner = self._owner(m)
         if owner is not None:
             os.chown(name, *owner, dir_fd=parent, follow_symlinks=False)

@@ -247,13 +247,15 @@ def _warn(msg: str) -> None:
 
 
 def build_rootfs(store: Store, record_digest: str, layers: Layers, into: Path,
-                 verified: Verified | None = None, reference: str = "") -> Any:
+                 verified: Verified | None = None, reference: str = "",
+                 owners: dict[tuple[str, ...], tuple[int, int]] | None = None) -> Any:
     """Apply the image's layers into ``into``; returns the LayerStats.  Every layer blob
-    is re-hashed first unless this process has just verified it (``verified``)."""
+    is re-hashed first unless this process has just verified it (``verified``).
+    Unprivileged, ``owners`` receives the owners root's tree would have (layers.py)."""
     from mesobox.image.layers import apply_layers
 
     blobs = [_layer_blob(store, layer, verified or {}, reference) for layer in layers]
-    return apply_layers(into, blobs, _layer_policy(store.config, 0))
+    return apply_layers(into, blobs, _layer_policy(store.config, 0), owners)
 
 
 def _layer_blob(store: Store, layer: Mapping[str, Any], verified: Verified, reference: str) -> Path:
@@ -325,13 +327,17 @@ def _existing_squashfs(store: Store, digest: str, final: Path) -> tuple[int, str
 def _flatten_into(store: Store, digest: str, layers: Layers, fmt: str, work: Path, final: Path,
                   verified: Verified | None, reference: str) -> tuple[int, str] | None:
     existing_dir = store.rootfs_path(digest)
-    if fmt == "squashfs" and _others_may_enter(existing_dir):
+    # Unprivileged, the squashfs needs the image's owners, which only the layers know
+    # (a user's flattened directory is all theirs): it is built from them afresh.
+    owners: dict[tuple[str, ...], tuple[int, int]] | None = None if os.geteuid() == 0 else {}
+    if fmt == "squashfs" and owners is None and _others_may_enter(existing_dir):
         source_dir = existing_dir  # already flattened as a directory: squash that
         kept_setuid = 0
     else:
         source_dir = work / "rootfs"
         source_dir.mkdir()
-        kept_setuid = build_rootfs(store, digest, layers, source_dir, verified, reference).kept_setuid
+        kept_setuid = build_rootfs(store, digest, layers, source_dir, verified, reference,
+                                   owners if fmt == "squashfs" else None).kept_setuid
     if fmt == "dir":
         # A kept setuid-root binary must not be reachable by other users: they could exec
         # it on the host, outside any container.  Otherwise a rootfs is world-readable.
@@ -346,7 +352,7 @@ def _flatten_into(store: Store, digest: str, layers: Layers, fmt: str, work: Pat
         # is mounted nosuid by mesobox (and by users' FUSE), so it may be world-readable
         os.chmod(source_dir, 0o755)  # noqa: S103
     tmp_file = work / "image.sqfs"
-    build_squashfs(source_dir, tmp_file, store.config.squashfs_compression)
+    build_squashfs(source_dir, tmp_file, store.config.squashfs_compression, owners, _warn)
     os.chmod(tmp_file, 0o644)
     check = file_check(tmp_file)
     store.settle(tmp_file)  # whole now, and never written again: launches may trust it at once

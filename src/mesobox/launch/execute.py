@@ -279,7 +279,12 @@ def _container_init(program: Program) -> None:
     close_exec_fd()
     from mesobox.launch.forwarding import wait_forwarding
 
-    os._exit(wait_forwarding(workload, everyone=True))
+    status = wait_forwarding(workload, everyone=True)
+    if program["overlay_image"] and program["enter_userns"] is None:
+        from mesobox.launch import fuseoverlay
+
+        fuseoverlay.stop()  # fuse2fs writes the image back: the pid namespace's end would SIGKILL it
+    os._exit(status)
 
 
 def in_child(body: Callable[[], Any]) -> NoReturn:
@@ -315,10 +320,17 @@ def setup_root(program: Program) -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
     workspace = program["workspace"]
     make_workspace(program)
-    if program["overlay_image"]:  # disk-quota overlay: loop-mounted here, gone with this mount namespace
+    if program.get("private_squashfs"):  # --fakeroot: the image as this namespace maps its owners
+        from mesobox.launch.fusemount import private_squashfs
+
+        image, check_modes = program["private_squashfs"]  # type: ignore[misc]
+        private_squashfs(image, program["image_dir"], workspace, check_modes, program["user"][:2])
+    if program["overlay_image"]:  # disk-quota overlay, gone with this mount namespace: loop-mounted
+        # by real root (entering the user namespace last), served by fuse2fs for a user
         from mesobox.isolation.quota import mount_image
 
-        mount_image(program["overlay_image"], os.path.join(workspace, "ovl"))
+        mount_image(program["overlay_image"], os.path.join(workspace, "ovl"), workspace,
+                    real_root=program["enter_userns"] is not None)
     root = os.path.join(workspace, "root")
     run_steps(program["steps"], root)
     if program["loopback"]:
@@ -405,7 +417,7 @@ def run_steps(steps: tuple[MountStep, ...] | list[MountStep], root: str) -> None
             elif kind in ("tmpfs", "proc", "devpts"):
                 _mount_at(root, target, "dir", source, kind, flags, data or None)
             elif kind == "overlay":
-                _overlay(root, source, upper, work, target)
+                _overlay(root, source, upper, work, target, data)
             elif kind == "remount":
                 _remount(root, target, flags, source)
             elif kind == "skeleton":
@@ -525,8 +537,16 @@ def _mounts_below(fd: int) -> list[str]:
     return sorted(found, key=lambda rel: rel.count("/"))
 
 
-def _overlay(root: str, lower: str, upper: str, work: str, target: str) -> None:
-    """Kernel overlayfs on ``target``, fuse-overlayfs when the kernel refuses."""
+def _overlay(root: str, lower: str, upper: str, work: str, target: str, squash: str = "") -> None:
+    """Kernel overlayfs on ``target``, fuse-overlayfs when the kernel refuses, or at
+    once with ``squash`` (owners the namespace cannot map: fusemount.py)."""
+    if squash:
+        from mesobox.launch import fusemount
+
+        fusemount.overlay(lower, upper, work, os.path.join(root, target), squash, os.path.dirname(root))
+        if not target.strip("/"):
+            release_roots()
+        return
     data = f"lowerdir={lower},upperdir={upper},workdir={work}"
     last: OSError | None = None
     # userxattr: unprivileged overlay keeps its whiteouts in user.* xattrs (Linux ≥ 5.11).
@@ -541,17 +561,14 @@ def _overlay(root: str, lower: str, upper: str, work: str, target: str) -> None:
             last = err
         finally:
             os.close(fd)
-    import shutil
-    import subprocess
+    from mesobox.launch import fusemount
 
-    tool = shutil.which("fuse-overlayfs")
-    if tool is None:
+    if fusemount.tool("fuse-overlayfs") is None:
         raise _launch_error(f"kernel overlayfs failed ({last and last.strerror}) and fuse-overlayfs is missing",
                           hint="install fuse-overlayfs, or drop --overlay/--writable-tmpfs")
-    proc = subprocess.run([tool, "-o", data, os.path.join(root, target)], capture_output=True, text=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise _launch_error(f"overlay failed: {proc.stderr.strip() or proc.returncode}")
+    fusemount.overlay(lower, upper, work, os.path.join(root, target), "", os.path.dirname(root))
+    if not target.strip("/"):
+        release_roots()
 
 
 def _skeleton(root: str, target: str) -> None:
@@ -820,20 +837,9 @@ def _exec_hook(path: str, args: tuple[str, ...], env: tuple[str, ...], stdin: in
 
 
 def _ambient_capabilities() -> None:
-    """Raise this child's permitted capabilities into its ambient set, so that a hook
-    keeps them across execve though its uid is not 0 (capabilities(7)): they are the
-    container user namespace's, nothing on the host.  Best effort: a kernel without
-    ambient capabilities runs the hook without them."""
-    if os.getuid() == 0:
-        return  # root keeps its permitted set across execve
-    try:
-        effective, permitted, _inheritable = sc.capget()
-        sc.capset(effective, permitted, permitted)
-        for cap in range(64):
-            if permitted >> cap & 1:
-                sc._prctl(sc.PR_CAP_AMBIENT, 2, cap, 0, 0)  # PR_CAP_AMBIENT_RAISE
-    except OSError:
-        pass
+    """A hook keeps the container namespace's capabilities across execve though its
+    uid is not 0 (syscalls.raise_ambient_capabilities)."""
+    sc.raise_ambient_capabilities()
 
 
 def _wait_hook(pid: int, timeout: int) -> int | None:

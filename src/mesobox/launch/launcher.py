@@ -65,7 +65,14 @@ def launch(spec: Spec, config: Config) -> int:
     # Mounts, workspace and caches go below it: refused unless it is ours alone.
     paths.runtime_dir(config.runtime_dir_str)
     execute.reap_stale_mounts(config.runtime_dir_str, config.squashfs_linger)
-    if spec.mesobox.root_format == "squashfs":
+    nested = spec.mesobox.root_format == "squashfs" and _in_user_namespace()
+    if nested:
+        # Inside a container no setuid fusermount3 works: the image is mounted in
+        # namespaces of this launch's own, and the container is made below them.
+        from mesobox.launch import fusemount
+
+        image_dir = fusemount.nested_image(spec.root.path, config.runtime_dir_str)
+    elif spec.mesobox.root_format == "squashfs":
         from mesobox.launch import squashmount
 
         # Mounted in the initial mount namespace so every rank on the node shares it.
@@ -90,7 +97,7 @@ def launch(spec: Spec, config: Config) -> int:
             lease.release()
         raise
     execute.hold_image(program)
-    if not supervised:
+    if not supervised and not nested:  # a nested image's mount is no part of the program
         from mesobox.launch import plancache
 
         plancache.save(program, config)
@@ -100,6 +107,17 @@ def launch(spec: Spec, config: Config) -> int:
     finally:
         if lease is not None:
             lease.release()
+
+
+def _in_user_namespace() -> bool:
+    """Inside a user namespace (a container: mesobox in mesobox), where no setuid
+    helper such as fusermount3 works (fusemount.py).  Read here, not imported: every
+    rank launching a squashfs image asks."""
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            return f.read().split() != [b"0", b"0", b"4294967295"]
+    except OSError:
+        return False
 
 
 # --- supervisor (outside every namespace) ------------------------------------------------

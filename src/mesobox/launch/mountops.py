@@ -13,7 +13,8 @@ Kinds (targets are relative to the new root; "" is the root itself):
             follows (locked flags are repeated by execute)
   tmpfs, proc, devpts   a new filesystem of that type, with ``flags`` and ``data``
   overlay   ``source`` (lower) + ``upper`` + ``work`` on ``target`` (kernel overlayfs,
-            fuse-overlayfs where the kernel refuses)
+            fuse-overlayfs where the kernel refuses); ``data``: fuse-overlayfs's squash
+            options, for a lower whose owners the namespace cannot map (fusemount.py)
   remount   ``target`` with ``flags``; ``source``: whose locked flags to keep ("": ours)
   skeleton  the image directory ``target`` replaced by a tmpfs holding binds of each
             of its entries (Apptainer's "underlay"): missing mount points go there
@@ -58,7 +59,8 @@ class MountOp(Record):
         if self.kind in ("tmpfs", "proc", "devpts"):
             return f"{self.kind} on {where}" + (f" ({self.data})" if self.data else "")
         if self.kind == "overlay":
-            return f"overlay lower={self.source} upper={self.upper} -> {where}"
+            via = f" (fuse-overlayfs, {self.data})" if self.data else ""
+            return f"overlay lower={self.source} upper={self.upper} -> {where}{via}"
         if self.kind == "remount":
             return f"remount {where} read-only"
         if self.kind == "skeleton":
@@ -91,8 +93,8 @@ def devpts(target: str) -> MountOp:
                    data="newinstance,ptmxmode=0666,mode=620")
 
 
-def overlay(lower: str, upper: str, work: str, target: str = "") -> MountOp:
-    return MountOp(kind="overlay", target=target, source=lower, upper=upper, work=work)
+def overlay(lower: str, upper: str, work: str, target: str = "", squash: str = "") -> MountOp:
+    return MountOp(kind="overlay", target=target, source=lower, upper=upper, work=work, data=squash)
 
 
 def remount(target: str, flags: int, source: str = "") -> MountOp:

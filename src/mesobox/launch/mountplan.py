@@ -100,21 +100,29 @@ def _deepest_existing(image_dir: str, target: str) -> str:
     return ""
 
 
-def root_ops(spec: Spec, image_dir: str, workspace: str,
-             skeleton_dirs: list[str]) -> tuple[list[MountOp], list[MountOp]]:
-    """(ops before the mounts, ops after them) that make the container's root."""
+def root_ops(spec: Spec, image_dir: str, workspace: str, skeleton_dirs: list[str],
+             squash: str = "", points_in_overlay: bool = False) -> tuple[list[MountOp], list[MountOp]]:
+    """(ops before the mounts, ops after them) that make the container's root.
+    ``squash``: fuse-overlayfs options for a writable layer whose lower files have
+    owners the namespace cannot map (program.py, fusemount.py); ``points_in_overlay``:
+    this namespace may create files anywhere in a writable root."""
     writable = spec.mesobox.writable_tmpfs
     persistent = spec.mesobox.overlay
     nosuid = sc.MS_NOSUID | sc.MS_NODEV
     before: list[MountOp]
     if persistent:
         upper, work = os.path.join(persistent, "upper"), os.path.join(persistent, "work")
-        before = [M.overlay(image_dir, upper, work)]
+        before = [M.overlay(image_dir, upper, work, squash=squash)]
     elif writable is not None:
         scratch = os.path.join(workspace, "rw")
-        before = [M.overlay(image_dir, scratch + "/upper", scratch + "/work")]
+        before = [M.overlay(image_dir, scratch + "/upper", scratch + "/work", squash=squash)]
     else:
         before = [M.bind(image_dir, "", readonly=True, flags=nosuid, recursive=False)]
+    if persistent and points_in_overlay:
+        # No skeleton: what is written next to a missing mount point (/etc beside a
+        # missing /etc/hosts) must be kept with the rest; the mount points are made in
+        # the overlay itself, as Apptainer's overlay does (docs/running.md).
+        return before, []
     before += [M.skeleton(t) for t in skeleton_dirs]
     if persistent or writable is not None:
         # A writable root keeps its skeletons writable: files created next to a

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
+from mesobox.launch import probe
 from mesobox.launch import syscalls as sc
 
 TYPE_CHECKING = False
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
     class Program(TypedDict):
         squashfs: str | None  # the image file whose shared mount image_dir is (plancache attaches to it)
+        private_squashfs: tuple[str, bool] | None  # (image file, check modes): mounted on image_dir in the
+        # container's user namespace (--fakeroot: fusemount.py)
         image_dir: str  # the image's root directory: the lower layer of every root step
         image_lock: str | None  # the store's in-use lock of a stored image, held shared (execute.hold_image)
         flags: int  # unshare(2) flags; without CLONE_NEWUSER when the user namespace is entered last
@@ -90,7 +93,14 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
 
         ops.append(mountops.bind(os.path.join(workspace, "etc", "resolv.conf"), "etc/resolv.conf", readonly=True,
                                  file=True, recursive=False))
-    before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir))
+    own_squashfs = settings.root_format == "squashfs" and not userns_last
+    squash = _squash_owners(spec) if own_squashfs else ""
+    # Where every directory of a writable root may take new entries: the caller's own
+    # flattened directory, a squashed or mapped squashfs, real root's set-up.
+    points_in_overlay = bool(squash or userns_last or (own_squashfs and settings.subids)
+                             or (settings.root_format == "dir" and probe.access(image_dir, os.W_OK)))
+    before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir), squash,
+                                  points_in_overlay)
     ops = [*before, *ops, *after]
     if config.debug:
         for op in ops:
@@ -105,6 +115,8 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
             keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
     return {
         "squashfs": spec.root.path if settings.root_format == "squashfs" else None,
+        "private_squashfs": ((spec.root.path, settings.subids)
+                             if own_squashfs and _inside_ids(spec)[0] == 0 else None),
         "image_lock": settings.image_lock,
         "image_dir": image_dir,
         "flags": flags,
@@ -133,6 +145,26 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
         "args": tuple(proc.args),
         "env": tuple(proc.env),
     }
+
+
+def _inside_ids(spec: Spec) -> tuple[int, int]:
+    """The caller's own (uid, gid) as the container's user namespace names them."""
+    uid, gid = os.getuid(), os.getgid()
+    inside_uid = next((m.container_id + uid - m.host_id for m in spec.linux.uid_mappings
+                       if m.host_id <= uid < m.host_id + m.size), uid)
+    inside_gid = next((m.container_id + gid - m.host_id for m in spec.linux.gid_mappings
+                       if m.host_id <= gid < m.host_id + m.size), gid)
+    return inside_uid, inside_gid
+
+
+def _squash_owners(spec: Spec) -> str:
+    """fuse-overlayfs options for a writable layer over a squashfs mounted by a user:
+    without sub-ids the namespace cannot map the image's owners (its root is nobody),
+    so every file shows as the caller's own; "" where they are mapped (fusemount.py)."""
+    if spec.mesobox.subids:
+        return ""
+    uid, gid = _inside_ids(spec)
+    return f"squash_to_uid={uid},squash_to_gid={gid}"
 
 
 def _shared_userns_dir(spec: Spec, config: Config, flags: int) -> str | None:

@@ -40,3 +40,9 @@ def release_signals() -> None:
     signal held until now is delivered at once."""
     if caller_sigmask is not None:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, caller_sigmask)
+
+
+def unblock_all() -> None:
+    """The default mask, for a helper daemon forked while signals are held: it must not
+    keep them blocked for its whole life (fusemount.py)."""
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())

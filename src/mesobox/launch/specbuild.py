@@ -543,6 +543,10 @@ def system_mounts(opts: RunOptions) -> tuple[S.Mount, ...]:
     # character device (execve(2) refuses it whatever the mount flags).
     for node in ("null", "zero", "full", "random", "urandom", "tty"):
         mounts.append(S.Mount(destination=f"/dev/{node}", type="bind", source=f"/dev/{node}", options=("bind",)))
+    if probe.access("/dev/fuse", os.R_OK | os.W_OK):
+        # As Apptainer's host /dev has it: FUSE is no privilege the caller lacks outside,
+        # and mesobox (squashfs images, fuse-overlayfs) inside a container needs it.
+        mounts.append(S.Mount(destination="/dev/fuse", type="bind", source="/dev/fuse", options=("bind",)))
     mounts.append(S.Mount(destination="/dev/pts", type="devpts", source="devpts",
                           options=("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=620")))
     mounts.append(_shm(opts))

@@ -215,6 +215,23 @@ def drop_capabilities(keep: frozenset[int]) -> None:
     capset(effective, permitted, inheritable & mask)
 
 
+def raise_ambient_capabilities() -> None:
+    """Raise this process's permitted capabilities into its ambient set, so that a
+    helper it execs keeps them though its uid is not 0 (capabilities(7)): in a
+    container they are its user namespace's, nothing on the host.  Best effort: a
+    kernel without ambient capabilities runs the helper without them."""
+    if os.getuid() == 0:
+        return  # root keeps its permitted set across execve
+    try:
+        effective, permitted, _inheritable = capget()
+        capset(effective, permitted, permitted)
+        for cap in range(64):
+            if permitted >> cap & 1:
+                _prctl(PR_CAP_AMBIENT, 2, cap, 0, 0)  # PR_CAP_AMBIENT_RAISE
+    except OSError:
+        pass
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_sethostname(raw, len(raw)))
