@@ -21,6 +21,7 @@ PACKAGES=(
     chromium   # tests render the HTML reports of matrix/bench headless (screenshot, DOM)
     rpm   # tests build a real sqlite rpmdb and cross-check rpm's version order (mesobox scan)
     apache2-utils   # htpasswd: tests/test_login.py's registry with Basic auth (bcrypt)
+    tinyproxy   # a real forward proxy for tests/test_registry_proxy.py (HTTPS_PROXY, NO_PROXY)
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -33,7 +34,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # The packages' own services are not wanted: tests start their own instances.
-for svc in docker-registry slurmctld slurmd munge; do
+for svc in docker-registry slurmctld slurmd munge tinyproxy; do
     (systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1) || true
 done
 

@@ -185,3 +185,80 @@ def gzip_tar(entries: list[tuple[str, bytes]]) -> bytes:
             info.size, info.mode, info.mtime = len(data), 0o755, 1_600_000_000
             tar.addfile(info, io.BytesIO(data))
     return gzip.compress(buf.getvalue())
+
+
+# -- registries on other addresses, over TLS, behind a proxy ---------------------------
+
+
+def outside_address() -> str:
+    """A non-loopback IPv4 address of this machine: the registry client speaks HTTPS to
+    it (loopback registries are plain HTTP), and a proxy may be asked to reach it."""
+    for address in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split():
+        if "." in address and not address.startswith("127."):
+            return address
+    pytest.fail("this machine has no non-loopback IPv4 address to test HTTPS against", pytrace=False)
+
+
+def serve_registry(root: Path, bind: str, storage: Path | None = None, tls: str = "") -> Any:
+    """A docker-registry on ``bind`` (a free port), its storage ``storage`` (another
+    registry's, to serve what was pushed there; default: its own), ``tls`` the YAML of
+    its ``http.tls`` section (indented by four).  Ready once its port accepts connections
+    (the HTTP probe of conftest.start_registry cannot speak TLS)."""
+    import socket
+    import time
+
+    from conftest import Registry, free_port
+
+    need_tool("docker-registry")
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    data = storage or root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: error\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {data}\n"
+        f"http:\n  addr: {bind}:{port}\n" + (f"  tls:\n{tls}" if tls else "")
+    )
+    log = open(root / "registry.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with socket.create_connection((bind, port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {(root / 'registry.log').read_text()}") from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("docker-registry did not listen within 15 s") from None
+            time.sleep(0.05)
+    return Registry(f"{bind}:{port}", root, proc)
+
+
+def openssl(*args: str) -> None:
+    need_tool("openssl")
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_ca(top: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA (certificate, key): ECDSA P-256, valid two days."""
+    cert, key = top / f"{name}.crt", top / f"{name}.key"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+            "-subj", f"/CN=mesobox test {name}", "-keyout", str(key), "-out", str(cert),
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return cert, key
+
+
+def issue(top: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
+    """A certificate signed by ``ca`` with ``extensions`` (openssl x509v3 config lines):
+    (certificate, key), both PEM."""
+    cert, key, csr, ext = (top / f"{name}.crt", top / f"{name}.key", top / f"{name}.csr", top / f"{name}.ext")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", str(key), "-out", str(csr))
+    ext.write_text("basicConstraints=CA:FALSE\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+                   + extensions + "\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+            "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    return cert, key

@@ -8,6 +8,14 @@ Precedence, highest first: command line (applied by the CLI with
 The site file may also set ``lock = [...]``: keys a user file or environment variable
 may not override (for example ``allowed_bind_sources``).  Keys are documented in
 docs/admin.md.  Stdlib only; TOML is parsed only when a file exists.
+
+Registries are configured per host with flat keys like every other: ``insecure_registries``
+(plain HTTP allowed), ``registry_mirrors`` (``"REGISTRY=MIRROR"`` entries, tried in order
+before the registry) and ``registry_certs_dirs`` (certs.d directories of per-registry CAs
+and client certificates), e.g.::
+
+    insecure_registries = ["mirror.cluster.local:5000"]
+    registry_mirrors = ["docker.io=mirror.cluster.local:5000/hub", "ghcr.io=mirror.cluster.local:5000/ghcr"]
 """
 
 from __future__ import annotations
@@ -51,8 +59,16 @@ class Config:
         ("store", None),
         ("ro_stores", ()),
         # Registries that may be reached over plain HTTP (host or host:port); loopback
-        # addresses always may.
+        # addresses always may.  A mirror is a registry of its own here.
         ("insecure_registries", ()),
+        # Pull mirrors, "REGISTRY=MIRROR" (REGISTRY: host or host:port, docker.io for
+        # Docker Hub; MIRROR: host[:port][/path-prefix]), asked in order before the
+        # registry itself, which a pull falls back to (image/registry.py).
+        ("registry_mirrors", ()),
+        # Directories of per-registry certificates, podman's and docker's certs.d layout
+        # (HOST:PORT/*.crt CAs, *.cert + *.key client certificates), the first holding the
+        # host winning; an ordinary user's ~/.config/containers/certs.d comes before them.
+        ("registry_certs_dirs", ("/etc/containers/certs.d", "/etc/docker/certs.d")),
         # Binds added to every container unless --contain: "SRC[:DST[:ro|rw]]".
         ("default_binds", ()),
         # If not empty, bind sources must lie under one of these directories.
@@ -106,6 +122,8 @@ class Config:
     __slots__ = tuple(("_" + name) if name in _PATHY else name for name, _ in FIELDS)
 
     insecure_registries: tuple[str, ...]
+    registry_mirrors: tuple[str, ...]
+    registry_certs_dirs: tuple[str, ...]
     default_binds: tuple[str, ...]
     allowed_bind_sources: tuple[str, ...]
     cdi_spec_dirs: tuple[str, ...]
@@ -192,8 +210,9 @@ class Config:
 
 
 _PATH_KEYS = {"store", "runtime_dir", "policy_file"}
-_PATHS_KEYS = {"ro_stores", "cdi_spec_dirs"}
-_TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources", "nv_libraries", "rocm_libraries"}
+_PATHS_KEYS = {"ro_stores", "cdi_spec_dirs", "registry_certs_dirs"}
+_TUPLE_KEYS = {"insecure_registries", "default_binds", "allowed_bind_sources", "nv_libraries", "rocm_libraries",
+               "registry_mirrors"}
 _INT_KEYS = {"max_image_bytes", "max_parallel_downloads"}
 _BOOL_KEYS = {"keep_setuid_for_root", "plan_cache", "require_seccomp", "debug"}
 _STR_KEYS = {"squashfs_compression", "default_format", "gpu_dev_dir", "gpu_ld_cache", "rdma_dev_dir",
@@ -222,6 +241,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
                 raise TypeError
             items = [i.strip() for i in items if i.strip()]
             if key == "allowed_bind_sources" and not all(os.path.isabs(i) for i in items):
+                raise ValueError
+            if key == "registry_mirrors" and not all(_is_mirror_entry(i) for i in items):
                 raise ValueError
             if key in _PATHS_KEYS:
                 return tuple(os.path.expanduser(i) for i in items)
@@ -259,6 +280,14 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             f"{origin}: bad value for {key!r}: {value!r}", hint="see docs/admin.md for the expected types"
         ) from None
     raise ConfigError(f"{origin}: unknown setting {key!r}", hint="see docs/admin.md for the known keys")
+
+
+def _is_mirror_entry(entry: str) -> bool:
+    """``REGISTRY=MIRROR``: two names without a scheme or spaces (image/registry.py checks
+    the MIRROR's grammar when a pull uses it)."""
+    registry, equals, mirror = entry.partition("=")
+    return bool(equals and registry.strip() and mirror.strip()) and not any(
+        bad in entry for bad in ("://", " ", "\t", "@")) and "=" not in mirror
 
 
 def _read_toml(path: str, cache_dir: str | None = None) -> dict[str, Any]:

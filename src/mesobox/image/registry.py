@@ -1,8 +1,16 @@
-"""Registry client: OCI distribution spec over stdlib http.client.
+"""Registry client: OCI distribution spec over httpx (image/http.py: proxies from the
+environment, keep-alive connections, per-registry certificates in ``certs.d``).
 
 Room: image/registry.  Invariants:
 - Plain HTTP only for loopback hosts, ``config.insecure_registries`` or ``insecure=True``;
-  HTTPS with the default SSL context otherwise (also for redirects and token realms).
+  HTTPS otherwise (also for redirects and token realms), verified against the system's
+  CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR``) plus the host's ``certs.d`` entry.
+- Mirrors (``config.registry_mirrors``, "REGISTRY=MIRROR[/PREFIX]", in order) serve pulls
+  first: manifests and blobs are asked of each mirror, then of the registry itself.  A
+  mirror that does not have something is passed over silently; one that fails (down,
+  refusing, its retries spent: two tries at most) is one warning and is not asked again
+  by this source.  A mirror is trusted for tags as the registry is; every digest is still
+  checked.  Pushes, logins and ``ping`` go to the registry alone.
 - Authorization is sent only to the registry's own host: it is dropped when a redirect
   (blob GETs are often 307s to object storage) changes host.  At most 5 redirects.
 - Transient failures (429, 5xx, refused/reset connections, timeouts) are retried with
@@ -22,31 +30,45 @@ Room: image/registry.  Invariants:
 
 from __future__ import annotations
 
-import http.client
+import dataclasses
 import ipaddress
 import json
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from mesobox.config import Config
-from mesobox.errors import AuthError, DigestMismatch, ImageNotFound, RegistryError, StoreError
+from mesobox.errors import (
+    AuthError,
+    ConfigError,
+    DigestMismatch,
+    ImageNotFound,
+    InvalidReference,
+    RegistryError,
+    StoreError,
+)
 from mesobox.image import manifest as mf
 from mesobox.image.auth import AUTH_HINT, Authenticator
 from mesobox.image.digest import Verifier, check_bytes, sha256_digest
-from mesobox.image.reference import DOCKER_HUB, Reference
+from mesobox.image.http import TRANSPORT_ERRORS, Connections, certs_dirs, host_dir
+from mesobox.image.http import Response as Response  # upload.py reads answers through it
+from mesobox.image.reference import DOCKER_HUB, Reference, parse_docker_name
 from mesobox.image.source import Descriptor, Progress, ResolvedImage
 
 MAX_REDIRECTS = 5
-CHUNK = 1024 * 1024
+CHUNK = 1024 * 1024  # local reads of a partial download
+MIRROR_TRIES = 2  # a mirror that fails twice in a row is left for the registry itself
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 # Errors that mean "try again": refused/reset connections, timeouts, truncated bodies.
-TRANSIENT = (OSError, http.client.HTTPException)
+TRANSIENT = TRANSPORT_ERRORS
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,36 +103,35 @@ def is_listed(registry: str, hosts: tuple[str, ...]) -> bool:
     return any(entry in (registry, hostname) for entry in hosts)
 
 
-class Response:
-    """An open response: status, headers and the connection to read the body from."""
+def mirrors_of(registry: str, entries: tuple[str, ...]) -> list[str]:
+    """The mirrors (``HOST[:PORT][/PREFIX]``) configured for ``registry``, in order: entries
+    ``REGISTRY=MIRROR`` whose REGISTRY is ``registry`` (host:port or bare host)."""
+    hostname = urlsplit("//" + registry).hostname or registry
+    found = []
+    for entry in entries:
+        name, _, mirror = entry.partition("=")
+        name = name.strip().lower()
+        if name in ("index.docker.io", "registry-1.docker.io"):
+            name = DOCKER_HUB
+        if name in (registry, hostname) and mirror.strip():
+            found.append(mirror.strip().rstrip("/"))
+    return found
 
-    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, url: str) -> None:
-        self.conn, self.resp, self.url, self.status = conn, resp, url, resp.status
 
-    def header(self, name: str) -> str | None:
-        return self.resp.getheader(name)
-
-    def read(self, limit: int | None = None) -> bytes:
-        try:
-            data = self.resp.read() if limit is None else self.resp.read(limit + 1)
-        finally:
-            self.close()
-        if limit is not None and len(data) > limit:
-            raise RegistryError(f"{self.url}: answer larger than {limit} bytes")
-        return data
-
-    def read_error(self, limit: int = 64 * 1024) -> bytes:
-        """At most ``limit`` bytes of an error body (never raises for a long one)."""
-        try:
-            return self.resp.read(limit)
-        except TRANSIENT:
-            return b""
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.resp.close()
-        self.conn.close()
+def mirror_reference(ref: Reference, mirror: str) -> Reference:
+    """``ref``'s repository on ``mirror`` (``HOST[:PORT][/PREFIX]``); ConfigError when the
+    entry is not a registry host (with a dot, a port or ``localhost``) and a path."""
+    try:
+        moved = parse_docker_name(f"{mirror}/{ref.repository}")
+    except InvalidReference as err:
+        moved = None
+        why = err.message
+    else:
+        why = "the mirror must start with a registry host (with a dot or a port, or localhost)"
+    if moved is None or moved.registry != mirror.partition("/")[0]:
+        raise ConfigError(f"registry_mirrors: bad mirror {mirror!r} for {ref.registry}: {why}",
+                          hint='entries are "REGISTRY=HOST[:PORT][/PREFIX]", e.g. "docker.io=mirror.example:5000"')
+    return Reference("docker", registry=moved.registry, repository=moved.repository)
 
 
 class RegistrySource:
@@ -118,7 +139,7 @@ class RegistrySource:
 
     def __init__(self, ref: Reference, config: Config, insecure: bool = False,
                  retry: RetryPolicy | None = None, env: dict[str, str] | None = None,
-                 credentials: tuple[str, str] | None = None) -> None:
+                 credentials: tuple[str, str] | None = None, mirrors: bool = True) -> None:
         self.ref = ref
         self.retry = retry or RetryPolicy()
         self.insecure = insecure or is_listed(ref.registry, config.insecure_registries)
@@ -130,37 +151,33 @@ class RegistrySource:
         self.scope = f"repository:{ref.repository}:pull"
         # credentials: given (`mesobox login` checks them), else looked up in the auth files
         self.auth = Authenticator(ref.registry, ref.repository, self._fetch_token, env, credentials)
-        self._ssl: ssl.SSLContext | None = None
+        self.certs_dirs = certs_dirs(config.registry_certs_dirs, env)
+        self._conns = Connections(self.retry.timeout, self.certs_dirs)
         self._small: dict[str, bytes] = {}  # verified config blobs read by resolve()
+        # Pulls ask the mirrors first (module docstring); each is a source of its own,
+        # with its own connections, credentials and fewer tries, made when a pull first
+        # needs them (a push or a login never does).
+        self._mirror_names = mirrors_of(ref.registry, config.registry_mirrors) if mirrors else []
+        self._config, self._env = config, env
+        self._mirrors: list[RegistrySource] | None = None
+        self._failed: set[int] = set()  # indexes of mirrors that failed: not asked again
+        self._lock = threading.Lock()
 
     def _plain_ok(self, host: str) -> bool:
         return self.insecure or is_loopback(host)
 
     # -- one HTTP exchange -------------------------------------------------------------
-    def _connect(self, url: str) -> tuple[http.client.HTTPConnection, str]:
+    def _connect(self, url: str) -> None:
+        """Refuse ``url`` unless it is HTTPS, or plain HTTP to a host that may have it."""
         parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                netloc, timeout=self.retry.timeout, context=self._ssl)
-        elif parts.scheme == "http" and self._plain_ok(netloc):
-            conn = http.client.HTTPConnection(netloc, timeout=self.retry.timeout)
-        else:
-            raise RegistryError(f"refusing {parts.scheme or 'schemeless'} URL {url}: only HTTPS outside loopback",
-                                hint="add the host to insecure_registries or pass --insecure if you trust it")
-        target = parts.path or "/"
-        return conn, target + (f"?{parts.query}" if parts.query else "")
+        if parts.scheme == "https" or (parts.scheme == "http" and self._plain_ok(parts.netloc)):
+            return
+        raise RegistryError(f"refusing {parts.scheme or 'schemeless'} URL {url}: only HTTPS outside loopback",
+                            hint="add the host to insecure_registries or pass --insecure if you trust it")
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> Response:
-        conn, target = self._connect(url)
-        try:
-            conn.request(method, target, body=body, headers={"User-Agent": "mesobox", **headers})
-            return Response(conn, conn.getresponse(), url)
-        except BaseException:
-            conn.close()
-            raise
+        self._connect(url)
+        return self._conns.send(method, url, headers, body)
 
     def _fetch_token(self, url: str, basic: str | None) -> tuple[int, bytes]:
         resp = self._retrying(lambda: self._follow("GET", url, {"Authorization": basic} if basic else {}, None))
@@ -200,12 +217,9 @@ class RegistrySource:
                 resp = attempt_fn()
             except (AuthError, RegistryError):
                 raise
-            except ssl.SSLCertVerificationError as err:  # not transient: retrying cannot help
-                raise RegistryError(f"{self.ref.registry}: TLS certificate verification failed: "
-                                    f"{err.verify_message or err.reason}",
-                                    hint="install the registry's CA certificate system-wide, or use --insecure "
-                                         "only for a registry you trust") from None
             except TRANSIENT as err:
+                if (bad := _cause(err, ssl.SSLCertVerificationError)) is not None:
+                    raise self._certificate_error(bad) from None  # retrying cannot help
                 last = _describe(err)
                 retry_after = None
             else:
@@ -216,7 +230,17 @@ class RegistrySource:
             if attempt + 1 < self.retry.tries:
                 time.sleep(self.retry.delay(attempt, retry_after))
         raise RegistryError(f"{self.ref.registry}: {last} (gave up after {self.retry.tries} tries)",
-                            hint="the registry is down or overloaded; try again later")
+                            hint="the registry is down or overloaded; try again later" + _proxy_note())
+
+    def _certificate_error(self, err: ssl.SSLCertVerificationError) -> RegistryError:
+        used = host_dir(self.host, self.certs_dirs)
+        where = (f"add it to {used}" if used else
+                 f"put it in {os.path.join(self.certs_dirs[0], self.host)}/ca.crt" if self.certs_dirs else
+                 "install it system-wide")
+        return RegistryError(f"{self.ref.registry}: TLS certificate verification failed: "
+                             f"{err.verify_message or err.reason}",
+                             hint=f"if you trust the registry's CA certificate, {where} (or name a bundle "
+                                  "in SSL_CERT_FILE); use --insecure only for a registry you trust")
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None) -> Response:
         """``method`` on ``/v2/...`` with retries and auth; the caller checks the status."""
@@ -253,8 +277,41 @@ class RegistrySource:
             raise RegistryError(f"{self.ref.registry}: /v2/ answered HTTP {resp.status}: not a registry?")
         return resp.status
 
+    # -- mirrors ----------------------------------------------------------------------
+    @property
+    def mirrors(self) -> list[RegistrySource]:
+        """The sources of this registry's mirrors, in order (ConfigError for a bad entry)."""
+        with self._lock:
+            if self._mirrors is None:
+                retry = dataclasses.replace(self.retry, tries=min(self.retry.tries, MIRROR_TRIES))
+                self._mirrors = [RegistrySource(mirror_reference(self.ref, name), self._config, retry=retry,
+                                                env=self._env, mirrors=False) for name in self._mirror_names]
+            return self._mirrors
+
+    def _from_mirrors(self, what: Callable[[RegistrySource], T]) -> T:
+        """``what`` of the first mirror that answers it, else of the registry itself
+        (module docstring: a missing answer is passed over, a failure warned about)."""
+        for index, mirror in enumerate(self.mirrors):
+            if index in self._failed:
+                continue
+            try:
+                return what(mirror)
+            except (ImageNotFound, DigestMismatch):
+                continue  # not there (or not as asked): the registry is the authority
+            except RegistryError as err:  # AuthError too
+                self._failed.add(index)
+                from mesobox.console import warn
+
+                warn(f"mirror {mirror.ref.registry} of {self.ref.registry} failed ({err.message}); "
+                     f"pulling from {self.ref.registry}")
+        return what(self)
+
     def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
-        """(bytes, media type, digest) of a manifest by tag or digest, digest-checked."""
+        """(bytes, media type, digest) of a manifest by tag or digest, digest-checked:
+        from the first mirror that has it, else from the registry."""
+        return self._from_mirrors(lambda place: place._get_manifest_here(reference))
+
+    def _get_manifest_here(self, reference: str) -> tuple[bytes, str, str]:
         resp = self.request("GET", f"/v2/{self.ref.repository}/manifests/{reference}", {"Accept": mf.ACCEPT})
         self._check(resp, "manifest")
         header_digest = resp.header("Docker-Content-Digest")
@@ -272,13 +329,17 @@ class RegistrySource:
     def get_blob_bytes(self, desc: Descriptor, limit: int = 16 * 1024 * 1024) -> bytes:
         if desc.size > limit:
             raise RegistryError(f"blob {desc.digest} is {desc.size} bytes, over the {limit} limit for JSON")
+        data = self._from_mirrors(lambda place: place._get_blob_bytes_here(desc, limit))
+        self._small[desc.digest] = data
+        return data
+
+    def _get_blob_bytes_here(self, desc: Descriptor, limit: int) -> bytes:
         resp = self.request("GET", f"/v2/{self.ref.repository}/blobs/{desc.digest}")
         self._check(resp, f"blob {desc.digest}")
         data = resp.read(limit)
         verifier = Verifier(desc.digest, desc.size, "blob")
         verifier.update(data)
         verifier.verify()
-        self._small[desc.digest] = data
         return data
 
     def resolve(self, platform: str | None) -> ResolvedImage:
@@ -298,17 +359,32 @@ class RegistrySource:
         return resolved
 
     def fetch_blob(self, desc: Descriptor, dest: Path, progress: Progress | None = None) -> None:
+        report = _Reporter(progress)  # one for every place asked: each byte is reported once
+        cached = self._small.get(desc.digest)
+        if cached is not None:  # fetched (and verified) by resolve(): no second download
+            verifier = Verifier(desc.digest, desc.size, "blob")
+            verifier.update(cached)
+            _write_local(dest, 0, cached)
+            report.advance_to(verifier.count)
+            self._verify_or_remove(verifier, dest)
+            return
+        self._from_mirrors(lambda place: place._fetch_blob_here(desc, dest, report))
+
+    def _fetch_blob_here(self, desc: Descriptor, dest: Path, report: _Reporter) -> None:
+        """Download into ``dest``, resuming after what it holds (what another place left
+        there included: every byte is checked against the digest in the end)."""
         verifier = Verifier(desc.digest, desc.size, "blob")
-        report = _Reporter(progress)
         try:
-            cached = self._small.get(desc.digest)
-            if cached is not None:  # fetched (and verified) by resolve(): no second download
-                verifier.update(cached)
-                _write_local(dest, 0, cached)
-                report.advance_to(verifier.count)
-            else:
-                _hash_prefix(dest, verifier, desc.size)
-                self._download(desc, dest, verifier, report)
+            _hash_prefix(dest, verifier, desc.size)
+            self._download(desc, dest, verifier, report)
+        except DigestMismatch:
+            dest.unlink(missing_ok=True)
+            raise
+        self._verify_or_remove(verifier, dest)
+
+    @staticmethod
+    def _verify_or_remove(verifier: Verifier, dest: Path) -> None:
+        try:
             verifier.verify()
         except DigestMismatch:
             dest.unlink(missing_ok=True)
@@ -346,7 +422,10 @@ class RegistrySource:
             resp.close()
 
     def close(self) -> None:
-        """Connections are per request; nothing stays open."""
+        """Close the connections kept alive (the mirrors' too)."""
+        for mirror in self._mirrors or []:
+            mirror.close()
+        self._conns.close()
 
 
 
@@ -378,7 +457,7 @@ def _write_body(resp: Response, dest: Path, start: int, verifier: Verifier, repo
             offset = start
             while True:
                 try:
-                    chunk = resp.resp.read(CHUNK)
+                    chunk = resp.chunk()
                 except TRANSIENT as err:
                     # cut mid-body: what arrived is what was asked for, a prefix to resume after
                     return f"cut after {offset} bytes: {_describe(err)}"
@@ -391,8 +470,8 @@ def _write_body(resp: Response, dest: Path, start: int, verifier: Verifier, repo
             if verifier.count == verifier.size:
                 return ""
             if _content_length(resp.header("Content-Length")) is not None:
-                # short of the length _body_start checked (http.client's read(n) reports a
-                # closed connection as an empty read): a prefix of what was asked for
+                # short of the length _body_start checked (should the HTTP library report
+                # a closed connection as the end): a prefix of what was asked for
                 return f"cut after {offset} bytes"
             # Ended early without an error and without a declared length: the server said
             # "that is all", so this was not the blob; back to where this answer started.
@@ -469,12 +548,41 @@ def _error_message(body: bytes) -> str:
     return (": " + " ".join("; ".join(messages).split())) if messages else ""  # one line
 
 
+def _cause(err: BaseException, kind: type[T]) -> T | None:
+    """The first exception of ``kind`` in ``err``'s chain (httpx wraps what it met)."""
+    seen: BaseException | None = err
+    for _depth in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _describe(err: BaseException) -> str:
-    if isinstance(err, socket.timeout | TimeoutError):
+    """A few words for a transport error (the root cause httpx wrapped, where it says more)."""
+    import httpx
+
+    if _cause(err, socket.timeout) or _cause(err, TimeoutError) or isinstance(err, httpx.TimeoutException):
         return "timed out"
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(err, ssl.SSLError):
-        return f"TLS error: {err.reason or err}"
-    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return str(text)
+    if _cause(err, ConnectionRefusedError):
+        return "connection refused" + (" by the proxy" if isinstance(err, httpx.ProxyError) else "")
+    if (tls := _cause(err, ssl.SSLError)) is not None:
+        return f"TLS error: {tls.reason or tls}"
+    if isinstance(err, httpx.ProxyError):
+        return f"the proxy refused: {err}"
+    if (os_err := _cause(err, OSError)) is not None and os_err.strerror:
+        return str(os_err.strerror)
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())  # one line
+
+
+def _proxy_note() -> str:
+    """Where the environment names a proxy, say so: it may be the part that is down."""
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        for spelling in (name.lower(), name):  # lower case wins, as httpx reads them
+            if os.environ.get(spelling):
+                return (f" (or the proxy {os.environ[spelling]} in ${spelling}; NO_PROXY lists hosts "
+                        "reached directly)")
+    return ""

@@ -277,8 +277,10 @@ def verified_references(signatures: list[Signature], keys: list[EllipticCurvePub
 # --- the registry side ------------------------------------------------------------------------------
 
 
-def open_registry(config: Config, text: str, insecure: bool = False) -> RegistrySource:
-    """The registry client for a ``docker://`` (or bare) reference; archives are refused."""
+def open_registry(config: Config, text: str, insecure: bool = False, mirrors: bool = True) -> RegistrySource:
+    """The registry client for a ``docker://`` (or bare) reference; archives are refused.
+    ``mirrors=False``: the registry itself (signing must name the tag's digest there, not
+    a lagging mirror's)."""
     from mesobox.image.reference import parse_reference
     from mesobox.image.registry import RegistrySource
 
@@ -286,7 +288,7 @@ def open_registry(config: Config, text: str, insecure: bool = False) -> Registry
     if ref.transport != "docker":
         raise UsageError(f"{text}: signatures live in a registry; {ref.transport}: images cannot be signed",
                          hint="push the image to a registry, then sign docker://REGISTRY/REPO:TAG")
-    return RegistrySource(ref, config, insecure=insecure)
+    return RegistrySource(ref, config, insecure=insecure, mirrors=mirrors)
 
 
 def manifest_digest(source: RegistrySource) -> str:
@@ -340,7 +342,7 @@ def sign_image(config: Config, text: str, key_path: str, password_env: str | Non
     from mesobox.image import upload
 
     key = load_private_key(key_path, password_env)
-    source = open_registry(config, text, insecure)
+    source = open_registry(config, text, insecure, mirrors=False)
     digest = manifest_digest(source)
     payload = make_payload(docker_reference(source.ref), digest)
     tag = signature_tag(digest)
