@@ -252,6 +252,20 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
     json_flag = Option("--json", FLAG, "print JSON")
 
     image_verbs = (
+        Verb("build", "build an image from a Dockerfile, as an ordinary user", "CONTEXT", (
+            Option("-t --tag", VALUE, "the name of the image in the store", "REFERENCE", required=True),
+            Option("-f --file", VALUE, "the Dockerfile; default: CONTEXT/Dockerfile, else CONTEXT/Containerfile",
+                   "FILE"),
+            Option("--build-arg", LIST, "a value for an ARG (NAME alone: the value of $NAME here)", "NAME[=VALUE]",
+                   field="build_args"),
+            Option("--target", VALUE, "build this stage (FROM ... AS STAGE) and the stages it needs", "STAGE"),
+            Option("--no-cache", FLAG, "run every step again (the results still fill the cache)"),
+            Option("--format", VALUE, "how to keep the flattened image; default: the configured default_format",
+                   "squashfs|dir", choices=("squashfs", "dir")),
+        ), about="Build an image from a Dockerfile and store it as a pull would (run, push, export it).  RUN steps "
+                 "run as root in a user namespace that maps your sub-ids (/etc/subuid, as --fakeroot), so package "
+                 "managers work; each RUN, COPY and ADD makes one layer, and an unchanged step is taken from the "
+                 "cache (CACHED).  Prints the image digest.  See docs/build.md."),
         Verb("pull", "fetch an image into the store", "REFERENCE", (
             Option("--platform", VALUE, "OS/ARCH[/VARIANT]; default: this host's", "PLATFORM"),
             Option("--format", VALUE, "how to keep the flattened image; default: the configured default_format",
@@ -282,6 +296,23 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
                  "hashed again as it is written; when export fails, nothing it wrote is left behind.  A squashfs "
                  "file carries the image config after the filesystem: running it behaves like running the stored "
                  "image, and `mesobox inspect FILE` shows it."),
+        Verb("push", "copy a stored image to a registry, an OCI layout or an OCI archive", "SOURCE DESTINATION", (
+            Option("--chunk-size", VALUE, "blobs larger than SIZE go up in chunks of SIZE (PATCH); default: 32m",
+                   "SIZE"),
+            Option("--insecure", FLAG, "allow plain HTTP to this registry"),
+            Option("-q --quiet", FLAG, "no line per blob on stderr"),
+            Option("--json", FLAG, "print one JSON object (destination, digest, each blob and what was done) "
+                   "instead of the digest"),
+        ), about="SOURCE: a stored reference, or its manifest digest (sha256:HEX, or 12 or more of its first hex "
+                 "digits).  DESTINATION: docker://HOST/REPO[:TAG], oci:DIR[:TAG] (a new, empty or existing OCI "
+                 "layout; TAG defaults to the source's) or oci-archive:FILE[:TAG].  The stored manifest and blobs "
+                 "are sent as they are, so the digest printed is the stored one.  A registry is asked for each blob "
+                 "first (HEAD) and only missing ones go up, mounted from the repository the image came from when "
+                 "that is on the same registry.  Credentials as for pull (`mesobox login`).  See docs/build.md."),
+        Verb("tag", "add a name to a stored image", "SOURCE NEWREF",
+             about="SOURCE: a stored reference or manifest digest.  NEWREF: [HOST/]REPO[:TAG] (latest when no tag); "
+                   "a name that named another image moves to this one.  No data is copied, and `mesobox rm` of "
+                   "one name keeps the image for the other."),
         Verb("login", "check and store credentials for a registry", "REGISTRY", (
             Option("-u --username", VALUE, "the user name; default: asked for", "USER"),
             Option("--password-stdin", FLAG, "read the password (or token) from stdin"),

@@ -64,7 +64,7 @@ def mount_ops(spec: Spec, workspace: str) -> list[MountOp]:
             raise LaunchError(f"unsupported mount type {m.type!r} for {m.destination}")
         if rel == "dev" and m.type == "tmpfs":
             ops += [M.symlink(link, points_to) for link, points_to in DEV_LINKS]
-    for name in ("passwd", "group"):
+    for name in ("passwd", "group") if spec.mesobox.identity_files else ():
         ops.append(M.bind(os.path.join(workspace, "etc", name), f"etc/{name}", readonly=True, file=True,
                           recursive=False))
     return ops
