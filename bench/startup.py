@@ -6,11 +6,14 @@ uid_map + bind + pivot_root + exec, written below); ``ch-run`` on a directory an
 on a squashfs; rootless ``podman run`` (runc); mesobox on a directory (default
 binds, ``--contain``, with a site config file, without seccomp, through
 ``python -m``) and on a squashfs (warm: the shared mount lingers between runs;
-cold: every run mounts afresh).  All on the same busybox image; the rows run
-interleaved, round by round.
+cold: every run mounts afresh); and on the directory through the command ``pip
+install`` writes into a user's venv (bin/mesobox), beside the console script pip
+generates for a ``[project.scripts]`` entry point (what it was before).  All on the
+same busybox image; the rows run interleaved, round by round.
 
-Run as root it prepares the image and a world-readable, byte-compiled copy of
-mesobox, then re-executes itself as ``--user`` (default mbtest) with runuser.
+Run as root it prepares the image, a wheel of mesobox and a world-readable,
+byte-compiled copy of it, then re-executes itself as ``--user`` (default mbtest)
+with runuser, which makes a venv of its own and pip-installs the wheel into it.
 
     python3 bench/startup.py [-n RUNS] [--user NAME]
 """
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = "/opt/mesobox/venv/bin/python"
@@ -85,9 +89,13 @@ def prepare(work: str) -> None:
     os.utime(site, (time.time() - 3600,) * 2)
     # Installed as pip installs it (with its dist-info RECORD, which keys saved launch
     # programs: docs/running.md), not as a source tree, whose every module file a
-    # launch stats instead (≈0.25 ms more).
+    # launch stats instead (≈0.25 ms more).  One wheel, for this copy and the user's venv.
+    wheels = os.path.join(work, "wheels")
+    subprocess.run([VENV_PYTHON, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, ROOT], check=True)
+    wheel = next(os.path.join(wheels, name) for name in os.listdir(wheels) if name.startswith("mesobox-"))
     subprocess.run([VENV_PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--target", os.path.join(work, "src"),
-                    ROOT], check=True)
+                    wheel], check=True)
+    write_entry_point_wheel(wheels)
     subprocess.run([VENV_PYTHON, "-m", "compileall", "-q", os.path.join(work, "src")], check=True)
     # the lean entry point scripts/setup-host.sh installs as /usr/local/bin/mesobox
     # (`python -IS`, site-packages added by hand), here aimed at this source copy
@@ -99,6 +107,42 @@ def prepare(work: str) -> None:
     os.chmod(os.path.join(work, "mesobox"), 0o755)
     subprocess.run(["chmod", "-R", "a+rX", work], check=True)
     os.chmod(work, 0o755)
+
+
+ENTRY_POINT = "mesobox-entry-point"
+
+
+def write_entry_point_wheel(wheels: str) -> None:
+    """A wheel with nothing but a ``console_scripts`` entry point to ``mesobox.cli:main``:
+    installed beside mesobox, pip writes for it the console script it wrote for
+    mesobox's own ``[project.scripts]`` entry before bin/mesobox replaced it."""
+    import base64
+    import hashlib
+
+    info = "mesobox_bench_entry-0.dist-info"
+    files = {f"{info}/METADATA": "Metadata-Version: 2.1\nName: mesobox-bench-entry\nVersion: 0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: bench/startup.py\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n",
+             f"{info}/entry_points.txt": f"[console_scripts]\n{ENTRY_POINT} = mesobox.cli:main\n"}
+    record = ""
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record += f"{name},sha256={digest},{len(text.encode())}\n"
+    files[f"{info}/RECORD"] = record + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(os.path.join(wheels, "mesobox_bench_entry-0-py3-none-any.whl"), "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+
+
+def make_user_venv(work: str, venv: str) -> str:
+    """As the user: a fresh venv (Debian's python3, the pip ``python3 -m venv`` gives)
+    with the wheels installed by its own pip, as a user would; returns pip's version."""
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pip = os.path.join(venv, "bin", "pip")
+    wheels = os.path.join(work, "wheels")
+    subprocess.run([pip, "install", "-q", "--no-deps", "--no-index",
+                    *(os.path.join(wheels, name) for name in sorted(os.listdir(wheels)))], check=True)
+    return subprocess.run([pip, "--version"], check=True, capture_output=True, text=True).stdout.split()[1]
 
 
 def time_rows(rows: list[tuple[str, list[str], dict[str, str]]], runs: int, env: dict[str, str]
@@ -127,7 +171,7 @@ def time_rows(rows: list[tuple[str, list[str], dict[str, str]]], runs: int, env:
     return {name: t for name, t in times.items() if name not in failed}
 
 
-def rows(work: str) -> list[tuple[str, list[str], dict[str, str]]]:
+def rows(work: str, venv: str) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, argv, extra environment) of each row."""
     rootfs, sqfs = os.path.join(work, "rootfs"), os.path.join(work, "image.sqfs")
     mesobox = [os.path.join(work, "mesobox"), "exec"]
@@ -145,7 +189,10 @@ def rows(work: str) -> list[tuple[str, list[str], dict[str, str]]]:
             ("mesobox dir, site config", [*mesobox, rootfs, "/bin/true"],
              {"MESOBOX_SITE_CONFIG": os.path.join(work, "site.toml")}),
             ("mesobox dir, no seccomp", [*mesobox, "--security-opt", "seccomp=unconfined", rootfs, "/bin/true"], {}),
-            ("mesobox dir, python -m", [VENV_PYTHON, "-m", "mesobox", "exec", rootfs, "/bin/true"], {}),
+            ("mesobox dir, python -m", [VENV_PYTHON, "-m", "mesobox", "exec", rootfs, "/bin/true"],
+             {"PYTHONPATH": os.path.join(work, "src")}),
+            ("mesobox dir, pip script", [os.path.join(venv, "bin", "mesobox"), "exec", rootfs, "/bin/true"], {}),
+            ("mesobox dir, entry point", [os.path.join(venv, "bin", ENTRY_POINT), "exec", rootfs, "/bin/true"], {}),
             ("mesobox squashfs", [*mesobox, sqfs, "/bin/true"], {}),
             ("mesobox squashfs, cold", [*mesobox, sqfs, "/bin/true"], cold)]
     if shutil.which("podman"):
@@ -173,6 +220,8 @@ def report(results: dict[str, list[float]]) -> None:
 
     print()
     print(f"mesobox dir / python floor:       {ratio('mesobox dir', 'python floor (-I -S)')}  (target <= 1.3x)")
+    print(f"pip script / lean entry:          {ratio('mesobox dir, pip script', 'mesobox dir')}  "
+          f"(entry point: {ratio('mesobox dir, entry point', 'mesobox dir')})")
     print(f"podman / mesobox dir:             {ratio('podman run (runc)', 'mesobox dir')}  (target >= 10x)")
     print(f"mesobox squashfs / ch-run squashfs: {ratio('mesobox squashfs', 'ch-run squashfs')}  (target <= 1x; "
           "the shared mount lingers between runs, see docs/running.md)")
@@ -197,10 +246,15 @@ def main() -> None:
     work = args.work or sys.exit("run as root (it prepares the images, then re-runs as the user)")
     home = os.path.expanduser("~")
     env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home, "USER": os.environ.get("USER", args.user),
-           "PYTHONPATH": os.path.join(work, "src"), "MESOBOX_SITE_CONFIG": "/nonexistent", "LANG": "C.UTF-8"}
+           "MESOBOX_SITE_CONFIG": "/nonexistent", "LANG": "C.UTF-8"}
     if shutil.which("podman"):
         podman_import(work, env)
-    report(time_rows(rows(work), args.runs, env))
+    venv = tempfile.mkdtemp(prefix="mesobox-bench-venv-")
+    try:
+        print(f"user's venv: pip {make_user_venv(work, venv)}")
+        report(time_rows(rows(work, venv), args.runs, env))
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 if __name__ == "__main__":

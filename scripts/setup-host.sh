@@ -49,8 +49,8 @@ fi
 "$VENV/bin/pip" install -q ".[test]"
 chmod -R a+rX /opt/mesobox
 # A start-up-lean entry point: `python -IS` (one shebang argument) skips site processing (≈5 ms per rank);
-# the venv's site-packages is put on sys.path by hand.  `$VENV/bin/mesobox` (the pip
-# console script) stays as the ordinary entry point.
+# the venv's site-packages is put on sys.path by hand.  `$VENV/bin/mesobox` (the script
+# pip installs from bin/mesobox) stays as the ordinary entry point.
 PURELIB=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 rm -f /usr/local/bin/mesobox
 cat > /usr/local/bin/mesobox <<PY

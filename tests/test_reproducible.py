@@ -55,7 +55,12 @@ OWNED_LAYERS = (
      dir_("var/www", uid=33, gid=33), reg("var/www/index.html", b"<p>", uid=33, gid=33),
      hard("var/www/copy.html", "var/www/index.html"), _owned(sym("var/www/link", "index.html"), 33, 33),
      _owned(fifo("var/www/pipe", 0o640), 33, 4), reg("var/www/a name", b"s", uid=7, gid=7),
-     reg("srv/gone", b"g", uid=5, gid=5), reg("srv/back", b"b", uid=6, gid=6)],
+     reg("srv/gone", b"g", uid=5, gid=5), reg("srv/back", b"b", uid=6, gid=6),
+     # names mksquashfs's pseudo file must quote: a tab, quotes, a backslash, spaces, a
+     # '#', a name that is not UTF-8
+     reg("var/odd/tab\tname", b"1", uid=8, gid=8), reg('var/odd/quo"te\'s', b"2", uid=8, gid=8),
+     reg("var/odd/back\\slash", b"3", uid=8, gid=8), reg("var/odd/ lead and trail ", b"4", uid=8, gid=8),
+     reg("var/odd/#hash", b"5", uid=8, gid=8), reg("var/odd/latin\udce9", b"6", uid=8, gid=8)],
     [reg("etc/os-release", b"ID=test2\n", uid=100, gid=101), reg("home/app/.profile", b"x=2\n", mode=0o600),
      wh("srv/gone"), wh("srv/back"), reg("srv/back", b"root again")],
 )
@@ -132,7 +137,7 @@ def test_root_and_two_users_make_the_same_squashfs_bytes(
         digests[who] = data["SquashfsDigest"]
         if who == "user":
             listing = subprocess.run(["unsquashfs", "-lln", str(data["Squashfs"])], capture_output=True,
-                                     text=True, check=True).stdout
+                                     check=True).stdout.decode("utf-8", "surrogateescape")
     assert digests["user"] == digests["root"] == digests["other"], digests
     owners = {}
     for line in listing.splitlines():  # "MODE UID/GID SIZE DATE TIME NAME[ -> TARGET]"
@@ -144,6 +149,8 @@ def test_root_and_two_users_make_the_same_squashfs_bytes(
     assert owners["/etc/os-release"] == "100/101" and owners["/var/www/copy.html"] == "33/33"
     assert owners["/var/www/link"] == "33/33" and owners["/var/www/a name"] == "7/7"
     assert owners["/var/www/pipe"] == "33/4" and owners["/srv/back"] == "0/0" and "/srv/gone" not in owners
+    odd = {name: who for name, who in owners.items() if name.startswith("/var/odd/")}
+    assert len(odd) == 6 and set(odd.values()) == {"8/8"}, odd
 
 
 def test_source_date_epoch_sets_the_filesystem_time(mesobox: Mesobox, world_tmp: Path) -> None:
@@ -224,3 +231,19 @@ def test_inspect_of_an_instance_shows_the_digest_it_runs(
         assert refused.returncode != 0 and refused.stderr.decode().startswith("mesobox: error:")
     finally:
         runner.stop_everything()
+
+
+def test_a_name_the_pseudo_file_cannot_carry_keeps_the_users_id_with_a_warning(
+        mesobox: Mesobox, user: User, world_tmp: Path) -> None:
+    layout = _layout(world_tmp, ([dir_("etc"), reg("etc/new\nline", b"x", uid=9, gid=9),
+                                  reg("etc/plain", b"y", uid=9, gid=9)],))
+    store = world_tmp / "store"
+    store.mkdir()
+    os.chown(store, user.uid, user.gid)
+    result = mesobox("pull", "--format", "squashfs", f"oci:{layout}:v1", as_user=user,
+                     env={"MESOBOX_STORE": str(store)})
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"1 path(s) with a newline in their name keep your own id" in result.stderr
+    squashfs = str(_inspect(mesobox, user, store, f"oci:{layout}:v1")["Squashfs"])
+    listing = subprocess.run(["unsquashfs", "-lln", squashfs], capture_output=True, check=True).stdout.decode()
+    assert "9/9" in next(line for line in listing.splitlines() if line.endswith("etc/plain"))
