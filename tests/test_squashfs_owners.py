@@ -82,7 +82,7 @@ def test_fakeroot_workload_switching_to_a_service_user_reads_its_image(
 
 def test_fakeroot_root_drops_to_nobody_with_start_stop_daemon(mesobox: Mesobox, user: User, layout: Path) -> None:
     ref = _pulled(mesobox, user, f"oci:{layout}:plain")
-    script = ("start-stop-daemon -S -c nobody -x /bin/sh -- -c 'id -u; cat /srv/index.html' ; "
+    script = ("start-stop-daemon -S -u nobody -c nobody -x /bin/sh -- -c 'id -u; cat /srv/index.html' ; "
               "ls -ln /home /srv | awk '$9 {print $3, $4, $9}'")
     proc = mesobox("run", "--fakeroot", ref, "sh", "-c", script, as_user=user)
     assert proc.returncode == 0, proc.stderr
@@ -168,4 +168,35 @@ def test_squashfs_image_inside_a_container(mesobox: Mesobox, user: User, layout:
         proc = mesobox("exec", *opts, "-B", str(venv), "-B", "/usr", str(outer_image), *inner,
                        as_user=user, timeout=60)
         assert proc.returncode == 0 and proc.stdout == b"inner\n", (opts, proc.stderr)
+    assert _private_daemons(user) == []
+
+
+def test_fakeroot_service_user_with_the_store_behind_a_private_directory(
+        mesobox: Mesobox, user: User, layout: Path, world_tmp: Path) -> None:
+    """The container's squashfuse serves a workload that switched to a sub-id, and reads
+    the image through a descriptor: a store in a 0700 directory (a private home) works."""
+    private = world_tmp / "private"
+    private.mkdir(mode=0o700)
+    os.chown(private, user.uid, user.gid)
+    env = {"MESOBOX_STORE": str(private / "store")}
+    ref = f"oci:{layout}:app"
+    assert mesobox("pull", "-q", ref, as_user=user, env=env).returncode == 0
+    proc = mesobox("run", "--fakeroot", ref, "sh", "-c", "id -u; cat /home/appuser/note", as_user=user, env=env)
+    assert proc.returncode == 0 and proc.stdout.decode().split() == [str(APP_UID), "mine"], proc.stderr
+    assert _private_daemons(user) == []
+
+
+def test_fakeroot_user_switch_on_a_file_only_the_caller_may_read_is_one_line(
+        mesobox: Mesobox, user: User, world_tmp: Path) -> None:
+    tree = make_busybox_rootfs(world_tmp / "tree")
+    image = world_tmp / "mine.sqfs"
+    subprocess.run(["mksquashfs", str(tree), str(image), "-quiet", "-no-progress", "-all-root"], check=True)
+    os.chown(image, user.uid, user.gid)
+    os.chmod(image, 0o600)
+    proc = mesobox("run", "--fakeroot", "-u", "65534", str(image), "id", "-u", as_user=user)
+    assert proc.returncode != 0 and b"chmod o+r" in proc.stderr, proc.stderr
+    assert len(proc.stderr.decode().splitlines()) <= 2 and b"Traceback" not in proc.stderr
+    os.chmod(image, 0o644)
+    proc = mesobox("run", "--fakeroot", "-u", "65534", str(image), "id", "-u", as_user=user)
+    assert proc.returncode == 0 and proc.stdout == b"65534\n", proc.stderr
     assert _private_daemons(user) == []

@@ -61,24 +61,36 @@ def private_squashfs(image: str, target: str, workspace: str, check_modes: bool,
     if squashfuse is None:
         raise LaunchError("squashfuse is not installed: cannot mount a squashfs image as a user",
                           hint="apt-get install squashfuse (and fuse3), or use a directory image")
+    # The daemon reads the image through a descriptor opened here: as the workload's ids
+    # it may not traverse the directories above it (a 0700 home holding the store).
     try:
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        archive = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
-        raise LaunchError(f"cannot open /dev/fuse: {err.strerror}",
-                          hint="FUSE must be usable (/dev/fuse, mode 0666); inside a container, it must be "
-                               "bound in") from None
+        raise LaunchError(f"cannot open the squashfs image {image}: {err.strerror}") from None
     try:
-        options = (f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},allow_other"
-                   + (",default_permissions" if check_modes else ""))
+        ids = _daemon_ids(archive, workload)
         try:
-            sc.mount("squashfuse", target, "fuse.squashfuse", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV, options)
+            fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         except OSError as err:
-            raise LaunchError(f"cannot mount the squashfs image in the container's namespace: {err.strerror}",
-                              hint="this kernel may not allow FUSE in user namespaces (Linux >= 4.18)") from None
-        log = os.path.join(workspace, "squashfuse.log")
-        pid = _spawn([squashfuse, "-f", image, f"/dev/fd/{fd}"], log, keep=fd, ids=_daemon_ids(image, workload))
+            raise LaunchError(f"cannot open /dev/fuse: {err.strerror}",
+                              hint="FUSE must be usable (/dev/fuse, mode 0666); inside a container, it must "
+                                   "be bound in") from None
+        try:
+            options = (f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},allow_other"
+                       + (",default_permissions" if check_modes else ""))
+            try:
+                sc.mount("squashfuse", target, "fuse.squashfuse", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
+                         options)
+            except OSError as err:
+                raise LaunchError(f"cannot mount the squashfs image in the container's namespace: {err.strerror}",
+                                  hint="this kernel may not allow FUSE in user namespaces (Linux >= 4.18)") from None
+            log = os.path.join(workspace, "squashfuse.log")
+            pid = _spawn([squashfuse, "-f", f"/dev/fd/{archive}", f"/dev/fd/{fd}"], log, keep=(fd, archive),
+                         ids=ids)
+        finally:
+            os.close(fd)  # the daemon holds the only copy: if it dies, the mount fails, never hangs
     finally:
-        os.close(fd)  # the daemon holds the only copy: if it dies, the mount fails, never hangs
+        os.close(archive)
     try:
         os.listdir(target)  # waits for the daemon's FUSE_INIT
     except OSError as err:
@@ -153,21 +165,24 @@ def nested_image(image: str, runtime_dir: str) -> str:
     return point
 
 
-def _daemon_ids(image: str, workload: tuple[int, int] | None) -> tuple[int, int] | None:
+def _daemon_ids(archive: int, workload: tuple[int, int] | None) -> tuple[int, int] | None:
     """The ids the squashfs daemon runs as: the workload's, when it is to switch to
-    another id (an image's USER) and may read the image file.  The parent-death signal
-    is sent with the dying parent's credentials (kill(2) rules): a workload running as
-    appuser could not kill a daemon that kept the container root's ids."""
+    another id (an image's USER) and may read the image file (``archive``: reopening
+    /dev/fd/N checks the file's mode again, not the directories above it).  The
+    parent-death signal is sent with the dying parent's credentials (kill(2) rules): a
+    workload running as appuser could not kill a daemon that kept the container root's
+    ids.  An image file others may not read is refused then: a daemon left as root
+    would outlive the container."""
     if workload is None or workload == (os.getuid(), os.getgid()):
         return None
-    try:
-        readable = os.stat(image).st_mode & 0o004
-    except OSError:
-        return None
-    return workload if readable else None
+    if not os.fstat(archive).st_mode & 0o004:
+        raise LaunchError("this image switches to another user under --fakeroot, and its squashfs file is "
+                          "readable by you alone", hint="make the file readable by others (chmod o+r), as "
+                                                         "the image store's files are")
+    return workload
 
 
-def _spawn(argv: list[str], log: str, keep: int = -1, ids: tuple[int, int] | None = None,
+def _spawn(argv: list[str], log: str, keep: tuple[int, ...] = (), ids: tuple[int, int] | None = None,
            ambient: bool = False) -> int:
     """Fork ``argv`` as a daemon that dies with this thread (module docstring), as
     ``ids`` (uid, gid) if given; ``ambient``: it keeps this namespace's capabilities
@@ -193,8 +208,8 @@ def _spawn(argv: list[str], log: str, keep: int = -1, ids: tuple[int, int] | Non
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
             os.dup2(out, 2)
-            if keep >= 0:
-                os.set_inheritable(keep, True)
+            for fd in keep:
+                os.set_inheritable(fd, True)
             os.execv(argv[0], argv)  # noqa: S606 - a fixed tool from TOOL_DIRS, no shell
         except BaseException:
             os.write(2, f"cannot run {argv[0]}\n".encode())
