@@ -18,6 +18,7 @@ PACKAGES=(
     gcc libc6-dev   # mpicc (tests build MPI programs); a fresh Debian 12 has no compiler
     libmpich12   # --mpi host with the MPICH ABI (the library only: mpich/libmpich-dev would take the mpicc/mpirun alternatives)
     groff-base man-db zsh   # tests render the generated man pages and parse the zsh completion
+    fuse2fs   # an ordinary user's --overlay FILE: the ext4 image served in user space (launch/fuseoverlay.py)
     chromium   # tests render the HTML reports of matrix/bench headless (screenshot, DOM)
     rpm   # tests build a real sqlite rpmdb and cross-check rpm's version order (mesobox scan)
     apache2-utils   # htpasswd: tests/test_login.py's registry with Basic auth (bcrypt)

@@ -151,9 +151,9 @@ def test_overlay_image_as_user(mesobox: Mesobox, user: User, rootfs: Path, world
     assert (st.st_uid, st.st_size) == (user.uid, 4 * 1024 * 1024) and st.st_blocks * 512 < st.st_size  # sparse
     again = mesobox("overlay", "create", str(image), "4m", as_user=user)
     assert again.returncode == 2 and again.stderr.decode().startswith(f"mesobox: error: {image} already exists")
+    # an ordinary user's own image is served by fuse2fs (tests/test_overlay_user.py)
     proc = mesobox("exec", "--overlay", str(image), str(rootfs), "true", as_user=user)
-    assert proc.returncode == 13
-    assert proc.stderr.decode().splitlines()[0].startswith("mesobox: error: an overlay image (disk quota) needs root")
+    assert proc.returncode == 0, proc.stderr
 
 
 # --- pure: the capability sets the spec records ----------------------------------------------

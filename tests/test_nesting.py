@@ -94,3 +94,52 @@ def test_fakeroot_inside_never_takes_real_roots_runtime_dir(
                    as_user=user, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().split() == [f"/tmp/mesobox-{user.uid}", "0"]
+
+
+
+@pytest.mark.root
+@pytest.mark.default_runtime_dir
+@pytest.mark.parametrize("outer_opts", [[], ["--fakeroot"], ["--pid"]], ids=["outer", "outer-fakeroot", "outer-pid"])
+def test_fakeroot_pid_inside_with_a_directory_image(
+        mesobox: Mesobox, user: User, images: tuple[Path, Path], test_python: str,
+        default_runtime_dirs: tuple[Path, Path], outer_opts: list[str]) -> None:
+    """A nested `run --fakeroot --pid` on a directory image, with real root's
+    /tmp/mesobox-0 present: uid 0 of a user namespace is not real root, so neither the
+    inner launcher nor its container's init ever takes real root's runtime dir."""
+    outer, inner = images
+    root_runtime, _user_runtime = default_runtime_dirs
+    assert mesobox("exec", str(inner), "true", env={"XDG_RUNTIME_DIR": ""}).returncode == 0
+    assert root_runtime.is_dir() and root_runtime.stat().st_uid == 0
+    venv = Path(test_python).parents[1]
+    proc = mesobox("exec", *outer_opts, "-B", str(venv), "-B", "/usr", str(outer), test_python, "-m", "mesobox",
+                   "run", "--fakeroot", "--pid", str(inner), "sh", "-c", "id -u; echo $$",
+                   as_user=user, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == ["0", "2"]  # its own root; the child of mesobox's init (pid 1)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/fuse2fs").exists(), reason="needs fuse2fs")
+@pytest.mark.parametrize("outer_opts", [[], ["--fakeroot"]], ids=["outer", "outer-fakeroot"])
+@pytest.mark.parametrize("inner_opts", [[], ["--pid"]], ids=["inner", "inner-pid"])
+def test_overlay_image_inside(mesobox: Mesobox, user: User, images: tuple[Path, Path], test_python: str,
+                              world_tmp: Path, inner_opts: list[str], outer_opts: list[str]) -> None:
+    """An ordinary user's --overlay FILE in a nested container: fuse2fs needs no setuid
+    helper (it mounts in the inner container's own namespaces), and what the inner
+    container writes is in the image for the next run, nested or not."""
+    outer, inner = images
+    venv = Path(test_python).parents[1]
+    ovl = world_tmp / "nested-ovl.img"
+    assert mesobox("overlay", "create", str(ovl), "8m", as_user=user).returncode == 0
+    inner_tree = world_tmp / "inner-mine"
+    subprocess.run(["cp", "-a", str(inner), str(inner_tree)], check=True)
+    subprocess.run(["chown", "-hR", f"{user.uid}:{user.gid}", str(inner_tree)], check=True)
+    nested = [test_python, "-m", "mesobox", "run", *inner_opts, "--overlay", str(ovl), str(inner_tree)]
+    proc = mesobox("exec", *outer_opts, "-B", str(venv), "-B", "/usr", str(outer), *nested, "sh", "-c",
+                   "echo in > /nested",
+                   as_user=user, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    again = mesobox("exec", *outer_opts, "-B", str(venv), "-B", "/usr", str(outer), *nested, "cat", "/nested",
+                    as_user=user, timeout=60)
+    assert again.returncode == 0 and again.stdout.decode().split() == ["in"], again.stderr
+    outside = mesobox("run", "--overlay", str(ovl), str(inner_tree), "cat", "/nested", as_user=user, timeout=60)
+    assert outside.returncode == 0 and outside.stdout.decode().split() == ["in"], outside.stderr

@@ -103,11 +103,15 @@ def outer_uid() -> int:
         return uid
     try:
         with open("/proc/self/uid_map", "rb") as f:
-            first = f.readline().split()
+            lines = f.read().splitlines()
     except OSError:
         return 0
-    if len(first) == 3 and first[0] == b"0" and first[1].isdigit():
-        return int(first[1])
+    # The line that maps uid 0 wherever it is: newuidmap writes the lines in the order
+    # it was given (--fakeroot with sub-ids), so it need not be the first.
+    for line in lines:
+        inside, outside, _count = [*line.split(), b"", b"", b""][:3]
+        if inside == b"0" and outside.isdigit():
+            return int(outside)
     return 0
 
 
@@ -158,6 +162,8 @@ def runtime_dir(path: str) -> str:
         if st.st_mode & 0o077:
             os.fchmod(fd, 0o700)  # readable by others (made so by an older mesobox): ours to tighten
         _check_ancestors(path, fd)
+    except OSError as err:  # an unsearchable parent, a refused chmod: one line, never a traceback
+        raise _unsafe(path, f"cannot be checked: {err.strerror}") from None
     finally:
         os.close(fd)
     _checked.add(path)

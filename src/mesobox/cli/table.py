@@ -153,7 +153,8 @@ RUN_OPTIONS = (
     Option("--writable-tmpfs", OPTIONAL, "writable root: changes in a tmpfs capped at SIZE, then discarded",
            "SIZE", field="writable_tmpfs"),
     Option("--overlay", VALUE, "writable root: changes kept in DIR, or in an ext4 image FILE with a size quota "
-           "(`mesobox overlay create FILE SIZE`; mounting it needs root)", "DIR|FILE", field="overlay"),
+           "(`mesobox overlay create FILE SIZE`; root loop-mounts it, fuse2fs serves a user's own)", "DIR|FILE",
+           field="overlay"),
     Option("--pid", FLAG, "new pid namespace", field="pid"),
     Option("--ipc", FLAG, "new IPC namespace", field="ipc"),
     Option("--uts", FLAG, "new UTS namespace", field="uts"),
@@ -393,18 +394,48 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
         Option("--copy", FLAG, "copy the rootfs instead of linking to it"),
     ), about="IMAGE: an image reference, squashfs file or rootfs directory; DIR: the bundle directory to create.")
 
-    bundle_dir = Option("-b --bundle", VALUE, "the bundle directory", "DIR", required=True)
-    oci = Verb("oci", "OCI runtime CLI (create/start/state/kill/delete/run)", subverbs=(
+    # `mesobox oci` is mesobox-oci (cli/oci.py parses it, runc's way); this is its help.
+    bundle_dir = Option("-b --bundle", VALUE, "the bundle directory (default: the current one)", "DIR")
+    pid_file = Option("--pid-file", VALUE, "write the container process's pid to FILE", "FILE")
+    console = Option("--console-socket", VALUE, "send a terminal's master fd to this socket", "PATH")
+    preserve = Option("--preserve-fds", VALUE, "pass N more fds, from 3 on", "N")
+    oci_format = Option("-f --format", VALUE, "output format", "table|json", choices=("table", "json"))
+    create_options = (bundle_dir, pid_file, console, preserve, Option("--no-pivot", FLAG, "accepted (no effect)"),
+                      Option("--no-new-keyring", FLAG, "accepted (no effect)"))
+    oci = Verb("oci", "the OCI runtime mesobox-oci (runc's command line)", subverbs=(
+        Verb("create", "set a container up; it waits for start", "ID", create_options),
+        Verb("start", "start a created container's command (returns at once)", "ID"),
+        Verb("run", "create and start a container (in the foreground: wait for it)", "ID",
+             (*create_options, Option("-d --detach", FLAG, "return once it is started"))),
         Verb("state", "print a container's state as JSON", "ID"),
-        Verb("create", "create a container from a bundle", "ID", (bundle_dir,)),
-        Verb("start", "run a created container (in the foreground)", "ID"),
-        Verb("run", "create and run a container; this process becomes it", "ID", (bundle_dir,)),
-        Verb("kill", "send a signal to a container; default: SIGTERM", "ID [SIGNAL]"),
-        Verb("delete", "remove a container's state", "ID", (
+        Verb("kill", "send a signal to a container; default: SIGTERM", "ID [SIGNAL]", (
+            Option("-a --all", FLAG, "signal every process of the container"),
+        )),
+        Verb("delete", "delete a stopped container", "ID...", (
             Option("-f --force", FLAG, "kill a running container first"),
         )),
-    ), about="The OCI runtime command line, as far as Slurm's oci.conf needs it.  `start` runs the created "
-             "container in the foreground: there is no detached monitor process.")
+        Verb("exec", "run a process in a container", "ID [COMMAND [ARG...]]", (
+            Option("-p --process", VALUE, "the process, as config.json's process object", "FILE"),
+            Option("-t --tty", FLAG, "give it a terminal (with --console-socket)"),
+            Option("-d --detach", FLAG, "do not wait for it"), pid_file, console,
+            Option("-e --env", LIST, "set an environment variable", "K=V"),
+            Option("--cwd", VALUE, "its working directory", "DIR"),
+            Option("-u --user", VALUE, "its user", "UID[:GID]"),
+            Option("-g --additional-gids", LIST, "an additional group", "GID"),
+        ), stop_at_args=True),
+        Verb("ps", "list a container's processes", "ID [PS-ARGS...]", (oci_format,), stop_at_args=True),
+        Verb("list", "list the containers", "", (oci_format, Option("-q --quiet", FLAG, "ids only"))),
+        Verb("pause", "suspend every process of a container", "ID"),
+        Verb("resume", "resume a paused container", "ID"),
+        Verb("features", "print what the runtime supports, as JSON"),
+        Verb("spec", "write a default config.json", "", (
+            bundle_dir, Option("--rootless", FLAG, "map the caller's ids (a rootless container)"),
+        )),
+        Verb("checkpoint", "not supported (needs CRIU)", "ID"),
+        Verb("restore", "not supported (needs CRIU)", "ID"),
+    ), about="`mesobox oci` is `mesobox-oci`: global options --root DIR, --log FILE, --log-format text|json, "
+             "--debug, --systemd-cgroup go before the verb.  docs/oci.md tells the lifecycle and what of "
+             "config.json is honoured.")
 
     slurm = Verb("slurm", "Slurm site helpers (oci-conf, prolog, epilog)", subverbs=(
         Verb("oci-conf", "print an /etc/slurm/oci.conf that runs mesobox", "", (
@@ -420,7 +451,7 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
         Verb("create", "make an overlay image with a size quota", "FILE SIZE",
              about="Make FILE, a sparse ext4 image of SIZE (e.g. 512m, 2g) for `mesobox run --overlay FILE`: the "
                    "container's changes are kept in it across runs, and writes past SIZE fail with ENOSPC.  "
-                   "Mounting it needs root (loop device); ordinary users use --overlay DIR or --writable-tmpfs=SIZE."),
+                   "Root loop-mounts it; an ordinary user's own image is served by fuse2fs under fuse-overlayfs."),
     ))
 
     password_env = Option("--password-env", VALUE, "the variable holding the private key's password", "VAR")

@@ -8,22 +8,23 @@ Invariants:
 - The image's root and ``upper/`` belong to whoever the container's root will be on
   the host: the caller for an ordinary user, root's shifted range for real root
   (identity.py), so container root may write everywhere in the merged tree.
-- Mounting (``mount_image``) is kernel ext4 on a loop device, done by the launcher in
-  the container's own mount namespace while it still has real root's privileges: the
-  mount disappears with the namespace and the loop device is freed (``autoclear``).
-  Ordinary users cannot mount it: a fuse2fs-mounted ext4 is refused by the kernel as an
-  overlay upper layer ("upper fs missing required features", as seen on Debian 12 with a 6.x kernel),
-  so they get a clear error pointing at ``--overlay DIR`` / ``--writable-tmpfs=SIZE``.
+- Mounting (``mount_image``) happens in the container's own mount namespace and ends
+  with it.  Real root: kernel ext4 on a loop device, made while the launcher still has
+  real root's privileges (the loop device is freed by ``autoclear``).  An ordinary
+  user: fuse2fs in the container's user namespace (launch/fuseoverlay.py), with
+  fuse-overlayfs on top, since the kernel refuses a FUSE upper layer ("upper fs
+  missing required features", measured on Linux 6.x).
+- One writer at a time: the launch that mounts an image holds ``flock(LOCK_EX)`` on it
+  for the container's life; a second launch meanwhile is refused with one line.
 """
 
 from __future__ import annotations
 
 import os
 
-from mesobox.errors import LaunchError, PolicyError, UsageError
+from mesobox.errors import LaunchError, UsageError
 
 EXT4_MIN = 1024 * 1024  # mke2fs refuses smaller ext4 filesystems in practice
-IMAGE_HINT = "use --overlay DIR (kept, no quota) or --writable-tmpfs=SIZE (quota, discarded at exit)"
 
 
 def create(path: str, size: int, owner: tuple[int, int]) -> None:
@@ -60,25 +61,56 @@ def is_image(path: str) -> bool:
 
 
 def check_can_mount(path: str, real_root: bool) -> str:
-    """The absolute image path; PolicyError for callers that cannot mount it."""
+    """The absolute image path, once the caller may mount it: real root loop-mounts any
+    image; an ordinary user only their own regular file (not a symlink), with fuse2fs."""
     if not real_root:
-        raise PolicyError("an overlay image (disk quota) needs root to mount: the kernel refuses a "
-                          "fuse2fs-mounted ext4 as overlay upper layer", hint=IMAGE_HINT)
+        from mesobox.launch import fuseoverlay
+
+        fuseoverlay.check(path)
     return os.path.abspath(path)
 
 
-def mount_image(image: str, target: str) -> None:
-    """Loop-mount the ext4 image on ``target`` (in the caller's mount namespace)."""
+def mount_image(image: str, target: str, workspace: str, real_root: bool) -> None:
+    """Mount the ext4 image on ``target`` in the caller's mount namespace: a loop mount
+    for real root, fuse2fs for a user (launch/fuseoverlay.py)."""
+    if not real_root:
+        from mesobox.launch import fuseoverlay
+
+        fuseoverlay.mount(image, target, workspace)
+        return
     import subprocess
 
+    from mesobox.launch import fuseoverlay
+
+    held = _hold_lock(image)
     os.makedirs(target, exist_ok=True)
     argv = ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", image, target]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
+        os.close(held)
         raise LaunchError(f"cannot mount overlay image {image}: {proc.stderr.strip()[:200]}",
                           hint="make it with `mesobox overlay create FILE SIZE`")
     for sub in ("upper", "work"):
         if not os.path.isdir(os.path.join(target, sub)):
             raise LaunchError(f"{image} is not a mesobox overlay image (no {sub}/ directory)",
-                              hint="make it with `mesobox overlay create FILE SIZE`")
+                              hint=fuseoverlay.HINT)
 
+
+def _hold_lock(image: str) -> int:
+    """Real root's one-writer lock: an fd (above 100, inherited across execve) that the
+    workload keeps for the container's life, as execute.hold_image does."""
+    import fcntl
+
+    from mesobox.launch import fuseoverlay
+
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise LaunchError(f"cannot open overlay image {image}: {err.strerror}", hint=fuseoverlay.HINT) from None
+    try:
+        fuseoverlay.lock(fd, image)
+        held = fcntl.fcntl(fd, fcntl.F_DUPFD, 100)
+    finally:
+        os.close(fd)
+    os.set_inheritable(held, True)
+    return held

@@ -6,9 +6,10 @@ taken in it: mount steps, passwd/group text, the capabilities to keep, the compi
 seccomp filter.  This module only makes the syscalls, in bubblewrap's order:
 unshare → id maps → make / slave → workspace tmpfs → root and mount steps →
 (OCI createContainer hooks) → pivot_root → chdir → hostname/loopback →
-(--ulimit rlimits) → (startContainer hooks) → capabilities → user switch → no_new_privs →
-seccomp (last) → execve.  Being plain data, a program can be reused by the next launch of the same
-command line (plancache.py); only the environment is made anew.
+(mesobox-oci: wait for start) → (--ulimit rlimits) → (startContainer hooks) →
+capabilities → user switch → no_new_privs → seccomp (last) → execve.  Being plain data,
+a program can be reused by the next launch of the same command line (plancache.py);
+only the environment is made anew.
 
 The program's fields are listed, typed, in program.py (``Program``); the mount steps'
 kinds and fields in mountops.py.
@@ -539,7 +540,14 @@ def _mounts_below(fd: int) -> list[str]:
 
 def _overlay(root: str, lower: str, upper: str, work: str, target: str, squash: str = "") -> None:
     """Kernel overlayfs on ``target``, fuse-overlayfs when the kernel refuses, or at
-    once with ``squash`` (owners the namespace cannot map: fusemount.py)."""
+    once with ``squash`` (owners the namespace cannot map: fusemount.py) or an upper
+    layer on a user's fuse2fs overlay image (fuseoverlay.py)."""
+    fuse_image = sys.modules.get("mesobox.launch.fuseoverlay")  # imported only when one is mounted
+    if fuse_image is not None and fuse_image.serves(upper):
+        fuse_image.overlay(lower, upper, work, os.path.join(root, target), os.path.dirname(root), squash)
+        if not target.strip("/"):
+            release_roots()
+        return
     if squash:
         from mesobox.launch import fusemount
 
@@ -628,6 +636,9 @@ def exec_workload(program: Program) -> NoReturn:
     env = dict(item.split("=", 1) for item in program["env"])
     args = program["args"]
     path = find_command(args[0], env.get("PATH", ""))
+    start_fifo = program.get("start_fifo")  # .get: a program saved before the field existed
+    if start_fifo is not None:  # mesobox-oci create: the container is made; wait for start
+        wait_for_start(start_fifo)
     parent = os.getppid()
     enter = program["enter_userns"]
     real_root = enter is not None
@@ -668,6 +679,22 @@ def exec_workload(program: Program) -> NoReturn:
         raise _not_found(f"{args[0]}: cannot execute: interpreter or loader not found") from None
     except OSError as err:
         raise _not_executable(f"{args[0]}: cannot execute: {err.strerror}") from None
+
+
+def wait_for_start(fds: tuple[int, int]) -> None:
+    """mesobox-oci create (oci/runtime.py): the container is made and its command
+    found; say "created" on ``ready`` and block until ``start`` writes a byte to the
+    FIFO (held open read-write, so no EOF ever ends the wait early).  Signals are
+    unblocked meanwhile: a ``kill`` of a created container reaches it at once."""
+    fifo, ready = fds
+    os.write(ready, b"c")
+    os.close(ready)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, signals.caller_sigmask or set())
+    got = os.read(fifo, 1)  # EINTR is retried (PEP 475)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED)
+    os.close(fifo)
+    if got != b"s":
+        os._exit(125)
 
 
 def set_rlimits(limits: tuple[tuple[str, int, int, int], ...]) -> None:
@@ -753,7 +780,8 @@ def run_hooks(program: Program, stage: int) -> None:
     if stage == 0:
         import json  # only a program with hooks gets here
 
-        _container_id = f"mesobox-{pid}"  # mesobox run names no container: its first pid as the host sees it
+        # mesobox-oci names its container; mesobox run names none: its first pid as the host sees it
+        _container_id = program.get("container_id") or f"mesobox-{pid}"
         _write_bundle(bundle, head + json.dumps(list(program["env"])) + tail)
     state = states[stage].replace("\0", str(pid)).replace("\1", _container_id).encode()
     for hook in (create, start)[stage]:

@@ -97,7 +97,9 @@ def launch(spec: Spec, config: Config) -> int:
             lease.release()
         raise
     execute.hold_image(program)
-    if not supervised and not nested:  # a nested image's mount is no part of the program
+    # A nested image's mount is no part of the program; a created OCI container's
+    # start FIFO is this launch's alone.
+    if not supervised and not nested and spec.mesobox.start_fifo is None:
         from mesobox.launch import plancache
 
         plancache.save(program, config)

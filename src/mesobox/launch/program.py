@@ -61,6 +61,9 @@ if TYPE_CHECKING:
         rlimits: tuple[tuple[str, int, int, int], ...]  # --ulimit: (name, RLIMIT_* number, soft, hard; -1: none)
         seccomp: bytes | None  # the compiled BPF filter
         hooks: HookPlan | None  # OCI createContainer/startContainer hooks (execute.run_hooks)
+        start_fifo: tuple[int, int] | None  # mesobox-oci create: (FIFO fd read for "start", fd told
+        # "created"), inherited fds; the workload waits on the FIFO right before execve
+        container_id: str | None  # the OCI state's "id" for hooks (mesobox-oci); None: mesobox-PID
         args: tuple[str, ...]  # argv of the workload
         env: tuple[str, ...]  # its environment, "K=V"
 
@@ -142,6 +145,8 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
         "rlimits": _rlimits(spec),
         "seccomp": _seccomp_program(spec, config),
         "hooks": _hook_plan(spec, workspace),
+        "start_fifo": settings.start_fifo,
+        "container_id": settings.container_id,
         "args": tuple(proc.args),
         "env": tuple(proc.env),
     }

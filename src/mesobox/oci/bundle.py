@@ -9,39 +9,24 @@ directory).  ``mesobox oci run`` turns config.json back into the runtime's
 Spec (``from_oci_json``) and calls the launcher in this very process, so the pid in
 the state file is the one Slurm signals and the launcher forwards signals from it.
 
-State (runtime-spec runtime.md "State"): one JSON file per container id under the
-user's runtime dir, ``RUNTIME_DIR/oci/ID/state.json``; ``status`` is computed from
-the recorded pid (running while it lives, stopped after).  Ids are validated: they
-become path components.
+The runtime itself (``mesobox-oci``, alias ``mesobox oci``) is oci/runtime.py, its
+state oci/state.py.  ``spec_from_bundle`` here is the one reading of a config.json:
+mesobox's own bundles as ``mesobox run`` would run them, other tools' (podman, runc
+spec, umoci) with OCI's defaults and the stand-ins and refusals of docs/oci.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from mesobox import paths
 from mesobox.config import Config
 from mesobox.errors import StoreError, UsageError
-from mesobox.files import write_atomic
-from mesobox.procs import alive
-
-OCI_VERSION = "1.0.2"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-# The patterns of Slurm 22.05's oci.conf (oci.conf(5)); %n node, %u user, %j job,
-# %s step, %t task (%U, the numeric uid, is unknown to 22.05 and kills the step).
-
-
-def check_id(container_id: str) -> str:
-    if not _ID_RE.match(container_id):
-        raise UsageError(f"invalid container id {container_id!r}",
-                         hint="use letters, digits and . _ + - (at most 128 characters)")
-    return container_id
+from mesobox.oci.state import OCI_VERSION, check_id  # noqa: F401 - names of this module since the first `mesobox oci`
 
 
 def bundle_config(config: Config, image: str, args: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -109,13 +94,21 @@ def load_bundle(bundle: Path) -> dict[str, Any]:
 def spec_from_bundle(bundle: Path, data: dict[str, Any]) -> Any:
     """config.json → the launcher's Spec (``from_oci_json``), filling in what a bundle
     written by another tool (or rewritten by Slurm) may leave out: an absolute root,
-    the caller's own identity and id maps, and Slurm's SLURMD_NODENAME."""
+    the caller's own identity and id maps, and Slurm's SLURMD_NODENAME.
+
+    A config mesobox did not write (no ``org.mesobox.root.format`` annotation: podman's,
+    runc spec's) gets OCI's defaults, not mesobox's (a writable root, noNewPrivileges
+    off, the image's own /etc/passwd), and ``foreign_config`` maps what it asks for onto
+    what the launcher has, or refuses it in one line (docs/oci.md)."""
     import copy
 
     from mesobox.launch import identity
-    from mesobox.oci.spec import from_oci_json
+    from mesobox.oci.spec import ANN_FORMAT, ANN_SUBIDS, from_oci_json
 
     doc = copy.deepcopy(data)
+    foreign = ANN_FORMAT not in (doc.get("annotations") or {})
+    if foreign:
+        foreign_config(doc)
     root = Path(doc["root"]["path"])
     # The bundle's rootfs is usually a symlink to the image (make_bundle): resolve it
     # here, in the user's own bundle, so the launcher gets the real image path.
@@ -128,58 +121,141 @@ def spec_from_bundle(bundle: Path, data: dict[str, Any]) -> Any:
     if node and not any(item.startswith("SLURMD_NODENAME=") for item in env):
         process["env"] = [*env, f"SLURMD_NODENAME={node}"]
     linux = doc.setdefault("linux", {})
-    if not linux.get("uidMappings"):
+    if not linux.get("uidMappings") and uid == 0 and not identity.is_real_root():
+        # Root of a user namespace (rootless podman's): the container maps every id
+        # this namespace has onto itself, so its files keep their owners.
+        linux["uidMappings"] = _own_maps("/proc/self/uid_map")
+        linux["gidMappings"] = _own_maps("/proc/self/gid_map")
+    elif not linux.get("uidMappings"):
         name = identity.host_names(uid, gid)[0]
         fakeroot = int(process["user"].get("uid", uid)) == 0 and uid != 0
-        uid_maps, gid_maps, _ = identity.id_maps(uid, gid, fakeroot, name)
+        uid_maps, gid_maps, helpers = identity.id_maps(uid, gid, fakeroot, name)
         linux["uidMappings"] = [{"containerID": m.container_id, "hostID": m.host_id, "size": m.size}
                                 for m in uid_maps]
         linux["gidMappings"] = [{"containerID": m.container_id, "hostID": m.host_id, "size": m.size}
                                 for m in gid_maps]
+        if helpers:  # sub-id ranges: newuidmap/newgidmap write them (the launcher supervises)
+            doc.setdefault("annotations", {})[ANN_SUBIDS] = "1"
     spec = from_oci_json(doc)
+    if foreign:
+        spec = spec.replace(mesobox=spec.mesobox.replace(identity_files=False))
     spec.validate()
     return spec
 
 
+def _own_maps(path: str) -> list[dict[str, int]]:
+    """Identity maps of every id range of the caller's user namespace."""
+    with open(path) as f:
+        ranges = [line.split() for line in f if line.strip()]
+    return [{"containerID": int(inside), "hostID": int(inside), "size": int(size)} for inside, _, size in ranges]
+
+
+# Mount options the launcher takes as flags, and tmpfs data it passes on; every other
+# option of a foreign config (atime flags, devpts's) is one the kernel's default covers.
+_FLAG_OPTIONS = {"ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "private", "rprivate", "slave", "rslave"}
+_TMPFS_DATA = ("mode=", "size=", "nr_inodes=", "uid=", "gid=")
+DEFAULT_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # runtime-spec config-linux.md
+
+
+def foreign_config(doc: dict[str, Any]) -> None:
+    """Rewrite, in place, a config.json mesobox did not write into what the launcher
+    runs, OCI's defaults first; UsageError for what it cannot honour yet.  Stand-ins
+    (docs/oci.md): sysfs is the host's /sys bound read-only (rootless runc does the
+    same where it may not mount one), a cgroup mount is covered by it, mqueue is an
+    empty tmpfs (mq_open(3) works without it), devices are the host's bound on /dev."""
+    from mesobox.launch import identity
+
+    doc["root"].setdefault("readonly", False)
+    doc["process"].setdefault("noNewPrivileges", False)
+    linux = doc.setdefault("linux", {})
+    if "namespaces" not in linux:
+        # mesobox's own default (from_oci_json): user and mount.  Slurm's rewritten
+        # config.json of a bundle made by hand has no linux section at all.
+        linux["namespaces"] = [{"type": "user"}, {"type": "mount"}]
+    namespaces = list(linux.get("namespaces") or ())
+    for ns in namespaces:
+        if ns.get("path"):
+            raise UsageError(f"joining an existing {ns.get('type')} namespace ({ns['path']}) is not supported yet",
+                             hint="docs/oci.md: what of config.json mesobox-oci honours")
+    types = [ns.get("type") for ns in namespaces]
+    if "user" not in types:
+        if identity.is_real_root():
+            raise UsageError("a config without a user namespace is not supported for real root yet",
+                             hint="add {\"type\": \"user\"} to linux.namespaces (docs/oci.md)")
+        namespaces.append({"type": "user"})  # the caller's own ids: no privilege is lost or gained
+    if "mount" not in types:
+        namespaces.append({"type": "mount"})
+    linux["namespaces"] = [ns for ns in namespaces if ns.get("type") != "cgroup"]
+    mounts = [m for m in (_mount(each) for each in doc.get("mounts") or ()) if m is not None]
+    if any(m["destination"].rstrip("/") == "/dev" and m["type"] == "tmpfs" for m in mounts):
+        have = {m["destination"].rstrip("/") for m in mounts}
+        wanted = [f"/dev/{name}" for name in DEFAULT_DEVICES]
+        wanted += [str(d.get("path")) for d in linux.get("devices") or () if d.get("path") not in wanted]
+        for path in wanted:
+            if path not in have:
+                mounts.append(_device(path))
+    elif linux.get("devices"):
+        raise UsageError("linux.devices needs a tmpfs on /dev", hint="docs/oci.md")
+    doc["mounts"] = mounts
+
+
+def _mount(m: dict[str, Any]) -> dict[str, Any] | None:
+    kind, dest = m.get("type") or "bind", str(m.get("destination", ""))
+    options = [str(o) for o in m.get("options") or ()]
+    if kind in ("none", "") and ("bind" in options or "rbind" in options):
+        kind = "bind"
+    if kind == "sysfs":
+        return {"destination": dest, "type": "bind", "source": "/sys",
+                "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}
+    if kind in ("cgroup", "cgroup2"):
+        return None  # under the read-only /sys bind already
+    if kind == "mqueue":
+        return {"destination": dest, "type": "tmpfs", "source": "mqueue", "options": ["nosuid", "nodev", "noexec"]}
+    if kind == "tmpfs":
+        options = [o for o in options if o in _FLAG_OPTIONS or o.startswith(_TMPFS_DATA)]
+    elif kind == "bind":
+        options = [o for o in options if o in _FLAG_OPTIONS]
+    elif kind not in ("proc", "devpts"):
+        raise UsageError(f"mount type {kind!r} ({dest}) is not supported yet", hint="docs/oci.md")
+    return {**m, "type": kind, "options": options}
+
+
+def _device(path: str) -> dict[str, Any]:
+    """The host's device node at ``path``, bound (a user namespace may not mknod)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise UsageError(f"device {path} does not exist on this host: it cannot be bound in") from None
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UsageError(f"device {path} is not a device node on this host")
+    return {"destination": path, "type": "bind", "source": path, "options": ["bind", "nosuid", "noexec"]}
+
+
 class StateDir:
-    """The one owner of ``RUNTIME_DIR/oci/ID``."""
+    """``RUNTIME_DIR/oci/ID`` through oci/state.py's ``Container`` (where mesobox-oci
+    keeps state when no XDG_RUNTIME_DIR is set): the interface of the first
+    ``mesobox oci``.  ``status`` is derived from the pid, never stored."""
 
     def __init__(self, config: Config, container_id: str) -> None:
-        self.id = check_id(container_id)
-        self.top = config.runtime_dir_str
-        self.path = Path(self.top) / "oci" / self.id
+        from mesobox.oci.state import Container
 
-    def _trusted(self, make: bool) -> bool:
-        """The runtime dir, checked private (paths.runtime_dir) and made only when
-        ``make``: a query, kill or delete never creates it (slurmstepd runs them as root
-        too, where no container of root's ever was); False when it does not exist."""
-        if not make and not os.path.lexists(self.top):
-            return False
-        paths.runtime_dir(self.top)  # private, or refused
-        return True
+        self.container = Container(os.path.join(config.runtime_dir_str, "oci"), container_id)
+        self.id = self.container.id
 
     def read(self) -> dict[str, Any]:
-        if not self._trusted(make=False):
-            raise UsageError(f"container {self.id!r} does not exist")
-        try:
-            state: dict[str, Any] = json.loads((self.path / "state.json").read_text())
-        except FileNotFoundError:
-            raise UsageError(f"container {self.id!r} does not exist") from None
-        pid = int(state.get("pid", 0))
-        if state.get("status") == "running" and not alive(pid):
-            state["status"] = "stopped"
-        return state
+        return self.container.state()
 
     def write(self, bundle: Path, status: str, pid: int) -> None:
-        self._trusted(make=True)
-        paths.private_subdir(self.top, "oci", self.id)
-        state = {"ociVersion": OCI_VERSION, "id": self.id, "status": status, "pid": pid,
-                 "bundle": str(bundle.resolve()), "annotations": {}}
-        write_atomic(self.path / "state.json", (json.dumps(state) + "\n").encode(), mode=0o644)
+        from mesobox.oci.state import new_record
+
+        if not self.container.exists():
+            self.container.claim()
+        self.container.write(new_record(str(bundle.resolve()), pid, {}, {}))
 
     def exists(self) -> bool:
-        return self._trusted(make=False) and (self.path / "state.json").exists()
+        return self.container.exists()
 
     def remove(self) -> None:
-        if self._trusted(make=False):
-            shutil.rmtree(self.path, ignore_errors=True)
+        self.container.remove()

@@ -167,13 +167,14 @@ class Resources(Record):
 class Settings(Record):
     """mesobox's own settings, the ones the OCI runtime spec has no field for."""
 
-    __slots__ = ("dns", "group_name", "home", "identity_files", "image", "image_lock", "net", "overlay",
-                 "overlay_image", "publish", "root_format", "shell", "subids", "user_name", "userns",
-                 "writable_tmpfs")
+    __slots__ = ("container_id", "dns", "group_name", "home", "identity_files", "image", "image_lock", "net",
+                 "overlay", "overlay_image", "publish", "root_format", "shell", "start_fifo", "subids",
+                 "user_name", "userns", "writable_tmpfs")
     _defaults = {"root_format": "dir", "userns": "private", "image": None, "dns": (),
                  "image_lock": None, "writable_tmpfs": None, "overlay": None,
                  "overlay_image": None, "subids": False, "net": "host", "publish": (), "user_name": "user",
-                 "group_name": "group", "home": "/", "shell": "/bin/sh", "identity_files": True}
+                 "group_name": "group", "home": "/", "shell": "/bin/sh", "identity_files": True,
+                 "container_id": None, "start_fifo": None}
     root_format: str  # "dir" | "squashfs": root.path is a directory, or a squashfs file to mount
     image_lock: str | None  # the store's lock file, held shared while the container runs
     writable_tmpfs: int | None  # a writable root in a tmpfs of this many bytes (0: tmpfs default)
@@ -190,6 +191,8 @@ class Settings(Record):
     image: str | None  # what runs, for the launch record: REFERENCE@DIGEST or a path (provenance)
     dns: tuple[str, ...]  # --dns: name servers of a generated /etc/resolv.conf (program.py)
     identity_files: bool  # bind generated /etc/passwd and /etc/group over the image's (False: a build's RUN)
+    container_id: str | None  # the OCI state's "id" hooks read (mesobox-oci); None: mesobox-PID
+    start_fifo: tuple[int, int] | None  # mesobox-oci create: (FIFO fd read for "start", fd told "created")
 
 
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")

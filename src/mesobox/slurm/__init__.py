@@ -6,7 +6,7 @@ Rooms:
 - ``launch``: resolving the image once on the submit side and building the ``srun`` /
   ``sbatch`` command lines and batch scripts; the node-side task entry point.
 - ``ociconf``: the oci.conf that makes mesobox Slurm's OCI runtime (bundles and the
-  ``mesobox oci`` state live in ``mesobox.oci.bundle``).
+  ``mesobox-oci`` state live in ``mesobox.oci.bundle`` and ``mesobox.oci.state``).
 - ``hooks``: the site prolog/epilog (pre-stage a job's image, clean stale mounts).
 
 Invariants: the image is resolved (and pulled, if needed) once, on the submit host,
