@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -303,7 +304,9 @@ def podman_as(user: User, top: Path, runtime: str, *args: str) -> subprocess.Com
 @pytest.fixture()
 def podman_image(user: User, shared_tmp: Path, world_tmp: Path) -> Iterator[tuple[Path, str]]:
     need_tool("podman", "runc", "umoci")
-    layout = make_oci_image(world_tmp / "layout", "v1", [make_busybox_rootfs])
+    # podman names the image after the oci: path: only characters a reference allows
+    # (world_tmp's random suffix may end in "_", which is not)
+    layout = make_oci_image(shared_tmp / f"podman-layout-{secrets.token_hex(4)}", "v1", [make_busybox_rootfs])
     subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
     top = Path(tempfile.mkdtemp(prefix="pm", dir=shared_tmp))  # podman: a runroot of at most 50 characters
     os.chown(top, user.uid, user.gid)
