@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as hs
 
 from layers_support import (
@@ -603,6 +603,8 @@ ENTRY = hs.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layers=hs.lists(hs.lists(ENTRY, max_size=8), min_size=1, max_size=3))
+@example(layers=[[reg("a"), fifo(".wh.a/b")], [reg("a"), hard("a", ".wh.a/b"), reg(".wh.a/.wh.b")]])
+@example(layers=[[reg("a"), fifo(".wh.a/a")], [reg("a"), hard("a", ".wh.a/a"), reg(".wh.a/a")]])
 def test_random_layers_stay_inside_and_are_idempotent(world_tmp: Path, layers: list[list[Entry]]) -> None:
     box = Box(Path(tempfile_dir(world_tmp)))
     blobs = [box.layer(e, "plain") for e in layers]
@@ -614,6 +616,8 @@ def test_random_layers_stay_inside_and_are_idempotent(world_tmp: Path, layers: l
         return
     event("applied")
     box.untouched()
+    if _hardlink_target_changed_later(layers[-1]):
+        return  # re-applying links to what the layer itself replaced: not the same tree, by design
     first = snapshot(box.rootfs)
     try:
         apply_layers(box.rootfs, blobs[-1:], USER)
@@ -624,6 +628,22 @@ def test_random_layers_stay_inside_and_are_idempotent(world_tmp: Path, layers: l
     else:
         assert snapshot(box.rootfs) == first
     box.untouched()
+
+
+def _hardlink_target_changed_later(entries: list[Entry]) -> bool:
+    """A hardlink whose target a later entry of the same layer replaces or whites out:
+    applied again, the link meets the replacement (or nothing), so the layer cannot be
+    idempotent (hypothesis found both cases)."""
+    for i, entry in enumerate(entries):
+        if not entry.info.islnk():
+            continue
+        target = entry.info.linkname.strip("/")
+        parent, _, base = target.rpartition("/")
+        hides = {target, f"{parent}/.wh.{base}".lstrip("/"), f"{parent}/.wh..wh..opq".lstrip("/")}
+        if any(e.info.name.strip("/") in hides or target.startswith(e.info.name.strip("/") + "/")
+               for e in entries[i + 1:]):
+            return True
+    return False
 
 
 def _symlink_over_own_dir(entries: list[Entry]) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -26,10 +27,14 @@ LOOP = "trap 'echo got-TERM; exit 7' TERM; echo up; while true; do sleep 0.1; do
 @pytest.fixture()
 def oci(test_python: str, mesobox_src: Path, world_tmp: Path) -> Path:
     """``mesobox-oci`` as installed: a wrapper every user may run (bin/mesobox-oci needs
-    the package importable; the tests' source copy is world-readable)."""
+    the package importable; the tests' source copy is world-readable, and so is this
+    copy of the script: the checkout may sit where users cannot read, as /root does)."""
+    script = world_tmp / "bin-mesobox-oci"
+    shutil.copyfile(ROOT / "bin" / "mesobox-oci", script)
+    os.chmod(script, 0o644)
     wrapper = world_tmp / "mesobox-oci"
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={mesobox_src} PYTHONDONTWRITEBYTECODE=1 "
-                       f"MESOBOX_SITE_CONFIG=/nonexistent exec {test_python} {ROOT / 'bin' / 'mesobox-oci'} \"$@\"\n")
+                       f"MESOBOX_SITE_CONFIG=/nonexistent exec {test_python} {script} \"$@\"\n")
     os.chmod(wrapper, 0o755)
     return wrapper
 
