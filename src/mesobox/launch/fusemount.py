@@ -94,8 +94,8 @@ def private_squashfs(image: str, target: str, workspace: str, check_modes: bool,
     try:
         os.listdir(target)  # waits for the daemon's FUSE_INIT
     except OSError as err:
-        _reap(pid)
-        raise LaunchError(f"cannot mount squashfs {image}: {_said(log) or err.strerror}",
+        reap(pid)
+        raise LaunchError(f"cannot mount squashfs {image}: {said(log) or err.strerror}",
                           hint="is it a valid squashfs (unsquashfs -s)?") from None
 
 
@@ -124,8 +124,8 @@ def overlay(lower: str, upper: str, work: str, target: str, squash: str, workspa
         done, _status = os.waitpid(pid, os.WNOHANG)
         if done or time.monotonic() > deadline:
             if not done:
-                _reap(pid)
-            raise LaunchError(f"fuse-overlayfs failed: {_said(log) or 'it did not mount in time'}")
+                reap(pid)
+            raise LaunchError(f"fuse-overlayfs failed: {said(log) or 'it did not mount in time'}")
         time.sleep(0.002)
 
 
@@ -142,26 +142,17 @@ def nested_image(image: str, runtime_dir: str) -> str:
         sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
     except OSError as err:
         raise LaunchError(f"cannot create namespaces to mount the squashfs image: {err.strerror}") from None
-    point = os.path.join(runtime_dir, "nested-image")
+    # A tmpfs private to these namespaces, on a directory of the private runtime dir
+    # (paths.runtime_dir), holds the mount point and the daemon's log.
+    top = os.path.join(runtime_dir, "nested-image")
     try:
+        os.makedirs(top, 0o700, exist_ok=True)
+        sc.mount("tmpfs", top, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64k,mode=700")
+        point = os.path.join(top, "root")
         os.mkdir(point, 0o700)
-    except FileExistsError:
-        pass
     except OSError as err:
-        raise LaunchError(f"cannot make {point}: {err.strerror}") from None
-    # The runtime dir is private (paths.runtime_dir); this tmpfs holds the daemon's log.
-    logs = os.path.join(runtime_dir, "nested-log")
-    try:
-        os.mkdir(logs, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as err:
-        raise LaunchError(f"cannot make {logs}: {err.strerror}") from None
-    try:
-        sc.mount("tmpfs", logs, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64k,mode=700")
-    except OSError as err:
-        raise LaunchError(f"cannot mount a tmpfs on {logs}: {err.strerror}") from None
-    private_squashfs(image, point, logs, check_modes=False)
+        raise LaunchError(f"cannot prepare {top} to mount the image: {err.strerror}") from None
+    private_squashfs(image, point, top, check_modes=False)
     return point
 
 
@@ -218,7 +209,8 @@ def _spawn(argv: list[str], log: str, keep: tuple[int, ...] = (), ids: tuple[int
     return pid
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
+    """Kill a daemon that failed to serve, and wait for it."""
     try:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
@@ -226,11 +218,12 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _said(log: str) -> str:
-    """The daemon's last line on stderr."""
+def said(log: str, noise: tuple[str, ...] = ()) -> str:
+    """The daemon's last line on stderr, leaving out lines holding any of ``noise``."""
     try:
         with open(log, "rb") as f:
             lines = f.read(8192).decode("utf-8", "replace").strip().splitlines()
     except OSError:
         return ""
-    return lines[-1].strip() if lines else ""
+    lines = [line.strip() for line in lines if not any(text in line for text in noise)]
+    return lines[-1] if lines else ""

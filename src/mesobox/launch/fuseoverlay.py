@@ -372,20 +372,13 @@ def stop() -> None:
 
 
 def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    except OSError:
-        pass
+    from mesobox.launch.fusemount import reap
+
+    reap(pid)
 
 
 def _said(log: str) -> str:
-    """fuse2fs's last line that is not its journal warning."""
-    try:
-        with open(log, "rb") as f:
-            lines = f.read(8192).decode("utf-8", "replace").strip().splitlines()
-    except OSError:
-        return ""
-    noise = ("journal is not supported", "seems to be mounted as readonly", "unknown argument ignored")
-    lines = [line.strip() for line in lines if not any(text in line for text in noise)]
-    return lines[-1] if lines else ""
+    """fuse2fs's last line that is not one of its routine warnings."""
+    from mesobox.launch.fusemount import said
+
+    return said(log, ("journal is not supported", "seems to be mounted as readonly", "unknown argument ignored"))
