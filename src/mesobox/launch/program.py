@@ -100,7 +100,7 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
     squash = _squash_owners(spec) if own_squashfs else ""
     # Where every directory of a writable root may take new entries: the caller's own
     # flattened directory, a squashed or mapped squashfs, real root's set-up.
-    points_in_overlay = bool(settings.overlay) and bool(
+    points_in_overlay = bool(settings.overlay or overlay_image) and bool(
         squash or userns_last or (own_squashfs and settings.subids)
         or (settings.root_format == "dir" and probe.access(image_dir, os.W_OK)))
     before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir), squash,
