@@ -4,9 +4,10 @@
 and conmon's calls spell it: options take ``--name VALUE``, ``--name=VALUE`` or Go's
 single dash (``-name``); a flag takes ``=true``/``=false``.  Global options: ``--root``
 (the state directory: oci/state.py ``default_root``), ``--log`` and ``--log-format``
-(oci/log.py), ``--debug``, ``--systemd-cgroup`` (accepted; no cgroup is made: see
-docs/oci.md), ``--rootless`` (accepted: mesobox is rootless by construction),
-``--criu`` (accepted, unused), ``--version``, ``--help``.
+(oci/log.py), ``--debug``, ``--systemd-cgroup`` (cgroupsPath read as systemd's
+"slice:prefix:name", made on the cgroup filesystem: docs/oci.md), ``--rootless``
+(accepted: mesobox is rootless by construction), ``--criu`` (accepted, unused),
+``--version``, ``--help``.
 
 The lifecycle itself is oci/runtime.py; this module only parses and prints.  Every
 failure is one ``mesobox-oci: error:`` line on stderr and in ``--log``, and a non-zero
@@ -59,8 +60,17 @@ _VERBS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "restore": {"image-path": (VALUE, ()), "work-path": (VALUE, ()), "bundle": (VALUE, ("b",)),
                 "detach": (FLAG, ("d",)), "pid-file": (VALUE, ()), "console-socket": (VALUE, ())},
     "events": {"stats": (FLAG, ()), "interval": (VALUE, ())},
-    "update": {"resources": (VALUE, ("r",))},
+    "update": {"resources": (VALUE, ("r",)), "memory": (VALUE, ()), "memory-reservation": (VALUE, ()),
+               "memory-swap": (VALUE, ()), "cpu-shares": (VALUE, ()), "cpu-quota": (VALUE, ()),
+               "cpu-period": (VALUE, ()), "cpuset-cpus": (VALUE, ()), "cpuset-mems": (VALUE, ()),
+               "pids-limit": (VALUE, ()), "blkio-weight": (VALUE, ())},
 }
+# runc update's flags: (section of linux.resources, key, a size in bytes)
+_UPDATE_FLAGS = {"memory": ("memory", "limit", True), "memory-reservation": ("memory", "reservation", True),
+                 "memory-swap": ("memory", "swap", True), "cpu-shares": ("cpu", "shares", False),
+                 "cpu-quota": ("cpu", "quota", False), "cpu-period": ("cpu", "period", False),
+                 "cpuset-cpus": ("cpu", "cpus", None), "cpuset-mems": ("cpu", "mems", None),
+                 "pids-limit": ("pids", "limit", False), "blkio-weight": ("blockIO", "weight", False)}
 # verb -> (usage of its arguments, least, most (-1: any), summary)
 _USAGE: dict[str, tuple[str, int, int, str]] = {
     "create": ("ID", 1, 1, "create a container: set up, waiting for start"),
@@ -79,7 +89,7 @@ _USAGE: dict[str, tuple[str, int, int, str]] = {
     "checkpoint": ("ID", 1, 1, "checkpoint a container (needs CRIU: not supported)"),
     "restore": ("ID", 1, 1, "restore a container (needs CRIU: not supported)"),
     "events": ("ID", 1, 1, "container events (not supported)"),
-    "update": ("ID", 1, 1, "update resources (not supported)"),
+    "update": ("ID", 1, 1, "update a container's cgroup limits (--resources FILE|-, or runc's flags)"),
 }
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
@@ -191,8 +201,6 @@ def run_cli(argv: list[str], config: Config | None) -> int:
             config = load_config()
         if debug:
             config = config.replace(debug=True)
-        if values.get("systemd-cgroup") and debug:
-            log.debug("--systemd-cgroup: accepted, but no cgroup is made (docs/oci.md)")
         return _verb(rest[0], rest[1:], values, config)
     except MesoboxError as err:
         if debug:
@@ -243,7 +251,7 @@ def _verb(verb: str, argv: list[str], globals_: dict[str, Any], config: Config) 
     root = globals_.get("root") or default_root(config.runtime_dir_str)
     if not os.path.isabs(root):
         root = os.path.abspath(root)
-    rt = runtime.Runtime(root, config)
+    rt = runtime.Runtime(root, config, systemd_cgroup=bool(globals_.get("systemd-cgroup")))
     handler = _HANDLERS.get(verb)
     if handler is None:
         raise UsageError(f"{verb} is not supported by mesobox-oci", hint="docs/oci.md lists what is")
@@ -455,6 +463,43 @@ def _criu(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
                       hint="mesobox's own `mesobox checkpoint` works on instances (docs/oci.md)")
 
 
+def _update(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
+    from pathlib import Path
+
+    from mesobox.oci import runtime
+
+    resources: dict[str, Any] = {}
+    source = values.get("resources")
+    if source:
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text()
+            resources = json.loads(text)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read --resources {source}: {err}") from None
+        if not isinstance(resources, dict):
+            raise UsageError(f"--resources {source}: not a linux.resources JSON object")
+    for flag, (section, key, size) in _UPDATE_FLAGS.items():
+        value = values.get(flag)
+        if value is None:
+            continue
+        if size is None:
+            parsed: Any = value
+        elif size:
+            from mesobox.sizes import parse_size
+
+            parsed = -1 if value == "-1" else parse_size(value, f"--{flag}")
+        else:
+            try:
+                parsed = int(value)
+            except ValueError:
+                raise UsageError(f"--{flag} takes a number, not {value!r}") from None
+        resources.setdefault(section, {})[key] = parsed
+    if not resources:
+        raise UsageError("update needs --resources FILE or a limit flag (--memory, --pids-limit, …)")
+    runtime.update(rt, args[0], resources)
+    return 0
+
+
 def _unsupported(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
     raise UsageError("this verb is not supported by mesobox-oci yet", hint="docs/oci.md lists what is")
 
@@ -462,4 +507,4 @@ def _unsupported(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
 _HANDLERS = {"create": _create, "run": _run, "start": _start, "state": _state, "kill": _kill,
              "delete": _delete, "exec": _exec, "ps": _ps, "list": _list, "pause": _pause, "resume": _resume,
              "features": _features, "spec": _spec, "checkpoint": _criu, "restore": _criu,
-             "events": _unsupported, "update": _unsupported}
+             "events": _unsupported, "update": _update}

@@ -61,3 +61,27 @@ def resolve(root_inside: bool, add: tuple[str, ...], drop: tuple[str, ...]) -> d
 
 def numbers(names: tuple[str, ...]) -> frozenset[int]:
     return frozenset(NAMES.index(n.removeprefix("CAP_")) for n in names if n.removeprefix("CAP_") in NAMES)
+
+
+OCI_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+
+
+def check_sets(sets: dict[str, tuple[str, ...]]) -> None:
+    """An OCI ``process.capabilities``: known set names and capability names (runc
+    refuses an unknown capability rather than run with a different set)."""
+    for kind, names in sets.items():
+        if kind not in OCI_SETS:
+            raise UsageError(f"unknown capability set {kind!r}", hint="one of " + ", ".join(OCI_SETS))
+        for name in names:
+            if not isinstance(name, str) or not name.startswith("CAP_") or name[4:] not in NAMES:
+                raise UsageError(f"unknown capability {name!r} in process.capabilities.{kind}",
+                                 hint="names as in capabilities(7), spelled CAP_…")
+
+
+def masks(sets: dict[str, tuple[str, ...]]) -> tuple[int, int, int, int, int]:
+    """(bounding, effective, permitted, inheritable, ambient) as bit masks; a set the
+    config leaves out is empty (runtime-spec config.md)."""
+    def mask(kind: str) -> int:
+        return sum(1 << n for n in numbers(sets.get(kind, ())))
+
+    return mask("bounding"), mask("effective"), mask("permitted"), mask("inheritable"), mask("ambient")

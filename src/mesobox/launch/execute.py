@@ -4,10 +4,12 @@ A program is plain data (a dict of str, int, bytes and tuples) that
 ``program.compile_program`` derives from a validated Spec.  Every decision is already
 taken in it: mount steps, passwd/group text, the capabilities to keep, the compiled
 seccomp filter.  This module only makes the syscalls, in bubblewrap's order:
-unshare → id maps → make / slave → workspace tmpfs → root and mount steps →
-(OCI createContainer hooks) → pivot_root → chdir → hostname/loopback →
-(mesobox-oci: wait for start) → (--ulimit rlimits) → (startContainer hooks) →
-capabilities → user switch → no_new_privs → seccomp (last) → execve.  Being plain data,
+(setns into the namespaces a config names by path) → unshare → id maps → make /
+slave → workspace tmpfs → root and mount steps (devices) → (OCI createContainer
+hooks) → pivot_root → sysctl, readonly and masked paths, root propagation → chdir →
+hostname/loopback → (mesobox-oci: wait for start) → (--ulimit rlimits) →
+(startContainer hooks) → bounding set → user switch → capability sets → no_new_privs
+→ seccomp (last) → execve.  Being plain data,
 a program can be reused by the next launch of the same command line (plancache.py);
 only the environment is made anew.
 
@@ -97,9 +99,28 @@ def run(program: Program) -> NoReturn:
 
         program = enter_shared_userns(program, maps)
     else:
+        join_namespaces(program)
         unshare(program["flags"])
-        write_own_maps(program["uid_map"], program["gid_map"], privileged=os.getuid() == 0)
-    container(program)
+        if program["flags"] & sc.CLONE_NEWUSER:
+            write_own_maps(program["uid_map"], program["gid_map"], privileged=os.getuid() == 0)
+    container(program, detach=program["start_fifo"] is not None)
+
+
+def join_namespaces(program: Program) -> None:
+    """setns(2) into each namespace the config names by path (all opened first: after
+    joining a network namespace, a path below /proc/PID/ns/ still names the same file)."""
+    joins = program.get("join") or ()
+    fds: list[tuple[int, int, str]] = []
+    try:
+        for kind, path in joins:
+            fds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), kind, path))
+        for fd, kind, path in fds:  # noqa: B007 - ``path`` names the one that failed
+            sc.setns(fd, kind)
+    except OSError as err:
+        raise _launch_error(f"cannot join the namespace {err.filename or path}: {err.strerror}") from None
+    finally:
+        for fd, _, _ in fds:
+            os.close(fd)
 
 
 LAUNCH_LOG = "launches.log"
@@ -254,20 +275,49 @@ def write_own_maps(uid_map: str, gid_map: str, privileged: bool) -> None:
         raise _launch_error(f"cannot write the user namespace id maps: {err.strerror}") from None
 
 
-def container(program: Program) -> NoReturn:
+def container(program: Program, detach: bool = False) -> NoReturn:
     """Inside the new namespaces: the root, then the workload (or, with a pid
-    namespace, an init that forks it)."""
+    namespace, an init that forks it).  ``detach``: an OCI container's own process
+    with a pid namespace, whose workload is pid 1 and is the container's process:
+    this parent exits once it is forked (runc's init is not waited for either)."""
+    _set_oom_score_adj(program.get("oom_score_adj"))
     if program["pid"]:
         # unshare(CLONE_NEWPID) puts the *next child* in the new pid namespace as pid 1.
         pid = os.fork()
         if pid:
             close_exec_fd()  # only the workload holds it: its execve closes it
+            if detach:
+                os._exit(0)
             from mesobox.launch.forwarding import wait_forwarding
 
             os._exit(wait_forwarding(pid))
-        in_child(lambda: _container_init(program))
+        if program.get("pid_init", True):
+            in_child(lambda: _container_init(program))
+        if detach:
+            global _host_pid
+            _host_pid = int(os.readlink("/proc/self"))  # the host's /proc still: the pid create records
+        in_child(lambda: _pid_one(program))
     setup_root(program)
     exec_workload(program)
+
+
+def _pid_one(program: Program) -> NoReturn:
+    setup_root(program)
+    exec_workload(program)
+
+
+_host_pid = 0  # a detached pid 1's pid in the runtime's pid namespace, told with "created"
+
+
+def _set_oom_score_adj(value: int | None) -> None:
+    """process.oomScoreAdj, before anything is dropped (a lower score needs CAP_SYS_RESOURCE)."""
+    if value is None:
+        return
+    try:
+        write_file("/proc/self/oom_score_adj", str(value))
+    except OSError as err:
+        raise _launch_error(f"cannot set oomScoreAdj {value}: {err.strerror}",
+                            hint="only a privileged caller may lower it") from None
 
 
 def _container_init(program: Program) -> None:
@@ -338,9 +388,14 @@ def setup_root(program: Program) -> None:
         from mesobox.isolation.network import setup_loopback
 
         setup_loopback()  # before pivot_root: it imports socket/fcntl from the host's stdlib
+    if program.get("start_fifo") is not None:
+        await_runtime_hooks(program["start_fifo"])  # type: ignore[arg-type]
     if program["hooks"] is not None:
         run_hooks(program, 0)  # createContainer: in the container's namespaces, before pivot_root
+    if program.get("console"):
+        _bind_console(root)
     pivot(root)
+    _after_pivot(program)
     if program["hostname"] is not None:
         sc.sethostname(program["hostname"])
     try:
@@ -351,6 +406,78 @@ def setup_root(program: Program) -> None:
     except OSError as err:
         raise _launch_error(f"cannot enter the working directory {program['cwd']} in the container: "
                             f"{err.strerror}", hint="choose another with -w/--workdir") from None
+
+
+def _bind_console(root: str) -> None:
+    """process.terminal: the container's terminal (its stdin, a pty of the host's
+    devpts) also on /dev/console, as runc binds it."""
+    try:
+        tty = os.ttyname(0)
+    except OSError:
+        return
+    fd = open_beneath(root, "dev/console", "file")
+    try:
+        sc.mount(tty, f"/proc/self/fd/{fd}", None, sc.MS_BIND)
+    except OSError as err:
+        raise _launch_error(f"cannot bind the terminal on /dev/console: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _after_pivot(program: Program) -> None:
+    """What a config asks of the finished root, in runc's order: sysctl (through the
+    container's own /proc), read-only paths, masked paths, the root's propagation.
+    Paths are the container's: after pivot_root no symlink can lead out of it."""
+    for key, value in program.get("sysctl") or ():
+        try:
+            write_file("/proc/sys/" + key.replace(".", "/"), value)
+        except OSError as err:
+            raise _launch_error(f"cannot set sysctl {key}={value}: {err.strerror}",
+                                hint="the config needs a proc mount on /proc") from None
+    for path in program.get("readonly_paths") or ():
+        _readonly_path(path)
+    for path in program.get("masked_paths") or ():
+        _mask_path(path)
+    flags = program.get("root_propagation") or 0
+    if flags:
+        try:
+            sc.mount(None, "/", None, flags)
+        except OSError as err:
+            raise _launch_error(f"cannot set the root's propagation: {err.strerror}") from None
+
+
+def _readonly_path(path: str) -> None:
+    """A bind of ``path`` on itself, made read-only with every mount below it; a path
+    the container lacks is skipped (runc does the same)."""
+    try:
+        sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise _launch_error(f"cannot make {path} read-only: {err.strerror}") from None
+    fd = os.open(path, O_PATH_FLAGS)
+    try:
+        if not sc.mount_setattr(fd, sc.MS_RDONLY, recursive=True):
+            _remount_fd(fd, path.lstrip("/"), sc.MS_RDONLY, True)
+    except OSError as err:
+        raise _launch_error(f"cannot make {path} read-only: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _mask_path(path: str) -> None:
+    """/dev/null over a file, an empty read-only tmpfs over a directory; a path the
+    container lacks is skipped (runc does the same)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        if is_dir:
+            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0k")
+        else:
+            sc.mount("/dev/null", path, None, sc.MS_BIND)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise _launch_error(f"cannot mask {path}: {err.strerror}") from None
 
 
 def make_workspace(program: Program) -> None:
@@ -415,8 +542,6 @@ def run_steps(steps: tuple[MountStep, ...] | list[MountStep], root: str) -> None
         for kind, target, source, flags, data, file, recursive, hide, upper, work in steps:
             if kind == "bind":
                 _bind(root, source, target, "file" if file else "dir", recursive, hide, flags)
-            elif kind in ("tmpfs", "proc", "devpts"):
-                _mount_at(root, target, "dir", source, kind, flags, data or None)
             elif kind == "overlay":
                 _overlay(root, source, upper, work, target, data)
             elif kind == "remount":
@@ -425,8 +550,12 @@ def run_steps(steps: tuple[MountStep, ...] | list[MountStep], root: str) -> None
                 _skeleton(root, target)
             elif kind == "symlink":
                 _symlink(root, target, source)
-            else:
-                raise _launch_error(f"unknown mount step {kind!r}")
+            elif kind == "propagate":
+                _propagate(root, target, flags)
+            elif kind == "device":
+                _device(root, target, source, flags, data)
+            else:  # a filesystem type (mountops.py)
+                _mount_at(root, target, "dir", source, kind, flags, data or None)
             hold_root(root)
     finally:
         release_roots()
@@ -441,6 +570,41 @@ def _mount_at(root: str, rel: str, create: str | None, source: str | None, fstyp
             release_roots()
     except OSError as err:
         raise _launch_error(f"cannot mount {fstype or source} on /{rel}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _propagate(root: str, rel: str, flags: int) -> None:
+    fd = open_beneath(root, rel)
+    try:
+        sc.mount(None, f"/proc/self/fd/{fd}", None, flags)
+    except OSError as err:
+        raise _launch_error(f"cannot set the propagation of /{rel}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _device(root: str, rel: str, kind: str, number: int, data: str) -> None:
+    """mknod(2) the node in its parent, reached beneath the root; chown and chmod it
+    through an O_PATH fd (never by a path that could be a symlink by then)."""
+    mode, uid, gid = (int(x) for x in data.split(","))
+    parent, name = os.path.split(rel)
+    fmt = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[kind]
+    fd = open_beneath(root, parent, "dir")
+    try:
+        try:  # noqa: SIM105 - contextlib costs an import on the launch path
+            os.unlink(name, dir_fd=fd)  # a file the image has there (runc replaces it too)
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+        os.mknod(name, fmt | 0o600, number if fmt != stat.S_IFIFO else 0, dir_fd=fd)
+        node = os.open(name, O_PATH_FLAGS, dir_fd=fd)
+        try:
+            os.chown(f"/proc/self/fd/{node}", uid, gid)
+            os.chmod(f"/proc/self/fd/{node}", mode & 0o7777)
+        finally:
+            os.close(node)
+    except OSError as err:
+        raise _launch_error(f"cannot make the device /{rel}: {err.strerror}") from None
     finally:
         os.close(fd)
 
@@ -636,12 +800,9 @@ def exec_workload(program: Program) -> NoReturn:
     env = dict(item.split("=", 1) for item in program["env"])
     args = program["args"]
     path = find_command(args[0], env.get("PATH", ""))
-    start_fifo = program.get("start_fifo")  # .get: a program saved before the field existed
-    if start_fifo is not None:  # mesobox-oci create: the container is made; wait for start
-        wait_for_start(start_fifo)
     parent = os.getppid()
     enter = program["enter_userns"]
-    real_root = enter is not None
+    real_root = program.get("switch_always", enter is not None)
     if program["rlimits"]:
         # Before the user namespace that real root enters last: raising a hard limit needs
         # CAP_SYS_RESOURCE in the initial namespace, which the process then no longer has.
@@ -651,23 +812,53 @@ def exec_workload(program: Program) -> NoReturn:
 
         uid_maps, gid_maps = enter
         identity.enter_userns(uid_maps, gid_maps, sc.unshare, sc.CLONE_NEWUSER)
+    start_fifo = program.get("start_fifo")  # .get: a program saved before the field existed
+    if start_fifo is not None:  # mesobox-oci create: the container is made (in all its namespaces); wait for start
+        wait_for_start(start_fifo)
     if program["hooks"] is not None:
         run_hooks(program, 1)  # startContainer: in the container (its user namespace too), as it is now
+    early_seccomp = program["seccomp"] is not None and not program["no_new_privs"]
+    if early_seccomp:
+        # A filter without no_new_privs needs CAP_SYS_ADMIN: loaded before any is dropped
+        # (runc's order too); the steps below then run under it.
+        sc.install_seccomp(program["seccomp"], no_new_privs=False)  # type: ignore[arg-type]
     if program["keep_caps"] is not None:
         # Before the user switch: dropping from the bounding set needs CAP_SETPCAP.
         sc.drop_capabilities(frozenset(program["keep_caps"]))
+    cap_sets = program.get("cap_sets")
+    if cap_sets is not None:
+        # What this kernel lacks (a newer capability a config names) is left out, as
+        # runc leaves it out: the permitted set, still full here, is what it has.
+        have = sc.capget()[1]
+        cap_sets = (cap_sets[0] & have, cap_sets[1] & have, cap_sets[2] & have, cap_sets[3] & have)
     uid, gid, groups = program["user"]
     if real_root or (uid, gid) != (os.getuid(), os.getgid()):
+        if cap_sets is not None:
+            sc.prctl(sc.PR_SET_KEEPCAPS, 1)  # the permitted set survives setuid; capset below trims it
         # Real root's container always switches, even to root: its supplementary groups
         # must be exactly the container user's, never the host root's (a root:G 0660
         # file stays writable through group G whatever uid the container has).
         _switch_user(uid, gid, groups, strict=real_root)
         if _exec_fd is not None:
             _rearm_parent_death(parent)
+    if cap_sets is not None:
+        try:
+            sc.set_capabilities(*cap_sets)
+        except OSError as err:
+            raise _launch_error(f"cannot set the process's capabilities: {err.strerror}",
+                                hint="an ambient capability must be permitted and inheritable too") from None
+    if program.get("umask") is not None:
+        os.umask(program["umask"])  # type: ignore[arg-type]
+    label = program.get("exec_label")
+    if label is not None:  # AppArmor/SELinux: the profile or context execve enters
+        try:
+            write_file(label[0], label[1])  # type: ignore[index]
+        except OSError as err:
+            raise _launch_error(f"cannot set the security label {label[1]!r}: {err.strerror}") from None  # type: ignore[index]
     if program["no_new_privs"]:
         # No setuid/file-capability gain across execve from here on (prctl(2)).
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-    if program["seccomp"] is not None:
+    if program["seccomp"] is not None and not early_seccomp:
         # Last: the runtime's own setup syscalls are never filtered (runc, bubblewrap).
         sc.install_seccomp(program["seccomp"])
     sys.stdout.flush()
@@ -681,13 +872,23 @@ def exec_workload(program: Program) -> NoReturn:
         raise _not_executable(f"{args[0]}: cannot execute: {err.strerror}") from None
 
 
+def await_runtime_hooks(fds: tuple[int, int]) -> None:
+    """mesobox-oci create: the mounts are made, pivot_root is next; say so ("h", with
+    the pid of a detached pid 1) and wait until the runtime has run its prestart and
+    createRuntime hooks and writes "g" to the FIFO (runtime-spec runtime.md, steps 6-8)."""
+    fifo, ready = fds
+    os.write(ready, b"h%d" % _host_pid if _host_pid else b"h")
+    if os.read(fifo, 1) != b"g":
+        os._exit(125)
+
+
 def wait_for_start(fds: tuple[int, int]) -> None:
     """mesobox-oci create (oci/runtime.py): the container is made and its command
     found; say "created" on ``ready`` and block until ``start`` writes a byte to the
     FIFO (held open read-write, so no EOF ever ends the wait early).  Signals are
     unblocked meanwhile: a ``kill`` of a created container reaches it at once."""
     fifo, ready = fds
-    os.write(ready, b"c")
+    os.write(ready, b"c%d" % _host_pid if _host_pid else b"c")
     os.close(ready)
     _signal.pthread_sigmask(_signal.SIG_SETMASK, signals.caller_sigmask or set())
     got = os.read(fifo, 1)  # EINTR is retried (PEP 475)

@@ -174,6 +174,17 @@ def launch_maps(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...]
     return uid_maps, gid_maps
 
 
+def in_root_pool(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...]) -> bool:
+    """Whether real root's maps use its pool of slices (launch_maps then holds one for
+    the container's life: a supervisor must stay); maps of a config's own choosing
+    outside the pool, or the identity map, need nothing held."""
+    if not is_shifted(uid_maps):
+        return False
+    su = subid_range("root", 0, "/etc/subuid") or ROOT_DEFAULT_POOL
+    sg = subid_range("root", 0, "/etc/subgid") or ROOT_DEFAULT_POOL
+    return any(_overlaps(m, su) for m in uid_maps) or any(_overlaps(m, sg) for m in gid_maps)
+
+
 def _overlaps(m: IdMap, pool: tuple[int, int]) -> bool:
     return m.host_id < pool[0] + pool[1] and pool[0] < m.host_id + m.size
 

@@ -87,7 +87,8 @@ def launch(spec: Spec, config: Config) -> int:
     # A map of more than one's own id must be written from the parent user namespace
     # (user_namespaces(7)): root's full identity map needs the supervisor too.
     supervised = ((lease is not None and not lease.watched) or spec.linux.resources is not None
-                  or os.getuid() == 0 or spec.mesobox.net == "slirp" or spec.mesobox.subids)
+                  or (os.getuid() == 0 and "user" in spec.linux.namespaces and not _own_maps_only(spec))
+                  or spec.mesobox.net == "slirp" or spec.mesobox.subids)
     try:
         from mesobox.launch.program import compile_program
 
@@ -97,18 +98,30 @@ def launch(spec: Spec, config: Config) -> int:
             lease.release()
         raise
     execute.hold_image(program)
-    # A nested image's mount is no part of the program; a created OCI container's
-    # start FIFO is this launch's alone.
-    if not supervised and not nested and spec.mesobox.start_fifo is None:
-        from mesobox.launch import plancache
+    if not supervised and not nested:
+        # A nested image's mount is no part of the program; a created OCI container's
+        # start FIFO is this launch's alone: neither is saved for the next launch.
+        if spec.mesobox.start_fifo is None:
+            from mesobox.launch import plancache
 
-        plancache.save(program, config)
+            plancache.save(program, config)
         execute.run(program)  # never returns
     try:
         return _supervise(spec, program)
     finally:
         if lease is not None:
             lease.release()
+
+
+def _own_maps_only(spec: Spec) -> bool:
+    """An OCI container of real root's whose config maps ids outside root's pool: the
+    container's process enters its user namespace itself (a forked helper writes the
+    maps), with no slice to hold, so it needs no supervisor and is what `state` names."""
+    if spec.mesobox.start_fifo is None:
+        return False
+    from mesobox.launch import identity
+
+    return identity.is_real_root() and not identity.in_root_pool(spec.linux.uid_mappings, spec.linux.gid_mappings)
 
 
 def _in_user_namespace() -> bool:
@@ -196,8 +209,9 @@ def _supervised_child(program: Program, ready_w: int, go_r: int) -> NoReturn:
     if program.get("share_userns"):
         program = execute.enter_shared_userns(program, ready)
     else:
+        execute.join_namespaces(program)
         execute.unshare(program["flags"])
-        ready(True)
+        ready(bool(program["flags"] & sc.CLONE_NEWUSER) or program["enter_userns"] is not None)
     execute.container(program)
 
 

@@ -6,12 +6,17 @@ first); ``describe()`` is the line ``--debug`` prints; ``step()`` is the same va
 as a plain tuple (``MountStep``), which is what a program holds (the plan cache saves
 programs with ``marshal``) and what ``execute.run_steps`` applies below the new root.
 
-Kinds (targets are relative to the new root; "" is the root itself):
+Kinds (targets are relative to the new root; "" is the root itself; any kind that is
+not one of ``STEP_KINDS`` is a filesystem type):
   bind      ``source`` (a host path) on ``target``; ``file``: the mount point to make is
             a file; ``recursive``: rbind; ``hide``: the workspace's path below source,
             detached after an rbind; ``flags``: MS_RDONLY/NOSUID/… of the remount that
             follows (locked flags are repeated by execute)
-  tmpfs, proc, devpts   a new filesystem of that type, with ``flags`` and ``data``
+  tmpfs, proc, sysfs, …  a new filesystem of that type (the kind), from ``source``,
+            with ``flags`` and ``data``
+  propagate ``target``'s propagation set to ``flags`` (MS_SHARED, MS_SLAVE, … | MS_REC)
+  device    a node made at ``target`` (real root outside a user namespace): ``source``
+            its type (c, b, u, p), ``flags`` its device number, ``data`` "MODE,UID,GID"
   overlay   ``source`` (lower) + ``upper`` + ``work`` on ``target`` (kernel overlayfs,
             fuse-overlayfs where the kernel refuses); ``data``: fuse-overlayfs's squash
             options, for a lower whose owners the namespace cannot map (fusemount.py)
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
     MountStep = tuple[str, str, str, int, str, bool, bool, str, str, str]
 
 NOSUID_NODEV = sc.MS_NOSUID | sc.MS_NODEV
-KINDS = ("bind", "tmpfs", "proc", "devpts", "overlay", "remount", "skeleton", "symlink")
+STEP_KINDS = ("bind", "overlay", "remount", "skeleton", "symlink", "propagate", "device")
 
 
 class MountOp(Record):
@@ -56,8 +61,10 @@ class MountOp(Record):
         where = f"/{self.target}"
         if self.kind == "bind":
             return f"bind {self.source} -> {where} ({'ro' if self.flags & sc.MS_RDONLY else 'rw'})"
-        if self.kind in ("tmpfs", "proc", "devpts"):
-            return f"{self.kind} on {where}" + (f" ({self.data})" if self.data else "")
+        if self.kind == "propagate":
+            return f"propagation of {where}: {self.flags:#x}"
+        if self.kind == "device":
+            return f"device {where} ({self.source} {self.flags:#x}, {self.data})"
         if self.kind == "overlay":
             via = f" (fuse-overlayfs, {self.data})" if self.data else ""
             return f"overlay lower={self.source} upper={self.upper} -> {where}{via}"
@@ -65,7 +72,9 @@ class MountOp(Record):
             return f"remount {where} read-only"
         if self.kind == "skeleton":
             return f"skeleton of {where} (tmpfs + binds of its entries)"
-        return f"symlink {where} -> {self.source}"
+        if self.kind == "symlink":
+            return f"symlink {where} -> {self.source}"
+        return f"{self.kind} on {where}" + (f" ({self.data})" if self.data else "")
 
     def step(self) -> MountStep:
         return (self.kind, self.target, self.source, self.flags, self.data, self.file, self.recursive, self.hide,
@@ -107,3 +116,19 @@ def skeleton(target: str) -> MountOp:
 
 def symlink(link: str, points_to: str) -> MountOp:
     return MountOp(kind="symlink", target=link, source=points_to)
+
+
+def filesystem(fstype: str, target: str, source: str, flags: int, data: str) -> MountOp:
+    """A new filesystem of any type the kernel has (an OCI config's sysfs, mqueue, …)."""
+    return MountOp(kind=fstype, target=target, source=source, flags=flags, data=data)
+
+
+def propagate(target: str, flags: int) -> MountOp:
+    return MountOp(kind="propagate", target=target, flags=flags)
+
+
+def device(target: str, kind: str, major: int, minor: int, mode: int, uid: int, gid: int) -> MountOp:
+    import os
+
+    return MountOp(kind="device", target=target, source=kind, flags=os.makedev(major, minor),
+                   data=f"{mode},{uid},{gid}")

@@ -56,6 +56,19 @@ if TYPE_CHECKING:
         cma_env: tuple[str, ...]  # "K=V" keeping MPI off CMA, for when the namespace could not be shared
         provenance: str | None  # the image, REFERENCE@DIGEST or a path, escaped for the launch record
         keep_caps: tuple[int, ...] | None  # capabilities left in the bounding set; None: leave them
+        cap_sets: tuple[int, int, int, int] | None  # (effective, permitted, inheritable, ambient) masks
+        # set after the user switch (OCI process.capabilities); None: what execve makes of them
+        switch_always: bool  # real root: always set uid, gid and exactly the container's groups
+        join: tuple[tuple[int, str], ...]  # (CLONE_NEW* type, path) of namespaces to setns(2) first
+        pid_init: bool  # with a pid namespace: mesobox's minimal init is pid 1 (else the workload is)
+        console: bool  # bind the terminal (stdin, a pty) on /dev/console
+        sysctl: tuple[tuple[str, str], ...]  # (key, value) written below /proc/sys after pivot_root
+        readonly_paths: tuple[str, ...]  # made read-only after pivot_root (linux.readonlyPaths)
+        masked_paths: tuple[str, ...]  # covered after pivot_root (linux.maskedPaths)
+        root_propagation: int  # mount(2) propagation flags of / after pivot_root; 0: leave it
+        oom_score_adj: int | None  # written to /proc/self/oom_score_adj before the set-up
+        umask: int | None
+        exec_label: tuple[str, str] | None  # (/proc/self/attr file, text) an LSM switches to at execve
         user: tuple[int, int, tuple[int, ...]]  # (uid, gid, additional gids) inside
         no_new_privs: bool  # prctl(PR_SET_NO_NEW_PRIVS) before execve
         rlimits: tuple[tuple[str, int, int, int], ...]  # --ulimit: (name, RLIMIT_* number, soft, hard; -1: none)
@@ -68,7 +81,8 @@ if TYPE_CHECKING:
         env: tuple[str, ...]  # its environment, "K=V"
 
 _NS_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
-             "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "network": sc.CLONE_NEWNET}
+             "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "network": sc.CLONE_NEWNET,
+             "cgroup": sc.CLONE_NEWCGROUP}
 
 
 def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
@@ -79,29 +93,32 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
     from mesobox.launch import identity
     from mesobox.launch import mountplan as plan
 
-    userns_last = identity.enters_userns_last()
+    real_root = identity.enters_userns_last()
+    userns_last = real_root and "user" in spec.linux.namespaces
+    joined = dict(spec.linux.namespace_paths)
     flags = 0
     for ns in spec.linux.namespaces:
-        flags |= _NS_FLAGS.get(ns, 0)
-    if userns_last:
+        if ns not in joined:
+            flags |= _NS_FLAGS.get(ns, 0)
+    if real_root:
         flags &= ~sc.CLONE_NEWUSER  # entered last, in execute: set-up runs as real root
     workspace = os.path.join(config.runtime_dir_str, "ws")
     settings = spec.mesobox
     overlay_image = settings.overlay_image
     if overlay_image:  # disk-quota overlay: loop-mounted on ws/ovl by execute.setup_root
         spec = spec.replace(mesobox=settings.replace(overlay=os.path.join(workspace, "ovl")))
-    ops = plan.mount_ops(spec, workspace)
+    ops = plan.mount_ops(spec, workspace, privileged=real_root and (not userns_last or settings.as_written))
     if settings.dns:  # --dns: the generated resolv.conf (_identity_files writes it) over the image's
         from mesobox.launch import mountops
 
         ops.append(mountops.bind(os.path.join(workspace, "etc", "resolv.conf"), "etc/resolv.conf", readonly=True,
                                  file=True, recursive=False))
-    own_squashfs = settings.root_format == "squashfs" and not userns_last
+    own_squashfs = settings.root_format == "squashfs" and not real_root
     squash = _squash_owners(spec) if own_squashfs else ""
     # Where every directory of a writable root may take new entries: the caller's own
     # flattened directory, a squashed or mapped squashfs, real root's set-up.
-    points_in_overlay = bool(settings.overlay or overlay_image) and bool(
-        squash or userns_last or (own_squashfs and settings.subids)
+    points_in_overlay = bool(settings.overlay or overlay_image or not spec.root.readonly) and bool(
+        squash or real_root or (own_squashfs and settings.subids)
         or (settings.root_format == "dir" and probe.access(image_dir, os.W_OK)))
     before, after = plan.root_ops(spec, image_dir, workspace, plan.skeletons(ops, image_dir), squash,
                                   points_in_overlay)
@@ -111,12 +128,13 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
             sys.stderr.write(f"mesobox: mount: {op.describe()}\n")
     proc = spec.process
     keep_caps: tuple[int, ...] | None = None
+    cap_sets: tuple[int, int, int, int] | None = None
     if proc.capabilities is not None:
-        keep_caps = ()
-        if proc.capabilities.get("bounding"):
-            from mesobox.isolation.caps import numbers
+        from mesobox.isolation.caps import masks
 
-            keep_caps = tuple(sorted(numbers(proc.capabilities["bounding"])))
+        bounding, *sets = masks(proc.capabilities)  # execute leaves out what this kernel lacks
+        keep_caps = tuple(cap for cap in range(64) if bounding >> cap & 1)
+        cap_sets = (sets[0], sets[1], sets[2], sets[3])
     return {
         "squashfs": spec.root.path if settings.root_format == "squashfs" else None,
         "private_squashfs": ((spec.root.path, settings.subids)
@@ -133,7 +151,7 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
         "overlay_image": overlay_image,
         "files": _identity_files(spec, image_dir),
         "steps": tuple(op.step() for op in ops),
-        "loopback": "network" in spec.linux.namespaces,
+        "loopback": "network" in spec.linux.namespaces and "network" not in joined,
         "hostname": spec.hostname,
         "cwd": proc.cwd,
         "enter_userns": (spec.linux.uid_mappings, spec.linux.gid_mappings) if userns_last else None,
@@ -141,6 +159,19 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
         "cma_env": _cma_env(spec, config, flags),
         "provenance": _escaped(settings.image),
         "keep_caps": keep_caps,
+        "cap_sets": cap_sets,
+        "switch_always": real_root,
+        "join": tuple((_NS_FLAGS[ns], path) for ns, path in spec.linux.namespace_paths),
+        "pid_init": settings.start_fifo is None,
+        "console": proc.terminal and settings.start_fifo is not None and any(
+            m.destination.rstrip("/") == "/dev" for m in spec.mounts),
+        "sysctl": spec.linux.sysctl,
+        "readonly_paths": spec.linux.readonly_paths,
+        "masked_paths": spec.linux.masked_paths,
+        "root_propagation": plan.propagation(spec.linux.rootfs_propagation) if spec.linux.rootfs_propagation else 0,
+        "oom_score_adj": proc.oom_score_adj,
+        "umask": proc.umask,
+        "exec_label": _exec_label(proc.apparmor_profile, proc.selinux_label),
         "user": (proc.user.uid, proc.user.gid, tuple(proc.user.additional_gids)),
         "no_new_privs": proc.no_new_privileges,
         "rlimits": _rlimits(spec),
@@ -151,6 +182,33 @@ def compile_program(spec: Spec, config: Config, image_dir: str) -> Program:
         "args": tuple(proc.args),
         "env": tuple(proc.env),
     }
+
+
+def _exec_label(apparmor: str, selinux: str) -> tuple[str, str] | None:
+    """Where and what to write so that execve enters the AppArmor profile or SELinux
+    context the config names; UsageError where that security module is not active (a
+    label that would silently not apply is refused, not ignored)."""
+    from mesobox.errors import UsageError
+
+    if apparmor and selinux:
+        raise UsageError("process.apparmorProfile and process.selinuxLabel are both set: one security module runs")
+    if apparmor:
+        try:
+            with open("/sys/module/apparmor/parameters/enabled") as f:
+                enabled = f.read().strip() == "Y"
+        except OSError:
+            enabled = False
+        if not enabled:
+            raise UsageError(f"process.apparmorProfile {apparmor!r}: AppArmor is not enabled on this host",
+                             hint="remove apparmorProfile from config.json")
+        attr = "/proc/self/attr/apparmor/exec"
+        return (attr if probe.lexists(attr) else "/proc/self/attr/exec"), f"exec {apparmor}"
+    if selinux:
+        if not probe.lexists("/sys/fs/selinux/enforce"):
+            raise UsageError(f"process.selinuxLabel {selinux!r}: SELinux is not enabled on this host",
+                             hint="remove selinuxLabel from config.json")
+        return "/proc/self/attr/exec", selinux
+    return None
 
 
 def _inside_ids(spec: Spec) -> tuple[int, int]:

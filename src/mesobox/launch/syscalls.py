@@ -33,6 +33,7 @@ else:
 
 # <linux/sched.h> namespace flags, unshare(2) / setns(2).
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -44,24 +45,35 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
 MS_REMOUNT = 0x20
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
 MS_NOATIME = 0x400
 MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_SILENT = 0x8000
+MS_UNBINDABLE = 0x20000
 MS_PRIVATE = 0x40000
 MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
 MS_RELATIME = 0x200000
+MS_I_VERSION = 0x800000
+MS_STRICTATIME = 0x1000000
+MS_LAZYTIME = 0x2000000
 
 # umount(2) flags.
 MNT_DETACH = 0x2
 
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # <linux/capability.h> capget(2)/capset(2): version 3 takes two 32-bit data words.
@@ -232,6 +244,18 @@ def raise_ambient_capabilities() -> None:
         pass
 
 
+def set_capabilities(effective: int, permitted: int, inheritable: int, ambient: int) -> None:
+    """The config's exact capability sets (OCI process.capabilities), after the user
+    switch: capset(2) the three thread sets, then raise each ambient one.  An ambient
+    capability that is not both permitted and inheritable cannot be raised
+    (prctl(2) PR_CAP_AMBIENT_RAISE: EPERM) and is left out, as runc leaves it out (its
+    own `runc spec` asks for ambient capabilities without inheritable ones)."""
+    capset(effective, permitted, inheritable)
+    for cap in range(64):
+        if ambient >> cap & 1 and permitted & inheritable >> cap & 1:
+            _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0))
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_sethostname(raw, len(raw)))
@@ -319,12 +343,15 @@ def mount_setattr(fd: int, flags: int, recursive: bool) -> bool:
     return True
 
 
-def install_seccomp(program: bytes) -> None:
-    """Load a compiled filter (seccomp.prepare) into this process: last step before execve."""
+def install_seccomp(program: bytes, no_new_privs: bool = True) -> None:
+    """Load a compiled filter (seccomp.prepare) into this process.  ``no_new_privs``
+    False: a config that asks for a filter without no_new_privs, loaded while the
+    process still holds CAP_SYS_ADMIN (runc loads it before dropping capabilities)."""
     try:
-        # libseccomp's seccomp_load set no_new_privs itself (SCMP_FLTATR_CTL_NNP is on
-        # by default, seccomp_attr_set(3)); the kernel demands it without CAP_SYS_ADMIN.
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if no_new_privs:
+            # libseccomp's seccomp_load set no_new_privs itself (SCMP_FLTATR_CTL_NNP is on
+            # by default, seccomp_attr_set(3)); the kernel demands it without CAP_SYS_ADMIN.
+            prctl(PR_SET_NO_NEW_PRIVS, 1)
         seccomp_set_filter(program)
     except OSError as err:
         from mesobox.errors import LaunchError

@@ -121,7 +121,10 @@ def spec_from_bundle(bundle: Path, data: dict[str, Any]) -> Any:
     if node and not any(item.startswith("SLURMD_NODENAME=") for item in env):
         process["env"] = [*env, f"SLURMD_NODENAME={node}"]
     linux = doc.setdefault("linux", {})
-    if not linux.get("uidMappings") and uid == 0 and not identity.is_real_root():
+    userns = any(ns.get("type") == "user" for ns in linux.get("namespaces") or ())
+    if not userns:
+        pass  # root, real or of a user namespace (rootless podman's): run with its own ids
+    elif not linux.get("uidMappings") and uid == 0 and not identity.is_real_root():
         # Root of a user namespace (rootless podman's): the container maps every id
         # this namespace has onto itself, so its files keep their owners.
         linux["uidMappings"] = _own_maps("/proc/self/uid_map")
@@ -136,9 +139,12 @@ def spec_from_bundle(bundle: Path, data: dict[str, Any]) -> Any:
                                 for m in gid_maps]
         if helpers:  # sub-id ranges: newuidmap/newgidmap write them (the launcher supervises)
             doc.setdefault("annotations", {})[ANN_SUBIDS] = "1"
+    if (doc.get("linux") or {}).get("mountLabel") and not os.path.exists("/sys/fs/selinux/enforce"):
+        raise UsageError(f"linux.mountLabel {doc['linux']['mountLabel']!r}: SELinux is not enabled on this host",
+                         hint="remove mountLabel from config.json")
     spec = from_oci_json(doc)
     if foreign:
-        spec = spec.replace(mesobox=spec.mesobox.replace(identity_files=False))
+        spec = spec.replace(mesobox=spec.mesobox.replace(identity_files=False, as_written=True))
     spec.validate()
     return spec
 
@@ -150,8 +156,8 @@ def _own_maps(path: str) -> list[dict[str, int]]:
     return [{"containerID": int(inside), "hostID": int(inside), "size": int(size)} for inside, _, size in ranges]
 
 
-# Mount options the launcher takes as flags, and tmpfs data it passes on; every other
-# option of a foreign config (atime flags, devpts's) is one the kernel's default covers.
+# Mount options a rootless stand-in keeps; every other option of a foreign config
+# (atime flags, devpts's) is one the kernel's default covers.
 _FLAG_OPTIONS = {"ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "private", "rprivate", "slave", "rslave"}
 _TMPFS_DATA = ("mode=", "size=", "nr_inodes=", "uid=", "gid=")
 DEFAULT_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # runtime-spec config-linux.md
@@ -159,10 +165,12 @@ DEFAULT_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # runtim
 
 def foreign_config(doc: dict[str, Any]) -> None:
     """Rewrite, in place, a config.json mesobox did not write into what the launcher
-    runs, OCI's defaults first; UsageError for what it cannot honour yet.  Stand-ins
-    (docs/oci.md): sysfs is the host's /sys bound read-only (rootless runc does the
-    same where it may not mount one), a cgroup mount is covered by it, mqueue is an
-    empty tmpfs (mq_open(3) works without it), devices are the host's bound on /dev."""
+    runs, OCI's defaults first.  Real root runs it as written: every namespace it lists
+    (and no user namespace if it lists none), every mount type, device nodes made.  In
+    a user namespace, what it may not do has stand-ins (docs/oci.md): sysfs is the
+    host's /sys bound read-only (rootless runc does the same where it may not mount
+    one), a cgroup mount is covered by it, mqueue is an empty tmpfs (mq_open(3) works
+    without it), devices are the host's nodes bound on /dev."""
     from mesobox.launch import identity
 
     doc["root"].setdefault("readonly", False)
@@ -173,18 +181,22 @@ def foreign_config(doc: dict[str, Any]) -> None:
         # config.json of a bundle made by hand has no linux section at all.
         linux["namespaces"] = [{"type": "user"}, {"type": "mount"}]
     namespaces = list(linux.get("namespaces") or ())
-    for ns in namespaces:
-        if ns.get("path"):
-            raise UsageError(f"joining an existing {ns.get('type')} namespace ({ns['path']}) is not supported yet",
-                             hint="docs/oci.md: what of config.json mesobox-oci honours")
     types = [ns.get("type") for ns in namespaces]
-    if "user" not in types:
-        if identity.is_real_root():
-            raise UsageError("a config without a user namespace is not supported for real root yet",
-                             hint="add {\"type\": \"user\"} to linux.namespaces (docs/oci.md)")
-        namespaces.append({"type": "user"})  # the caller's own ids: no privilege is lost or gained
+    real_root = identity.is_real_root()
+    if "user" not in types and os.getuid() != 0:
+        # An ordinary user needs one to make the others: the caller's own ids, so no
+        # privilege is lost or gained.  Root of a user namespace (rootless podman) runs
+        # in its own, as runc does there: a namespace it joins (podman's network) is
+        # one that namespace owns.
+        namespaces.append({"type": "user"})
     if "mount" not in types:
         namespaces.append({"type": "mount"})
+    linux["namespaces"] = namespaces
+    if real_root:
+        for m in doc.get("mounts") or ():
+            if isinstance(m, dict) and {"bind", "rbind"} & set(m.get("options") or ()):
+                m["type"] = "bind"  # runc's rule: the option makes it a bind, whatever the type says
+        return
     linux["namespaces"] = [ns for ns in namespaces if ns.get("type") != "cgroup"]
     mounts = [m for m in (_mount(each) for each in doc.get("mounts") or ()) if m is not None]
     if any(m["destination"].rstrip("/") == "/dev" and m["type"] == "tmpfs" for m in mounts):
@@ -196,10 +208,12 @@ def foreign_config(doc: dict[str, Any]) -> None:
                 mounts.append(_device(path))
     elif linux.get("devices"):
         raise UsageError("linux.devices needs a tmpfs on /dev", hint="docs/oci.md")
+    linux.pop("devices", None)  # bound above: a user namespace may not mknod
     doc["mounts"] = mounts
 
 
 def _mount(m: dict[str, Any]) -> dict[str, Any] | None:
+    """A mount as a user namespace may make it (foreign_config's stand-ins)."""
     kind, dest = m.get("type") or "bind", str(m.get("destination", ""))
     options = [str(o) for o in m.get("options") or ()]
     if kind in ("none", "") and ("bind" in options or "rbind" in options):

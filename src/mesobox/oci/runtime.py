@@ -1,25 +1,27 @@
 """mesobox-oci's operations: the OCI lifecycle (runtime-spec runtime.md) over mesobox's launcher.
 
-``create`` reads config.json once, claims ``ROOT/ID`` (oci/state.py), makes its
-exec.fifo and forks the container's process, which becomes a session leader and runs
-the launcher (launch/launcher.launch) with the spec's ``start_fifo`` set: namespaces,
-mounts, createContainer hooks and pivot_root are done, the command is looked up, then
-that process says "created" on a pipe and blocks on the FIFO right before execve
-(launch/execute.py ``wait_for_start``).  ``create`` then records the pid and its start
-time, runs the prestart and createRuntime hooks, writes ``--pid-file`` and returns.
-``start`` writes one byte to the FIFO, removes it and runs the poststart hooks;
-``delete`` removes the state and runs the poststop hooks.  There is no monitor
-process: the status is derived from the pid (oci/state.py), and the container's
-process is reparented to whoever reaps orphans (conmon as a subreaper, or init).
+``create`` reads config.json once, claims ``ROOT/ID`` (oci/state.py), makes real
+root's container cgroup (oci/cgroups.py) and its exec.fifo, and forks the container's
+process, which joins the cgroup, becomes a session leader and runs the launcher
+(launch/launcher.launch) with the spec's ``start_fifo`` set.  Before pivot_root that
+process says "h" on a pipe and waits on the FIFO while ``create`` records it and runs
+the prestart and createRuntime hooks; then it goes on (createContainer hooks,
+pivot_root, the command looked up), says "created" and blocks on the FIFO right
+before execve (launch/execute.py ``wait_for_start``).  ``create`` writes
+``--pid-file`` and returns.  ``start`` writes one byte to the FIFO, removes it and
+runs the poststart hooks; ``delete`` empties and removes the cgroup and the state and
+runs the poststop hooks.  There is no monitor process: the status is derived from the
+pid (oci/state.py), and the container's process is reparented to whoever reaps
+orphans (conmon as a subreaper, or init).
 
-The pid recorded is the process ``create`` forked: the container's process itself
-(it execs the workload), or, where the launcher must stay outside (real root, a
-cgroup, slirp4netns) or runs a minimal init (a pid namespace), the launcher's
-supervisor, which exits with the workload's status and passes on the signals it gets.
+The pid recorded is the container's own process: the process ``create`` forked, or
+with a pid namespace the workload, pid 1 there, which reports its host pid with "h"
+and "c".  Where the launcher must stay outside (a rootless user's cgroup,
+slirp4netns, newuidmap's maps, real root's id slice) it is the launcher's supervisor,
+which exits with the workload's status and passes on the signals it gets.
 
-Deviations, said in docs/oci.md: prestart and createRuntime hooks run once the
-container is created (after pivot_root, not before it); createContainer and
-startContainer hooks read the bundle mesobox generates in the container's workspace.
+Deviation, said in docs/oci.md: createContainer and startContainer hooks read the
+bundle mesobox generates in the container's workspace.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ from mesobox.config import Config
 from mesobox.errors import LaunchError, MesoboxError, UsageError
 from mesobox.oci.state import RUNTIME_HOOKS, Container, list_ids, new_record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 CREATED_TIMEOUT_S = 600.0  # the longest create waits for the container's set-up (a squashfs mount, hooks)
 GONE_TIMEOUT_S = 10.0  # the longest delete --force waits for a SIGKILLed container to be gone
 
@@ -45,9 +52,10 @@ GONE_TIMEOUT_S = 10.0  # the longest delete --force waits for a SIGKILLed contai
 class Runtime:
     """The global options: where the state lives, and the launcher's configuration."""
 
-    def __init__(self, root: str, config: Config) -> None:
+    def __init__(self, root: str, config: Config, systemd_cgroup: bool = False) -> None:
         self.root = root
         self.config = config
+        self.systemd_cgroup = systemd_cgroup  # cgroupsPath is "slice:prefix:name" (runc --systemd-cgroup)
 
     def container(self, container_id: str) -> Container:
         return Container(self.root, container_id)
@@ -56,8 +64,51 @@ class Runtime:
 # --- create / start / run ------------------------------------------------------------------
 
 
-def load(bundle: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """config.json, read once: (the Spec the launcher runs, the runtime's own hooks, annotations)."""
+class Loaded:
+    """config.json, read once: the Spec the launcher runs, the runtime's own hooks,
+    the annotations, and (real root) the container's cgroup, made with its limits."""
+
+    def __init__(self, spec: Any, hooks: dict[str, Any], annotations: dict[str, str], cgroup: Any = None,
+                 resources: dict[str, Any] | None = None) -> None:
+        self.spec, self.hooks, self.annotations = spec, hooks, annotations
+        self.cgroup, self.resources = cgroup, resources
+
+    def record(self) -> dict[str, Any]:
+        """What state.json keeps of the cgroup: where it is, what create made, its limits."""
+        if self.cgroup is None:
+            return {}
+        return {"cgroup": {"dirs": self.cgroup.dirs, "created": self.cgroup.created, "resources": self.resources}}
+
+    def drop_cgroup(self) -> None:
+        if self.cgroup is not None:
+            import contextlib
+
+            with contextlib.suppress(MesoboxError):
+                self.cgroup.remove()
+
+
+def systemd_path(cgroups_path: str | None, container_id: str) -> str:
+    """runc --systemd-cgroup's "slice:prefix:name" as the directory systemd would give
+    it (SLICE/PREFIX-NAME.scope; a nested slice a-b.slice below a.slice), made on the
+    cgroup filesystem directly: mesobox-oci does not ask systemd over D-Bus."""
+    slice_, _, rest = (cgroups_path or "").partition(":")
+    prefix, _, name = rest.partition(":")
+    if not cgroups_path or not name or "/" in cgroups_path:
+        raise UsageError(f"--systemd-cgroup: cgroupsPath {cgroups_path!r} is not slice:prefix:name",
+                         hint="e.g. system.slice:mesobox:ID, or drop --systemd-cgroup")
+    slice_ = slice_ or "system.slice"
+    if not slice_.endswith(".slice") or slice_ == "-.slice":
+        raise UsageError(f"--systemd-cgroup: {slice_!r} is not a slice name")
+    parts = slice_[: -len(".slice")].split("-")
+    slices = ["-".join(parts[: i + 1]) + ".slice" for i in range(len(parts))]
+    return "/" + "/".join([*slices, f"{prefix}-{name}.scope" if prefix else f"{name}.scope"])
+
+
+def load(bundle: str, container_id: str, systemd_cgroup: bool = False) -> Loaded:
+    """Read config.json; as real root also make the container's cgroup (runc makes one
+    for every container, at linux.cgroupsPath or named after its id) with the limits
+    of linux.resources.  An ordinary user's limits stay the launcher's (docs/isolation.md)."""
+    from mesobox.launch.identity import is_real_root
     from mesobox.oci.bundle import load_bundle, spec_from_bundle
     from mesobox.oci.spec import Hooks, hooks_json
 
@@ -66,25 +117,57 @@ def load(bundle: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     hooks = hooks_json(spec.hooks)
     launched = Hooks(createContainer=spec.hooks.createContainer, startContainer=spec.hooks.startContainer)
     annotations = {str(k): str(v) for k, v in (data.get("annotations") or {}).items()}
-    return spec.replace(hooks=launched), {kind: hooks[kind] for kind in RUNTIME_HOOKS if kind in hooks}, annotations
+    loaded = Loaded(spec.replace(hooks=launched), {kind: hooks[kind] for kind in RUNTIME_HOOKS if kind in hooks},
+                    annotations)
+    if is_real_root():
+        from mesobox.oci.cgroups import OciCgroup, cgroup_path, with_default_devices
+
+        linux: dict[str, Any] = data["linux"] if isinstance(data.get("linux"), dict) else {}
+        resources = with_default_devices(linux.get("resources") or {}, linux.get("devices") or [])
+        path = systemd_path(linux.get("cgroupsPath"), container_id) if systemd_cgroup else linux.get("cgroupsPath")
+        loaded.cgroup = OciCgroup.create(cgroup_path(path, container_id), resources)
+        loaded.resources = resources
+        for warning in loaded.cgroup.warnings:
+            from mesobox.oci.log import warn
+
+            warn(warning)
+        # the launcher makes no second group of its own inside this one
+        loaded.spec = loaded.spec.replace(linux=loaded.spec.linux.replace(resources=None))
+    return loaded
 
 
 def create(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = None,
            console_socket: str | None = None, preserve_fds: int = 0) -> int:
     """Fork the container's process, wait until it is created, record it; returns its pid."""
     bundle = os.path.abspath(bundle)
-    spec, hooks, annotations = load(bundle)
     container = rt.container(container_id)
     _claim(container)
+    loaded = None
     try:
+        loaded = load(bundle, container.id, rt.systemd_cgroup)
         container.make_fifo()
-        pid = _fork_container(rt.config, container, spec, console_socket, preserve_fds)
-        record = _record(bundle, pid, annotations, hooks, spec)
-        container.write(record)
-        for kind in ("prestart", "createRuntime"):
-            run_hooks(kind, hooks.get(kind, ()), container.state(record) | {"status": "created"})
+
+        def runtime_hooks(pid: int) -> None:
+            """The container is set up, before pivot_root: record it, run the hooks of
+            the runtime's namespace that come before (the state says "created", as
+            runtime-tools expects), then let it go on."""
+            record = _record(bundle, pid, loaded)
+            container.write(record)
+            for kind in ("prestart", "createRuntime"):
+                run_hooks(kind, loaded.hooks.get(kind, ()), container.state(record) | {"status": "created"})
+            fd = os.open(container.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"g")
+            finally:
+                os.close(fd)
+
+        pid = _fork_container(rt.config, container, loaded, console_socket, preserve_fds, runtime_hooks)
+        container.write(_record(bundle, pid, loaded))
     except BaseException:
         _kill_tree(container, 9)
+        if loaded is not None:
+            _empty_cgroup(loaded.record())
+            loaded.drop_cgroup()
         container.remove()
         raise
     if pid_file:
@@ -92,13 +175,49 @@ def create(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = N
     return pid
 
 
-def _record(bundle: str, pid: int, annotations: dict[str, str], hooks: dict[str, Any], spec: Any
-            ) -> dict[str, Any]:
+def _record(bundle: str, pid: int, loaded: Loaded) -> dict[str, Any]:
     """state.json, with the process defaults ``exec`` starts from (runc's: config.json's)."""
-    user = spec.process.user
-    return {**new_record(bundle, pid, annotations, hooks),
-            "process": {"env": list(spec.process.env), "cwd": spec.process.cwd,
-                        "user": {"uid": user.uid, "gid": user.gid, "additionalGids": list(user.additional_gids)}}}
+    spec = loaded.spec
+    process = spec.process
+    user = process.user
+    caps = {kind: list(names) for kind, names in process.capabilities.items()} \
+        if process.capabilities is not None else None
+    return {**new_record(bundle, pid, loaded.annotations, loaded.hooks), **loaded.record(),
+            "process": {"env": list(process.env), "cwd": process.cwd,
+                        "user": {"uid": user.uid, "gid": user.gid, "additionalGids": list(user.additional_gids)},
+                        "capabilities": caps, "noNewPrivileges": process.no_new_privileges},
+            "seccomp": spec.linux.seccomp}
+
+
+def _cgroup_of(record: dict[str, Any]) -> Any:
+    """The container's cgroup recorded at create (real root), or None."""
+    found = record.get("cgroup")
+    if not isinstance(found, dict):
+        return None
+    from mesobox.oci.cgroups import OciCgroup
+
+    return OciCgroup.from_dirs(found.get("dirs") or {}, found.get("created") or [])
+
+
+def _empty_cgroup(record: dict[str, Any]) -> None:
+    """SIGKILL whatever is left in the container's cgroup (frozen meanwhile, so nothing
+    forks past it), as runc's delete does."""
+    cgroup = _cgroup_of(record)
+    if cgroup is None:
+        return
+    try:  # noqa: SIM105 - a freezer that fails still lets the kill below go on
+        cgroup.freeze(True)
+    except MesoboxError:
+        pass
+    for pid in cgroup.pids():
+        try:  # noqa: SIM105 - it may be gone meanwhile
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:  # noqa: SIM105 - as above
+        cgroup.freeze(False)
+    except MesoboxError:
+        pass
 
 
 def _claim(container: Container) -> None:
@@ -109,26 +228,25 @@ def _claim(container: Container) -> None:
     container.claim()
 
 
-def _fork_container(config: Config, container: Container, spec: Any, console_socket: str | None,
-                    preserve_fds: int) -> int:
+def _fork_container(config: Config, container: Container, loaded: Loaded, console_socket: str | None,
+                    preserve_fds: int, runtime_hooks: Callable[[int], None]) -> int:
     fifo = os.open(container.fifo, os.O_RDWR | os.O_CLOEXEC)  # read-write: never blocks, never EOF
     ready_r, ready_w = os.pipe()
-    console = _console(console_socket) if spec.process.terminal else None
+    console = _console(console_socket) if loaded.spec.process.terminal else None
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os.close(ready_r)
-        _container_process(config, container, spec, (fifo, ready_w), console, preserve_fds)
+        _container_process(config, container, loaded, (fifo, ready_w), console, preserve_fds)
     os.close(fifo)
     os.close(ready_w)
     if console is not None:
         os.close(console)
     try:
-        _await_created(pid, ready_r)
+        return _await_created(pid, ready_r, runtime_hooks)
     finally:
         os.close(ready_r)
-    return pid
 
 
 def _console(socket_path: str | None) -> int:
@@ -152,14 +270,18 @@ def _console(socket_path: str | None) -> int:
     return slave
 
 
-def _container_process(config: Config, container: Container, spec: Any, start_fifo: tuple[int, int],
+def _container_process(config: Config, container: Container, loaded: Loaded, start_fifo: tuple[int, int],
                        console: int | None, preserve_fds: int) -> None:
-    """The forked child: a session of its own (runc's init does setsid too), the
-    console as stdio, no inherited fd beyond ``--preserve-fds``; then the launcher.
-    Its own failure goes back to ``create`` on the ready pipe."""
+    """The forked child: in the container's cgroup first (everything it forks is then
+    in it too), a session of its own (runc's init does setsid too), the console as
+    stdio, no inherited fd beyond ``--preserve-fds``; then the launcher.  Its own
+    failure goes back to ``create`` on the ready pipe."""
     code = 125
     ready = start_fifo[1]
+    spec = loaded.spec
     try:
+        if loaded.cgroup is not None:
+            loaded.cgroup.join(0)
         os.setsid()
         if console is not None:
             import fcntl
@@ -209,31 +331,46 @@ def _close_inherited(first: int, keep: tuple[int, ...]) -> None:
                 pass
 
 
-def _await_created(pid: int, ready: int) -> None:
-    """Until the container's process says "created" ("c"), or why it failed ("e…"),
-    or exits without a word (a failure printed on its stderr by a deeper fork)."""
+def _await_created(pid: int, ready: int, runtime_hooks: Callable[[int], None]) -> int:
+    """Until the container's process says "created" ("c", or "cPID" from a workload
+    that is pid 1 of its own pid namespace, forked by ``pid``, which then exits 0),
+    or why it failed ("e…"), or exits without a word (a failure printed on its stderr
+    by a deeper fork).  On the way it says "h" (or "hPID"): time for
+    ``runtime_hooks``.  Returns the container's pid."""
     deadline = time.monotonic() + CREATED_TIMEOUT_S
     message = b""
+    forked_exit = False  # ``pid`` exited 0: a forked pid 1 holds the pipe still
     while True:
         readable, _, _ = select.select([ready], [], [], 0.2)
         if readable:
             chunk = os.read(ready, 4096)
-            if chunk == b"c" and not message:
-                return
+            if not message and chunk[:1] in (b"c", b"h") and (len(chunk) == 1 or chunk[1:].isdigit()):
+                reported = int(chunk[1:]) if len(chunk) > 1 else pid
+                if chunk[:1] == b"c":
+                    return reported
+                runtime_hooks(reported)
+                continue
             message += chunk
             if chunk:
                 continue
         if readable or time.monotonic() > deadline:
             break
+        if forked_exit:
+            continue
         done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
+        if done and status == 0:
+            forked_exit = True
+        elif done:
             # It exited; a last word may still be in the pipe.
             while select.select([ready], [], [], 0)[0] and (chunk := os.read(ready, 4096)):
                 message += chunk
             raise _create_failed(message, status)
-    if not message:  # EOF, or the deadline: nothing says created
-        os.kill(pid, 9)
-    _, status = os.waitpid(pid, 0)
+    if not forked_exit:
+        if not message:  # EOF, or the deadline: nothing says created
+            os.kill(pid, 9)
+        _, status = os.waitpid(pid, 0)
+    else:
+        status = 125 << 8
     raise _create_failed(message, status)
 
 
@@ -288,6 +425,10 @@ def run(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = None
     is recorded: Slurm signals it directly.  Otherwise create, start, and (in the
     foreground) wait, passing on signals, for the container's exit status."""
     if detach or _has_runtime_hooks(bundle):
+        if not detach:  # a container that is pid 1 of its own pid namespace is not our child
+            from mesobox.launch import syscalls as sc
+
+            sc.prctl(PR_SET_CHILD_SUBREAPER, 1)
         pid = create(rt, container_id, bundle, pid_file, console_socket, preserve_fds)
         start(rt, container_id)
         if detach:
@@ -299,12 +440,19 @@ def run(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = None
     from mesobox.launch.launcher import launch
 
     bundle = os.path.abspath(bundle)
-    spec, hooks, annotations = load(bundle)
     container = rt.container(container_id)
     _claim(container)
-    container.write(_record(bundle, os.getpid(), annotations, hooks, spec))
+    try:
+        loaded = load(bundle, container.id, rt.systemd_cgroup)
+        if loaded.cgroup is not None:
+            loaded.cgroup.join(0)
+        container.write(_record(bundle, os.getpid(), loaded))
+    except BaseException:
+        container.remove()
+        raise
     if pid_file:
         _write_pid_file(pid_file, os.getpid())
+    spec = loaded.spec
     return launch(spec.replace(mesobox=spec.mesobox.replace(container_id=container.id)), rt.config)
 
 
@@ -361,13 +509,37 @@ def _kill_tree(container: Container, signum: int) -> None:
     except UsageError:
         return
     pid = int(record.get("pid") or 0)
-    if not same_process(pid, record.get("started")):
-        return
-    for each in process_tree(pid):
+    cgroup = _cgroup_of(record)
+    found = set(cgroup.pids()) if cgroup is not None else set()  # a daemonized one left the tree, not the group
+    if same_process(pid, record.get("started")):
+        found.update(process_tree(pid))
+    for each in sorted(found):
         try:  # noqa: SIM105 - it may be gone meanwhile
             os.kill(each, signum)
         except ProcessLookupError:
             pass
+
+
+def update(rt: Runtime, container_id: str, resources: dict[str, Any]) -> None:
+    """runc update: new limits (linux.resources JSON) for the container's cgroup, merged
+    section by section into those recorded (device rules are not resent: rewriting them
+    would deny every device for a moment)."""
+    container = rt.container(container_id)
+    record = container.record()
+    cgroup = _cgroup_of(record)
+    if cgroup is None:
+        raise LaunchError(f"container {container_id!r} has no cgroup of mesobox-oci's to update",
+                          hint="only real root's containers get one (docs/oci.md)")
+    if container.status(record) == "stopped":
+        raise LaunchError(f"container {container_id!r} is stopped")
+    merged = dict(record["cgroup"].get("resources") or {})
+    for key, value in resources.items():
+        if key == "devices":
+            continue
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    cgroup.update({k: v for k, v in merged.items() if k != "devices"})
+    container.write({**record, "cgroup": {**record["cgroup"], "resources": merged}})
 
 
 def delete(rt: Runtime, container_id: str, force: bool = False) -> None:
@@ -384,6 +556,15 @@ def delete(rt: Runtime, container_id: str, force: bool = False) -> None:
         deadline = time.monotonic() + GONE_TIMEOUT_S
         while same_process(int(record["pid"]), record.get("started")) and time.monotonic() < deadline:
             time.sleep(0.01)
+    cgroup = _cgroup_of(record)
+    if cgroup is not None:
+        _empty_cgroup(record)
+        try:
+            cgroup.remove()
+        except MesoboxError as err:
+            from mesobox.oci.log import warn
+
+            warn(f"cannot remove the container's cgroup: {err.message}")
     container.remove()
     run_hooks("poststop", record.get("hooks", {}).get("poststop", ()),
               container.state(record) | {"status": "stopped"}, warn_only=True)
@@ -439,6 +620,10 @@ def exec_process(rt: Runtime, container_id: str, process: dict[str, Any], detach
     env = dict(item.split("=", 1) for item in process.get("env") or () if "=" in item)
     env.setdefault("PATH", nsenter.DEFAULT_PATH)
     user = process.get("user") or {}
+    limits = _exec_limits(rt, process, record)
+    cgroup = _cgroup_of(record)
+    if cgroup is not None:
+        cgroup.join(0)  # runc's exec: the new process counts against the container's limits
     console = _console(console_socket) if process.get("terminal") else None
     # Everything the exec'ing side needs, imported while the host's root is still ours.
     import fcntl  # noqa: F401
@@ -469,11 +654,38 @@ def exec_process(rt: Runtime, container_id: str, process: dict[str, Any], detach
         _write_pid_file(pid_file, os.getpid(), pid_dir)
     if pid_dir is not None:
         os.close(pid_dir)
-    in_child(lambda: _exec_in(args, env, str(process.get("cwd") or "/"), user, console, detach))
+    in_child(lambda: _exec_in(args, env, str(process.get("cwd") or "/"), user, console, detach, limits))
+
+
+def _exec_limits(rt: Runtime, process: dict[str, Any], record: dict[str, Any]) -> tuple[Any, bool, bytes | None]:
+    """What confines an exec'd process as it confines the container's own (runc's
+    exec): the capability sets (the --process file's, else config.json's), no_new_privs,
+    the config's seccomp filter, compiled now while the host's files are in reach."""
+    from mesobox.isolation.caps import check_sets, masks
+
+    sets = process.get("capabilities")
+    if sets is None:
+        sets = (record.get("process") or {}).get("capabilities")
+    cap_masks = None
+    if isinstance(sets, dict):
+        sets = {str(kind): tuple(str(n) for n in names or ()) for kind, names in sets.items()}
+        check_sets(sets)
+        cap_masks = masks(sets)
+    nnp = process.get("noNewPrivileges")
+    if nnp is None:
+        nnp = (record.get("process") or {}).get("noNewPrivileges", False)
+    seccomp = None
+    profile = record.get("seccomp")
+    if isinstance(profile, dict):
+        from mesobox.isolation.seccomp import prepare
+
+        seccomp = prepare(None if profile.get("mesobox.builtin") else profile,
+                          os.path.join(rt.config.runtime_dir_str, "seccomp"))
+    return cap_masks, bool(nnp), seccomp
 
 
 def _exec_in(args: list[str], env: dict[str, str], cwd: str, user: dict[str, Any], console: int | None,
-             detach: bool) -> None:
+             detach: bool, limits: tuple[Any, bool, bytes | None] = (None, False, None)) -> None:
     from mesobox.instances import nsenter
 
     if detach or console is not None:
@@ -490,8 +702,18 @@ def _exec_in(args: list[str], env: dict[str, str], cwd: str, user: dict[str, Any
         os.chdir(cwd)
     except OSError as err:
         raise LaunchError(f"cannot enter the working directory {cwd} in the container: {err.strerror}") from None
+    from mesobox.launch import syscalls as sc
+
+    cap_masks, nnp, seccomp = limits
+    if seccomp is not None and not nnp:
+        sc.install_seccomp(seccomp, no_new_privs=False)  # needs CAP_SYS_ADMIN: before any is dropped
+    if cap_masks is not None:
+        have = sc.capget()[1]  # what this kernel lacks is left out, as at create
+        cap_masks = tuple(mask & have for mask in cap_masks)
+        sc.drop_capabilities(frozenset(cap for cap in range(64) if cap_masks[0] >> cap & 1))
+        sc.prctl(sc.PR_SET_KEEPCAPS, 1)
     uid, gid = int(user.get("uid", os.getuid())), int(user.get("gid", os.getgid()))
-    if (uid, gid) != (os.getuid(), os.getgid()):
+    if (uid, gid) != (os.getuid(), os.getgid()) or os.getuid() == 0:
         try:
             try:  # noqa: SIM105 - denied in a single-id user namespace: keep one's groups
                 os.setgroups([int(g) for g in user.get("additionalGids") or ()])
@@ -501,6 +723,12 @@ def _exec_in(args: list[str], env: dict[str, str], cwd: str, user: dict[str, Any
             os.setuid(uid)
         except OSError as err:
             raise LaunchError(f"cannot switch to uid {uid} gid {gid} in the container: {err.strerror}") from None
+    if cap_masks is not None:
+        sc.set_capabilities(*cap_masks[1:])
+    if nnp:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    if seccomp is not None and nnp:
+        sc.install_seccomp(seccomp)
     from mesobox.launch.signals import release_signals
 
     release_signals()
@@ -535,6 +763,9 @@ def pids(rt: Runtime, container_id: str) -> list[int]:
 
     container = rt.container(container_id)
     record = container.record()
+    cgroup = _cgroup_of(record)
+    if cgroup is not None:
+        return sorted(cgroup.pids())
     if container.status(record) == "stopped":
         return []
     return process_tree(int(record["pid"]))
@@ -571,6 +802,11 @@ def pause(rt: Runtime, container_id: str, paused: bool) -> None:
     want = "running" if paused else "paused"
     if status != want:
         raise LaunchError(f"container {container_id!r} is {status}, not {want}")
+    cgroup = _cgroup_of(record)
+    if cgroup is not None:  # the freezer: atomic, and unseen by the workload
+        cgroup.freeze(paused)
+        container.write({**record, "paused": paused})
+        return
     from mesobox.instances.state import process_tree
 
     done: set[int] = set()

@@ -63,8 +63,10 @@ class User(Record):
 
 
 class Process(Record):
-    __slots__ = ("args", "capabilities", "cwd", "env", "no_new_privileges", "rlimits", "terminal", "user")
-    _defaults = {"terminal": False, "no_new_privileges": True, "rlimits": (), "capabilities": None}
+    __slots__ = ("apparmor_profile", "args", "capabilities", "cwd", "env", "no_new_privileges", "oom_score_adj",
+                 "rlimits", "selinux_label", "terminal", "umask", "user")
+    _defaults = {"terminal": False, "no_new_privileges": True, "rlimits": (), "capabilities": None,
+                 "oom_score_adj": None, "umask": None, "apparmor_profile": "", "selinux_label": ""}
     args: tuple[str, ...]
     env: tuple[str, ...]  # "KEY=VALUE", in order
     cwd: str
@@ -73,6 +75,10 @@ class Process(Record):
     no_new_privileges: bool
     rlimits: tuple[tuple[str, int, int], ...]  # (type, soft, hard)
     capabilities: dict[str, tuple[str, ...]] | None  # OCI sets: bounding, effective, …
+    oom_score_adj: int | None  # /proc/self/oom_score_adj of the container's process
+    umask: int | None  # process.user.umask; None: the caller's
+    apparmor_profile: str  # process.apparmorProfile: the profile execve switches to ("": none)
+    selinux_label: str  # process.selinuxLabel: the context execve switches to ("": none)
 
 
 class Root(Record):
@@ -98,19 +104,44 @@ class IdMap(Record):
     size: int
 
 
+class Device(Record):
+    """One of ``linux.devices``: a node made in the container's /dev (config-linux.md)."""
+
+    __slots__ = ("file_mode", "gid", "major", "minor", "path", "type", "uid")
+    _defaults = {"file_mode": 0o666, "uid": 0, "gid": 0, "major": 0, "minor": 0}
+    path: str
+    type: str  # "c", "b", "u" (unbuffered character) or "p" (FIFO)
+    major: int
+    minor: int
+    file_mode: int
+    uid: int
+    gid: int
+
+
 class Linux(Record):
     __slots__ = (
+        "cgroups_path",
+        "devices",
         "gid_mappings",
         "masked_paths",
+        "namespace_paths",
         "namespaces",
         "readonly_paths",
         "resources",
+        "rootfs_propagation",
         "seccomp",
+        "sysctl",
         "uid_mappings",
     )
     _defaults = {"namespaces": ("user", "mount"), "uid_mappings": (), "gid_mappings": (), "resources": None,
-                 "seccomp": None, "masked_paths": (), "readonly_paths": ()}
-    namespaces: tuple[str, ...]
+                 "seccomp": None, "masked_paths": (), "readonly_paths": (), "namespace_paths": (), "sysctl": (),
+                 "devices": (), "rootfs_propagation": "", "cgroups_path": None}
+    namespaces: tuple[str, ...]  # new namespaces, and those joined (``namespace_paths``)
+    namespace_paths: tuple[tuple[str, str], ...]  # (type, path): an existing namespace to join (setns)
+    sysctl: tuple[tuple[str, str], ...]  # (key, value), written below /proc/sys in the container
+    devices: tuple[Device, ...]
+    rootfs_propagation: str  # "", or shared/slave/private/unbindable (r-prefixed too) for the root
+    cgroups_path: str | None
     uid_mappings: tuple[IdMap, ...]
     gid_mappings: tuple[IdMap, ...]
     resources: Resources | None
@@ -167,14 +198,14 @@ class Resources(Record):
 class Settings(Record):
     """mesobox's own settings, the ones the OCI runtime spec has no field for."""
 
-    __slots__ = ("container_id", "dns", "group_name", "home", "identity_files", "image", "image_lock", "net",
-                 "overlay", "overlay_image", "publish", "root_format", "shell", "start_fifo", "subids",
-                 "user_name", "userns", "writable_tmpfs")
+    __slots__ = ("as_written", "container_id", "dns", "group_name", "home", "identity_files", "image",
+                 "image_lock", "net", "overlay", "overlay_image", "publish", "root_format", "shell",
+                 "start_fifo", "subids", "user_name", "userns", "writable_tmpfs")
     _defaults = {"root_format": "dir", "userns": "private", "image": None, "dns": (),
                  "image_lock": None, "writable_tmpfs": None, "overlay": None,
                  "overlay_image": None, "subids": False, "net": "host", "publish": (), "user_name": "user",
                  "group_name": "group", "home": "/", "shell": "/bin/sh", "identity_files": True,
-                 "container_id": None, "start_fifo": None}
+                 "container_id": None, "start_fifo": None, "as_written": False}
     root_format: str  # "dir" | "squashfs": root.path is a directory, or a squashfs file to mount
     image_lock: str | None  # the store's lock file, held shared while the container runs
     writable_tmpfs: int | None  # a writable root in a tmpfs of this many bytes (0: tmpfs default)
@@ -193,6 +224,8 @@ class Settings(Record):
     identity_files: bool  # bind generated /etc/passwd and /etc/group over the image's (False: a build's RUN)
     container_id: str | None  # the OCI state's "id" hooks read (mesobox-oci); None: mesobox-PID
     start_fifo: tuple[int, int] | None  # mesobox-oci create: (FIFO fd read for "start", fd told "created")
+    as_written: bool  # an OCI config of another tool's, run as written: its mounts in order (not parents
+    # first), its root without the nosuid/nodev mesobox gives an image
 
 
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
@@ -248,11 +281,7 @@ class Spec(Record):
             _validate_destination(m.destination)
             if m.type == "bind" and not os.path.isabs(m.source):
                 raise UsageError(f"bind source must be absolute: {m.source!r}")
-        for ns in self.linux.namespaces:
-            if ns not in NAMESPACES:
-                raise UsageError(f"unknown namespace {ns!r}")
-        if "user" not in self.linux.namespaces or "mount" not in self.linux.namespaces:
-            raise UsageError("mesobox always needs the user and mount namespaces")
+        _validate_linux(self.linux)
         if self.hostname is not None and "uts" not in self.linux.namespaces:
             raise UsageError("a hostname needs the uts namespace", hint="add --uts")
         if self.hostname is not None and not 0 < len(self.hostname.encode("utf-8", "surrogateescape")) <= 64:
@@ -261,6 +290,55 @@ class Spec(Record):
             _validate_maps(maps)
         _validate_settings(self.mesobox)
         _validate_hooks(self.hooks)
+
+
+# sysctl keys a container may set, and the namespace that makes each its own (runc's rule).
+_IPC_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall", "kernel.shmmax",
+                "kernel.shmmni", "kernel.shm_rmid_forced")
+PROPAGATIONS = ("shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable")
+
+
+def _validate_linux(lx: Linux) -> None:
+    seen: set[str] = set()
+    for ns in lx.namespaces:
+        if ns not in NAMESPACES:
+            raise UsageError(f"unknown namespace type {ns!r}", hint="one of " + ", ".join(NAMESPACES))
+        if ns in seen:
+            raise UsageError(f"namespace {ns!r} is listed twice")
+        seen.add(ns)
+    if "mount" not in lx.namespaces:
+        raise UsageError("mesobox always needs a mount namespace")
+    if "user" not in lx.namespaces and os.getuid() != 0:
+        raise UsageError("only root may run a container without a user namespace",
+                         hint='add {"type": "user"} to linux.namespaces')
+    for ns, path in lx.namespace_paths:
+        if ns == "user":
+            raise UsageError(f"cannot join the user namespace {path!r}: mesobox joins every other kind by path",
+                             hint="give the user namespace's mappings instead (linux.uidMappings)")
+        if not os.path.isabs(path):
+            raise UsageError(f"namespace path must be absolute: {path!r}")
+    for key, _ in lx.sysctl:
+        _validate_sysctl(key, lx.namespaces)
+    if lx.rootfs_propagation and lx.rootfs_propagation not in PROPAGATIONS:
+        raise UsageError(f"bad rootfsPropagation {lx.rootfs_propagation!r}", hint="one of " + ", ".join(PROPAGATIONS))
+    for dev in lx.devices:
+        _validate_destination(dev.path)
+        if dev.type not in ("c", "b", "u", "p"):
+            raise UsageError(f"device {dev.path}: bad type {dev.type!r}: c, b, u or p")
+
+
+def _validate_sysctl(key: str, namespaces: tuple[str, ...]) -> None:
+    """runc's rule: a container may set only sysctls of a namespace it has its own of."""
+    if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
+        need = "ipc"
+    elif key.startswith("net."):
+        need = "network"
+    elif key in ("kernel.hostname", "kernel.domainname"):
+        need = "uts"
+    else:
+        raise UsageError(f"sysctl {key!r} is not allowed in a container: it is not namespaced")
+    if need not in namespaces:
+        raise UsageError(f"sysctl {key!r} needs the container's own {need} namespace")
 
 
 def _validate_hooks(hooks: Hooks) -> None:
@@ -296,11 +374,23 @@ def _validate_process(p: Process) -> None:
     if not os.path.isabs(p.cwd):
         raise UsageError(f"working directory must be absolute: {p.cwd!r}")
     environ.check(p.env)
+    kinds: set[str] = set()
     for kind, soft, hard in p.rlimits:
         if kind not in RLIMIT_TYPES:
             raise UsageError(f"unknown rlimit type {kind!r}")
+        if kind in kinds:
+            raise UsageError(f"rlimit {kind} is set twice")
+        kinds.add(kind)
         if not 0 <= soft <= hard <= RLIM_INFINITY:
             raise UsageError(f"bad {kind} limit {soft}:{hard}: the soft limit must not exceed the hard one")
+    if p.capabilities is not None:
+        from mesobox.isolation.caps import check_sets
+
+        check_sets(p.capabilities)
+    if p.oom_score_adj is not None and not -1000 <= p.oom_score_adj <= 1000:
+        raise UsageError(f"bad oomScoreAdj {p.oom_score_adj}: it must be between -1000 and 1000")
+    if p.umask is not None and not 0 <= p.umask <= 0o777:
+        raise UsageError(f"bad umask {p.umask:o}")
 
 
 def _validate_destination(dest: str) -> None:
@@ -335,12 +425,31 @@ def to_oci_json(spec: Spec) -> dict[str, Any]:
     }
     if p.capabilities is not None:
         process["capabilities"] = {k: list(v) for k, v in p.capabilities.items()}
+    if p.oom_score_adj is not None:
+        process["oomScoreAdj"] = p.oom_score_adj
+    if p.umask is not None:
+        process["user"]["umask"] = p.umask
+    if p.apparmor_profile:
+        process["apparmorProfile"] = p.apparmor_profile
+    if p.selinux_label:
+        process["selinuxLabel"] = p.selinux_label
     linux: dict[str, Any] = {
         "namespaces": [{"type": ns} for ns in spec.linux.namespaces],
         "uidMappings": [_map_json(m) for m in spec.linux.uid_mappings],
         "gidMappings": [_map_json(m) for m in spec.linux.gid_mappings],
         "maskedPaths": list(spec.linux.masked_paths), "readonlyPaths": list(spec.linux.readonly_paths),
     }
+    for ns, path in spec.linux.namespace_paths:
+        next(item for item in linux["namespaces"] if item["type"] == ns)["path"] = path
+    if spec.linux.sysctl:
+        linux["sysctl"] = dict(spec.linux.sysctl)
+    if spec.linux.devices:
+        linux["devices"] = [{"path": d.path, "type": d.type, "major": d.major, "minor": d.minor,
+                             "fileMode": d.file_mode, "uid": d.uid, "gid": d.gid} for d in spec.linux.devices]
+    if spec.linux.rootfs_propagation:
+        linux["rootfsPropagation"] = spec.linux.rootfs_propagation
+    if spec.linux.cgroups_path is not None:
+        linux["cgroupsPath"] = spec.linux.cgroups_path
     if spec.linux.resources is not None:
         linux["resources"] = _resources_json(spec.linux.resources)
     if spec.linux.seccomp is not None:
@@ -445,13 +554,22 @@ def _from_oci(doc: dict[str, Any]) -> Spec:
                   additional_gids=tuple(u.get("additionalGids") or ())),
         terminal=bool(p.get("terminal", False)), no_new_privileges=bool(p.get("noNewPrivileges", True)),
         rlimits=tuple((r["type"], int(r["soft"]), int(r["hard"])) for r in p.get("rlimits") or ()),
-        capabilities={k: tuple(v) for k, v in caps.items()} if caps else None,
+        capabilities={k: tuple(v or ()) for k, v in caps.items()} if caps is not None else None,
+        oom_score_adj=None if p.get("oomScoreAdj") is None else int(p["oomScoreAdj"]),
+        umask=None if u.get("umask") is None else int(u["umask"]),
+        apparmor_profile=str(p.get("apparmorProfile") or ""), selinux_label=str(p.get("selinuxLabel") or ""),
     )
+    namespaces = lx.get("namespaces", ({"type": "user"}, {"type": "mount"}))
     linux = Linux(
-        namespaces=tuple(ns["type"] for ns in lx.get("namespaces", ({"type": "user"}, {"type": "mount"}))),
+        namespaces=tuple(str(ns["type"]) for ns in namespaces),
+        namespace_paths=tuple((str(ns["type"]), str(ns["path"])) for ns in namespaces if ns.get("path")),
+        sysctl=tuple((str(k), str(v)) for k, v in (lx.get("sysctl") or {}).items()),
+        devices=tuple(_device_from(d) for d in lx.get("devices") or ()),
+        rootfs_propagation=str(lx.get("rootfsPropagation") or ""),
+        cgroups_path=lx.get("cgroupsPath"),
         uid_mappings=tuple(_map_from(m) for m in lx.get("uidMappings") or ()),
         gid_mappings=tuple(_map_from(m) for m in lx.get("gidMappings") or ()),
-        resources=_resources_from(lx["resources"]) if lx.get("resources") else None,
+        resources=_resources_from(lx.get("resources")),
         seccomp=lx.get("seccomp"),
         masked_paths=tuple(lx.get("maskedPaths") or ()), readonly_paths=tuple(lx.get("readonlyPaths") or ()),
     )
@@ -479,14 +597,25 @@ def _hook_from(h: dict[str, Any]) -> Hook:
                 env=tuple(str(e) for e in h.get("env") or ()), timeout=timeout)
 
 
+def _device_from(d: dict[str, Any]) -> Device:
+    mode = d.get("fileMode")
+    return Device(path=str(d["path"]), type=str(d["type"]), major=int(d.get("major") or 0),
+                  minor=int(d.get("minor") or 0), file_mode=0o666 if mode is None else int(mode) & 0o7777,
+                  uid=int(d.get("uid") or 0), gid=int(d.get("gid") or 0))
+
+
 def _map_from(m: dict[str, Any]) -> IdMap:
     return IdMap(container_id=int(m["containerID"]), host_id=int(m["hostID"]), size=int(m["size"]))
 
 
-def _resources_from(r: dict[str, Any]) -> Resources:
+def _resources_from(r: dict[str, Any] | None) -> Resources | None:
+    """The limits mesobox sets; None where there are none (runc spec's device rules alone)."""
+    if not r:
+        return None
     cpu = r.get("cpu") or {}
-    return Resources(
+    resources = Resources(
         memory_bytes=(r.get("memory") or {}).get("limit"),
         cpu_quota_us=cpu.get("quota"), cpu_period_us=cpu.get("period") or 100_000,
         cpuset_cpus=cpu.get("cpus"), pids_limit=(r.get("pids") or {}).get("limit"),
     )
+    return None if resources.is_empty() else resources
