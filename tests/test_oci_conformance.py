@@ -595,3 +595,25 @@ def test_created_state_names_the_container_process(runtimes: dict[str, Runtime],
         finally:
             runtime("delete", "--force", cid)
     assert seen["mesobox"] == seen["runc"] == (dict.fromkeys(names, True), ["0", "3000000", "65536"]), seen
+
+
+@pytest.mark.parametrize("change", [
+    {"linux.sysctl": {"net./../../../etc/hostname": "x"}},
+    {"linux.devices": [{"path": "/dev/../etc/passwd", "type": "c", "major": 1, "minor": 3}]},
+    {"linux.namespaces": [{"type": "mount"}, {"type": "network", "path": "/etc/hostname"}]},
+    {"linux.namespaces": [{"type": "mount"}, {"type": "user", "path": "/proc/1/ns/user"}]},
+    {"linux.cgroupsPath": "/../../escape"},
+    {"process.oomScoreAdj": 5000},
+], ids=["sysctl-key", "device-path", "namespace-file", "user-namespace-path", "cgroups-path", "oom-score"])
+def test_hostile_configs_are_one_error_line(runtimes: dict[str, Runtime], workdir: Path, base: Config,
+                                            change: dict[str, Any], rootfs: Path) -> None:
+    """What a hostile config asks is refused before anything is made: one error line,
+    no container left, nothing written outside."""
+    before = (rootfs / "etc" / "passwd").read_bytes()
+    mesobox = runtimes["mesobox"]
+    results = run_both({"mesobox": mesobox}, workdir, with_(base, **change), "echo ran")
+    code, out, err = results["mesobox"]
+    assert code != 0 and "ran" not in out and err.startswith("mesobox-oci: error: "), err
+    assert err.count("\n") <= 2 and "Traceback" not in err
+    assert (rootfs / "etc" / "passwd").read_bytes() == before
+    assert mesobox("list", "--quiet").stdout.split() == []

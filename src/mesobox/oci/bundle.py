@@ -160,7 +160,6 @@ def _own_maps(path: str) -> list[dict[str, int]]:
 # (atime flags, devpts's) is one the kernel's default covers.
 _FLAG_OPTIONS = {"ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "private", "rprivate", "slave", "rslave"}
 _TMPFS_DATA = ("mode=", "size=", "nr_inodes=", "uid=", "gid=")
-DEFAULT_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # runtime-spec config-linux.md
 
 
 def foreign_config(doc: dict[str, Any]) -> None:
@@ -201,7 +200,9 @@ def foreign_config(doc: dict[str, Any]) -> None:
     mounts = [m for m in (_mount(each) for each in doc.get("mounts") or ()) if m is not None]
     if any(m["destination"].rstrip("/") == "/dev" and m["type"] == "tmpfs" for m in mounts):
         have = {m["destination"].rstrip("/") for m in mounts}
-        wanted = [f"/dev/{name}" for name in DEFAULT_DEVICES]
+        from mesobox.launch.mountplan import DEFAULT_DEVICES
+
+        wanted = [f"/dev/{name}" for name, _, _ in DEFAULT_DEVICES]
         wanted += [str(d.get("path")) for d in linux.get("devices") or () if d.get("path") not in wanted]
         for path in wanted:
             if path not in have:

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from mesobox.launch.mountplan import DEFAULT_DEVICES
 from mesobox.oci.spec import HOOK_KINDS, NAMESPACES
 from mesobox.oci.state import OCI_VERSION
 
@@ -83,7 +84,7 @@ def default_config(rootless: bool) -> dict[str, Any]:
         uid, gid = os.getuid(), os.getgid()
         doc["mounts"] += [{"destination": f"/dev/{name}", "type": "bind", "source": f"/dev/{name}",
                            "options": ["bind", "nosuid", "noexec"]}
-                          for name in ("null", "zero", "full", "random", "urandom", "tty")]
+                          for name, _, _ in DEFAULT_DEVICES]
         doc["linux"]["namespaces"] = [{"type": ns} for ns in ("pid", "ipc", "uts", "mount", "user")]
         doc["linux"]["uidMappings"] = [{"containerID": 0, "hostID": uid, "size": 1}]
         doc["linux"]["gidMappings"] = [{"containerID": 0, "hostID": gid, "size": 1}]

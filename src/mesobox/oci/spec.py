@@ -322,13 +322,16 @@ def _validate_linux(lx: Linux) -> None:
     if lx.rootfs_propagation and lx.rootfs_propagation not in PROPAGATIONS:
         raise UsageError(f"bad rootfsPropagation {lx.rootfs_propagation!r}", hint="one of " + ", ".join(PROPAGATIONS))
     for dev in lx.devices:
-        _validate_destination(dev.path)
+        _validate_destination(dev.path, "device path")
         if dev.type not in ("c", "b", "u", "p"):
             raise UsageError(f"device {dev.path}: bad type {dev.type!r}: c, b, u or p")
 
 
 def _validate_sysctl(key: str, namespaces: tuple[str, ...]) -> None:
-    """runc's rule: a container may set only sysctls of a namespace it has its own of."""
+    """runc's rule: a container may set only sysctls of a namespace it has its own of;
+    a key is dot-separated names, nothing that could lead out of /proc/sys."""
+    if not key or any(not part or part in (".", "..") or "/" in part or "\0" in part for part in key.split(".")):
+        raise UsageError(f"bad sysctl key {key[:80]!r}", hint="names separated by dots, e.g. net.ipv4.ip_forward")
     if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
         need = "ipc"
     elif key.startswith("net."):
@@ -393,11 +396,11 @@ def _validate_process(p: Process) -> None:
         raise UsageError(f"bad umask {p.umask:o}")
 
 
-def _validate_destination(dest: str) -> None:
+def _validate_destination(dest: str, what: str = "mount destination") -> None:
     if not os.path.isabs(dest):
-        raise UsageError(f"mount destination must be absolute: {dest!r}")
+        raise UsageError(f"{what} must be absolute: {dest!r}")
     if ".." in dest.split("/"):
-        raise UsageError(f"mount destination must not contain '..': {dest!r}")
+        raise UsageError(f"{what} must not contain '..': {dest!r}")
 
 
 def _validate_maps(maps: tuple[IdMap, ...]) -> None:
