@@ -605,6 +605,7 @@ ENTRY = hs.one_of(
 @given(layers=hs.lists(hs.lists(ENTRY, max_size=8), min_size=1, max_size=3))
 @example(layers=[[reg("a"), fifo(".wh.a/b")], [reg("a"), hard("a", ".wh.a/b"), reg(".wh.a/.wh.b")]])
 @example(layers=[[reg("a"), fifo(".wh.a/a")], [reg("a"), hard("a", ".wh.a/a"), reg(".wh.a/a")]])
+@example(layers=[[reg("a"), reg(".wh.b/a")], [hard("a", ".wh.b/a"), fifo(".wh..wh..opq")]])
 def test_random_layers_stay_inside_and_are_idempotent(world_tmp: Path, layers: list[list[Entry]]) -> None:
     box = Box(Path(tempfile_dir(world_tmp)))
     blobs = [box.layer(e, "plain") for e in layers]
@@ -631,16 +632,23 @@ def test_random_layers_stay_inside_and_are_idempotent(world_tmp: Path, layers: l
 
 
 def _hardlink_target_changed_later(entries: list[Entry]) -> bool:
-    """A hardlink whose target a later entry of the same layer replaces or whites out:
-    applied again, the link meets the replacement (or nothing), so the layer cannot be
-    idempotent (hypothesis found both cases)."""
+    """A hardlink whose target a later entry of the same layer replaces, or that a
+    whiteout of the same layer hides (of the target or of a directory above it,
+    wherever it stands in the layer: whiteouts apply to the layers below first):
+    the link meets the replacement or nothing, so the layer cannot be idempotent, or
+    even applied (hypothesis found each case)."""
     for i, entry in enumerate(entries):
         if not entry.info.islnk():
             continue
         target = entry.info.linkname.strip("/")
-        parent, _, base = target.rpartition("/")
-        hides = {target, f"{parent}/.wh.{base}".lstrip("/"), f"{parent}/.wh..wh..opq".lstrip("/")}
-        if any(e.info.name.strip("/") in hides or target.startswith(e.info.name.strip("/") + "/")
+        parts = target.split("/")
+        hidden = set()
+        for depth in range(len(parts)):
+            above, name = "/".join(parts[:depth]), parts[depth]
+            hidden |= {f"{above}/.wh.{name}".lstrip("/"), f"{above}/.wh..wh..opq".lstrip("/")}
+        if any(e.info.name.strip("/") in hidden for e in entries):
+            return True
+        if any(e.info.name.strip("/") == target or target.startswith(e.info.name.strip("/") + "/")
                for e in entries[i + 1:]):
             return True
     return False
