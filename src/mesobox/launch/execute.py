@@ -5,11 +5,13 @@ A program is plain data (a dict of str, int, bytes and tuples) that
 taken in it: mount steps, passwd/group text, the capabilities to keep, the compiled
 seccomp filter.  This module only makes the syscalls, in bubblewrap's order:
 (setns into the namespaces a config names by path) → unshare → id maps → make /
-slave → workspace tmpfs → root and mount steps (devices) → (OCI createContainer
-hooks) → pivot_root → sysctl, readonly and masked paths, root propagation → chdir →
-hostname/loopback → (mesobox-oci: wait for start) → (--ulimit rlimits) →
-(startContainer hooks) → bounding set → user switch → capability sets → no_new_privs
-→ seccomp (last) → execve.  Being plain data,
+slave → workspace tmpfs → root and mount steps (devices) → (mesobox-oci: the
+runtime's prestart hooks) → (OCI createContainer hooks) → pivot_root → sysctl,
+readonly and masked paths, root propagation → hostname → chdir → (--ulimit rlimits)
+→ (real root: its user namespace) → (mesobox-oci: wait for start) → (startContainer
+hooks) → (a seccomp filter without no_new_privs) → bounding set → user switch →
+capability sets → umask, security label → no_new_privs → seccomp (last) → execve.
+Being plain data,
 a program can be reused by the next launch of the same command line (plancache.py);
 only the environment is made anew.
 
@@ -471,7 +473,7 @@ def _mask_path(path: str) -> None:
     try:
         is_dir = stat.S_ISDIR(os.stat(path).st_mode)
         if is_dir:
-            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0k")
+            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
         else:
             sc.mount("/dev/null", path, None, sc.MS_BIND)
     except FileNotFoundError:
@@ -813,7 +815,7 @@ def exec_workload(program: Program) -> NoReturn:
         uid_maps, gid_maps = enter
         identity.enter_userns(uid_maps, gid_maps, sc.unshare, sc.CLONE_NEWUSER)
     start_fifo = program.get("start_fifo")  # .get: a program saved before the field existed
-    if start_fifo is not None:  # mesobox-oci create: the container is made (in all its namespaces); wait for start
+    if start_fifo is not None:  # mesobox-oci create: made, in all its namespaces; wait for start
         wait_for_start(start_fifo)
     if program["hooks"] is not None:
         run_hooks(program, 1)  # startContainer: in the container (its user namespace too), as it is now
