@@ -616,3 +616,19 @@ def test_hostile_configs_are_one_error_line(runtimes: dict[str, Runtime], workdi
     assert err.count("\n") <= 2 and "Traceback" not in err
     assert (rootfs / "etc" / "passwd").read_bytes() == before
     assert mesobox("list", "--quiet").stdout.split() == []
+
+
+def test_a_capability_the_runtime_lacks_is_left_out_with_a_warning(runtimes: dict[str, Runtime], workdir: Path,
+                                                                     base: Config) -> None:
+    """A host that withholds a capability from root (this project's VMs lack
+    CAP_SYS_RESOURCE): the container runs without it, and stderr says so."""
+    need_tool("setpriv")
+    ours = runtimes["mesobox"]
+    lacking = Runtime("mesobox", ["setpriv", "--bounding-set=-sys_nice", *ours.argv], ours.root, ours.env)
+    caps = {kind: ["CAP_SYS_NICE", "CAP_KILL"] for kind in ("bounding", "effective", "permitted")}
+    results = run_both({"mesobox": lacking}, workdir, with_(base, **{"process.capabilities": caps}),
+                       "grep CapEff /proc/self/status")
+    code, out, err = results["mesobox"]
+    assert code == 0, err
+    assert int(out.split()[1], 16) == 1 << 5, out  # CAP_KILL alone
+    assert "CAP_SYS_NICE not held by the runtime here: left out" in err

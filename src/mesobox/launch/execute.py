@@ -829,10 +829,7 @@ def exec_workload(program: Program) -> NoReturn:
         sc.drop_capabilities(frozenset(program["keep_caps"]))
     cap_sets = program.get("cap_sets")
     if cap_sets is not None:
-        # What this kernel lacks (a newer capability a config names) is left out, as
-        # runc leaves it out: the permitted set, still full here, is what it has.
-        have = sc.capget()[1]
-        cap_sets = (cap_sets[0] & have, cap_sets[1] & have, cap_sets[2] & have, cap_sets[3] & have)
+        cap_sets = usable_capabilities(cap_sets)
     uid, gid, groups = program["user"]
     if real_root or (uid, gid) != (os.getuid(), os.getgid()):
         if cap_sets is not None:
@@ -872,6 +869,23 @@ def exec_workload(program: Program) -> NoReturn:
         raise _not_found(f"{args[0]}: cannot execute: interpreter or loader not found") from None
     except OSError as err:
         raise _not_executable(f"{args[0]}: cannot execute: {err.strerror}") from None
+
+
+def usable_capabilities(sets: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The capability sets as this process can give them: one this kernel lacks (a
+    newer capability a config names) is left out, as runc leaves it out; one the kernel
+    has but this process does not hold (a host that withholds it from root) too, with
+    a warning, as runc warns."""
+    have = sc.capget()[1]  # still the full permitted set of this (user) namespace here
+    wanted = sets[0] | sets[1] | sets[2] | sets[3]
+    if wanted & ~have:
+        unavailable = sc.unavailable_capabilities(wanted)
+        if unavailable:
+            from mesobox.isolation.caps import NAMES
+
+            names = ", ".join(f"CAP_{NAMES[cap]}" for cap in range(len(NAMES)) if unavailable >> cap & 1)
+            sys.stderr.write(f"mesobox: warning: {names} not held by the runtime here: left out\n")
+    return sets[0] & have, sets[1] & have, sets[2] & have, sets[3] & have
 
 
 def await_runtime_hooks(fds: tuple[int, int]) -> None:

@@ -227,6 +227,14 @@ def drop_capabilities(keep: frozenset[int]) -> None:
     capset(effective, permitted, inheritable & mask)
 
 
+def unavailable_capabilities(wanted: int) -> int:
+    """The capabilities of ``wanted`` this process does not hold though the kernel has
+    them (prctl(2) PR_CAPBSET_READ says EINVAL only for one it lacks)."""
+    _, permitted, _ = capget()
+    missing = wanted & ~permitted
+    return sum(1 << cap for cap in range(64) if missing >> cap & 1 and _prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0)
+
+
 def raise_ambient_capabilities() -> None:
     """Raise this process's permitted capabilities into its ambient set, so that a
     helper it execs keeps them though its uid is not 0 (capabilities(7)): in a

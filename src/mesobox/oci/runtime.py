@@ -380,8 +380,9 @@ def _create_failed(message: bytes, status: int) -> LaunchError:
     if message.startswith(b"e"):
         return LaunchError(message[1:].decode("utf-8", "replace"))
     code = os.waitstatus_to_exitcode(status)
-    how = f"exit status {code}" if code >= 0 else f"signal {-code}"
-    return LaunchError(f"the container's process ended before it was created ({how})",
+    # 0: the process that forked the container's pid 1 (which failed) exited as it should
+    how = "" if code == 0 else f" (exit status {code})" if code > 0 else f" (signal {-code})"
+    return LaunchError(f"the container's process ended before it was created{how}",
                        hint="its own error is on the container's stderr")
 
 
@@ -708,9 +709,12 @@ def _exec_in(args: list[str], env: dict[str, str], cwd: str, user: dict[str, Any
     if seccomp is not None and not nnp:
         sc.install_seccomp(seccomp, no_new_privs=False)  # needs CAP_SYS_ADMIN: before any is dropped
     if cap_masks is not None:
-        have = sc.capget()[1]  # what this kernel lacks is left out, as at create
-        cap_masks = tuple(mask & have for mask in cap_masks)
-        sc.drop_capabilities(frozenset(cap for cap in range(64) if cap_masks[0] >> cap & 1))
+        from mesobox.launch.execute import usable_capabilities
+
+        have = sc.capget()[1]  # what this kernel or host lacks is left out, as at create
+        bounding = cap_masks[0] & have
+        cap_masks = (bounding, *usable_capabilities(cap_masks[1:]))
+        sc.drop_capabilities(frozenset(cap for cap in range(64) if bounding >> cap & 1))
         sc.prctl(sc.PR_SET_KEEPCAPS, 1)
     uid, gid = int(user.get("uid", os.getuid())), int(user.get("gid", os.getgid()))
     if (uid, gid) != (os.getuid(), os.getgid()) or os.getuid() == 0:
