@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, make_busybox_rootfs, need_tool, wait_until
+from conftest import ROOT, User, make_busybox_rootfs, need_tool, wait_until
 
 pytestmark = [pytest.mark.root]
 
@@ -632,3 +632,48 @@ def test_a_capability_the_runtime_lacks_is_left_out_with_a_warning(runtimes: dic
     assert code == 0, err
     assert int(out.split()[1], 16) == 1 << 5, out  # CAP_KILL alone
     assert "CAP_SYS_NICE not held by the runtime here: left out" in err
+
+
+# --- rootless: an ordinary user's runc and mesobox-oci side by side ------------------------
+
+
+@pytest.mark.userns
+def test_rootless_configs_as_runc_runs_them(user: User, test_python: str, mesobox_src: Path,
+                                            shared_tmp: Path) -> None:
+    """`runc spec --rootless` with a network namespace, a sysctl, masked and read-only
+    paths, an rlimit, a hostname and a capability set: what the ordinary user's
+    container sees under runc and under mesobox-oci is the same."""
+    need_tool("runc", "busybox")
+    top = shared_tmp / f"rootless-{secrets.token_hex(4)}"
+    top.mkdir()
+    make_busybox_rootfs(top / "rootfs")
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(top)], check=True)
+    made = user.run(["runc", "spec", "--rootless", "--bundle", str(top)])
+    assert made.returncode == 0, made.stderr
+    config = json.loads((top / "config.json").read_text())
+    config["process"]["terminal"] = False
+    config["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 321, "hard": 654}]
+    config["process"]["capabilities"] = {kind: ["CAP_KILL", "CAP_CHOWN"]
+                                         for kind in ("bounding", "effective", "permitted")}
+    config["hostname"] = "rootless-conformance"
+    config["linux"]["namespaces"].append({"type": "network"})
+    config["linux"]["sysctl"] = {"net.ipv4.ip_forward": "1"}
+    config["linux"]["maskedPaths"] = ["/proc/timer_list", "/sys/firmware"]
+    config["linux"]["readonlyPaths"] = ["/proc/sys"]
+    config["process"]["args"] = ["sh", "-c", "id; grep -E '^(Cap|NoNewPrivs)' /proc/self/status; hostname; "
+                                 "cat /proc/sys/net/ipv4/ip_forward; wc -c < /proc/timer_list; ls -A /sys/firmware; "
+                                 "echo 1 > /proc/sys/vm/overcommit_memory 2>/dev/null || echo sys-ro; "
+                                 "ulimit -n; ulimit -Hn; ip -o link | wc -l"]
+    (top / "config.json").write_text(json.dumps(config))
+    seen = {}
+    for name, argv in (("runc", ["runc"]), ("mesobox", [test_python, str(ROOT / "bin" / "mesobox-oci")])):
+        state = top / f"state-{name}"
+        user.run(["mkdir", "-m", "700", str(state)], check=True)
+        proc = user.run([*argv, "--root", str(state), "run", "--bundle", str(top), f"rl-{name}"],
+                        env={"PYTHONPATH": str(mesobox_src), "MESOBOX_SITE_CONFIG": "/nonexistent"})
+        assert proc.returncode == 0, (name, proc.stderr.decode())
+        seen[name] = proc.stdout.decode()
+        user.run([*argv, "--root", str(state), "delete", "--force", f"rl-{name}"],
+                 env={"PYTHONPATH": str(mesobox_src), "MESOBOX_SITE_CONFIG": "/nonexistent"})
+    assert seen["mesobox"] == seen["runc"], seen
+    assert "rootless-conformance\n1\n0\nsys-ro\n321\n654\n1\n" in seen["mesobox"], seen
