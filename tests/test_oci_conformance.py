@@ -415,24 +415,36 @@ def test_an_absent_security_module_is_a_clear_error(runtimes: dict[str, Runtime]
 # --- lifecycle and hooks ---------------------------------------------------------------
 
 
-def lifecycle(runtime: Runtime, workdir: Path, config: Config) -> list[str]:
-    """create, state, start, state, kill, state, delete, state: the statuses seen."""
+def create(runtime: Runtime, workdir: Path, config: Config, args: list[str], prefix: str,
+           pid_file: bool = False) -> tuple[str, Path, subprocess.CompletedProcess[bytes]]:
+    """``create`` a container of ``config`` running ``args`` (``pid_file``: with
+    --pid-file BUNDLE/pid): (its id, its bundle, the finished create).  Its stdio goes to
+    BUNDLE/stderr: the container keeps create's, so a pipe would never be closed."""
     bundle = workdir / f"bundle-{secrets.token_hex(4)}"
     bundle.mkdir()
     doc = copy.deepcopy(config)
-    doc["process"]["args"] = ["sh", "-c", "trap 'exit 3' TERM; while true; do sleep 0.1; done"]
+    doc["process"]["args"] = args
     (bundle / "config.json").write_text(json.dumps(doc))
-    cid = f"life-{secrets.token_hex(3)}"
+    cid = f"{prefix}-{secrets.token_hex(3)}"
+    pid = ["--pid-file", str(bundle / "pid")] if pid_file else []
+    with open(bundle / "stderr", "w+") as err:
+        created = subprocess.run([*runtime.argv, "--root", str(runtime.root), "create", "--bundle", str(bundle),
+                                  *pid, cid], env=runtime.env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                 timeout=60, check=False)
+    return cid, bundle, created
+
+
+def lifecycle(runtime: Runtime, workdir: Path, config: Config) -> list[str]:
+    """create, state, start, state, kill, state, delete, state: the statuses seen."""
+    cid, bundle, created = create(runtime, workdir, config,
+                                  ["sh", "-c", "trap 'exit 3' TERM; while true; do sleep 0.1; done"], "life",
+                                  pid_file=True)
     seen = []
 
     def status() -> str:
         proc = runtime("state", cid)
         return json.loads(proc.stdout)["status"] if proc.returncode == 0 else "gone"
 
-    with open(bundle / "stderr", "w+") as err:  # the container keeps create's stdio: no pipe to wait on
-        created = subprocess.run([*runtime.argv, "--root", str(runtime.root), "create", "--bundle", str(bundle),
-                                  "--pid-file", str(bundle / "pid"), cid], env=runtime.env, stdin=subprocess.DEVNULL,
-                                 stdout=err, stderr=err, timeout=60, check=False)
     assert created.returncode == 0, (bundle / "stderr").read_text()
     seen.append(status())
     state = json.loads(runtime("state", cid).stdout)
@@ -496,16 +508,7 @@ def test_hooks_run_in_order_with_the_state(runtimes: dict[str, Runtime], workdir
 
 def started(runtime: Runtime, workdir: Path, config: Config) -> tuple[str, Path]:
     """A created and started container that sleeps; (its id, its bundle)."""
-    bundle = workdir / f"bundle-{secrets.token_hex(4)}"
-    bundle.mkdir()
-    doc = copy.deepcopy(config)
-    doc["process"]["args"] = ["sleep", "600"]
-    (bundle / "config.json").write_text(json.dumps(doc))
-    cid = f"live-{secrets.token_hex(3)}"
-    with open(bundle / "stderr", "w+") as err:
-        created = subprocess.run([*runtime.argv, "--root", str(runtime.root), "create", "--bundle", str(bundle), cid],
-                                 env=runtime.env, stdin=subprocess.DEVNULL, stdout=err, stderr=err, timeout=60,
-                                 check=False)
+    cid, bundle, created = create(runtime, workdir, config, ["sleep", "600"], "live")
     assert created.returncode == 0, (runtime.name, (bundle / "stderr").read_text())
     assert runtime("start", cid).returncode == 0
     return cid, bundle
@@ -576,16 +579,7 @@ def test_created_state_names_the_container_process(runtimes: dict[str, Runtime],
     names = ("user", "pid", "net", "ipc", "uts", "mnt", "cgroup")
     seen = {}
     for name, runtime in runtimes.items():
-        bundle = workdir / f"bundle-{secrets.token_hex(4)}"
-        bundle.mkdir()
-        doc = copy.deepcopy(config)
-        doc["process"]["args"] = ["sleep", "600"]
-        (bundle / "config.json").write_text(json.dumps(doc))
-        cid = f"made-{secrets.token_hex(3)}"
-        with open(bundle / "stderr", "w+") as err:
-            created = subprocess.run([*runtime.argv, "--root", str(runtime.root), "create", "--bundle", str(bundle),
-                                      cid], env=runtime.env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                     timeout=60, check=False)
+        cid, bundle, created = create(runtime, workdir, config, ["sleep", "600"], "made")
         try:
             assert created.returncode == 0, (name, (bundle / "stderr").read_text())
             pid = json.loads(runtime("state", cid).stdout)["pid"]

@@ -284,13 +284,7 @@ def _container_process(config: Config, container: Container, loaded: Loaded, sta
             loaded.cgroup.join(0)
         os.setsid()
         if console is not None:
-            import fcntl
-            import termios
-
-            for fd in (0, 1, 2):
-                os.dup2(console, fd)
-            os.close(console)
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            _take_terminal(console)
         _close_inherited(3 + preserve_fds, start_fifo)
         from mesobox.launch.launcher import launch
 
@@ -310,6 +304,18 @@ def _container_process(config: Config, container: Container, loaded: Loaded, sta
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _take_terminal(console: int) -> None:
+    """The pty's slave as stdin, stdout and stderr, and as the controlling terminal of
+    this (new) session."""
+    import fcntl
+    import termios
+
+    for fd in (0, 1, 2):
+        os.dup2(console, fd)
+    os.close(console)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _tell(ready: int, message: str) -> None:
@@ -692,13 +698,7 @@ def _exec_in(args: list[str], env: dict[str, str], cwd: str, user: dict[str, Any
     if detach or console is not None:
         os.setsid()
     if console is not None:
-        import fcntl
-        import termios
-
-        for fd in (0, 1, 2):
-            os.dup2(console, fd)
-        os.close(console)
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        _take_terminal(console)
     try:
         os.chdir(cwd)
     except OSError as err:
