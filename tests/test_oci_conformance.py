@@ -357,12 +357,21 @@ def test_new_namespaces_exactly_as_listed(runtimes: dict[str, Runtime], workdir:
                                                  "net": "new", "cgroup": "new"}, results
 
 
+def namespaces_ready(pid: int) -> bool:
+    """True once ``unshare --fork`` has made its namespaces *and* forked pid 1 of the new pid
+    namespace: until that child exists the kernel refuses to resolve ``pid_for_children``."""
+    try:
+        os.readlink(f"/proc/{pid}/ns/pid_for_children")
+        return os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    except FileNotFoundError:
+        return False
+
+
 def test_namespace_paths_are_joined(runtimes: dict[str, Runtime], workdir: Path, base: Config) -> None:
     holder = subprocess.Popen(["unshare", "--net", "--ipc", "--uts", "--pid", "--fork", "sleep", "600"],
                               start_new_session=True)
     try:
-        wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"),
-                   "unshare's namespaces")
+        wait_until(lambda: namespaces_ready(holder.pid), "unshare's namespaces and its pid 1")
         config = base
         for kind, name in (("network", "net"), ("ipc", "ipc"), ("uts", "uts"), ("pid", "pid_for_children")):
             config = add_namespace(config, kind, f"/proc/{holder.pid}/ns/{name}")
