@@ -541,6 +541,92 @@ def test_exec_is_confined_like_the_container(runtimes: dict[str, Runtime], workd
     assert int(fields["CapBnd"], 16) == 1 << 0 | 1 << 5 and fields["NoNewPrivs"] == "1"
 
 
+def counting(workdir: Path, base: Config, name: str) -> tuple[Config, Path]:
+    """A config whose process counts into /data/n, /data a bind mount of a host directory."""
+    data = workdir / f"data-{name}-{secrets.token_hex(3)}"
+    data.mkdir()
+    config = with_(base, **{"root.readonly": False})
+    config["mounts"] = [*config["mounts"], {"destination": "/data", "type": "bind", "source": str(data),
+                                            "options": ["rbind", "rw"]}]
+    config["process"]["args"] = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /data/n; sleep 0.1; done"]
+    return config, data
+
+
+def count(data: Path) -> int:
+    text = (data / "n").read_text().strip() if (data / "n").exists() else ""
+    return int(text) if text.isdigit() else 0
+
+
+def test_checkpoint_and_restore(runtimes: dict[str, Runtime], workdir: Path, base: Config) -> None:
+    """runc decides what this host can do.  Where its checkpoint works, mesobox-oci's
+    dumps the counting container too, deletes it, and restores it from the images with
+    its bind mount: the count goes on from where it was.  Where CRIU cannot run (this
+    kernel), both refuse, and the container keeps running untouched; mesobox-oci says
+    why in one line, from `criu check`, and writes no image directory."""
+    dumped = {}
+    for name, runtime in runtimes.items():
+        config, data = counting(workdir, base, name)
+        cid, bundle, created = create(runtime, workdir, config, config["process"]["args"], "ckpt")
+        assert created.returncode == 0 and runtime("start", cid).returncode == 0, (bundle / "stderr").read_text()
+        pid = json.loads(runtime("state", cid).stdout)["pid"]
+        wait_until(lambda data=data: count(data) > 2, f"{name}'s container counting")
+        images = workdir / f"images-{name}-{cid}"
+        proc = runtime("checkpoint", "--image-path", str(images), cid, cwd=bundle)
+        dumped[name] = proc.returncode == 0
+        if not dumped[name]:
+            after = json.loads(runtime("state", cid).stdout)
+            assert (after["status"], after["pid"]) == ("running", pid), (name, after)
+            before = count(data)
+            wait_until(lambda data=data, before=before: count(data) > before,
+                       f"{name}'s container still counting after the refused checkpoint")
+            runtime("delete", "--force", cid)
+            if name == "mesobox":
+                assert proc.stderr.count("\n") <= 2 and "criu check" in proc.stderr, proc.stderr
+                assert not images.exists()
+            continue
+        assert runtime("state", cid).returncode != 0, f"{name}: the checkpointed container was not deleted"
+        at_dump = count(data)
+        restored = runtime("restore", "--detach", "--image-path", str(images), "--bundle", str(bundle), cid,
+                           cwd=bundle)
+        try:
+            assert restored.returncode == 0, (name, restored.stderr)
+            assert json.loads(runtime("state", cid).stdout)["status"] == "running"
+            wait_until(lambda data=data, at_dump=at_dump: count(data) > at_dump + 2,
+                       f"{name}'s restored container counting on")
+        finally:
+            runtime("delete", "--force", cid)
+    assert dumped["mesobox"] == dumped["runc"], dumped
+
+
+def test_checkpoint_command_lines() -> None:
+    """What CRIU is asked: every mount from outside the container named external, by
+    its destination at dump and bound from the bundle's source at restore."""
+    from mesobox.errors import UsageError
+    from mesobox.oci.checkpoint import criu_options, dump_args, external_mounts, restore_args
+
+    options = criu_options({"tcp-established", "leave-running", "file-locks"}, None)
+    assert options == ("--tcp-established", "--file-locks", "--manage-cgroups=soft")
+    with pytest.raises(UsageError, match="manage-cgroups-mode"):
+        criu_options(set(), "nope")
+    externals = external_mounts({"/data": "/srv/data"}, ["/proc/kcore"])
+    assert externals == {"/data": "/srv/data", "/proc/kcore": "/dev/null"}
+    dump = dump_args("criu", 42, "/i", "/w", sorted(externals), True, options, "/sys/fs/cgroup/freezer/c")
+    assert dump[:4] == ["criu", "dump", "--tree", "42"] and dump[-1] == "--leave-running"
+    assert dump[dump.index("--freeze-cgroup") + 1] == "/sys/fs/cgroup/freezer/c"
+    assert "--external=mnt[/data]:/data" in dump and "--external=mnt[/proc/kcore]:/proc/kcore" in dump
+    restore = restore_args("criu", "/i", "/w", "/w/criu-root", "/w/pid", externals, False, options)
+    assert "--external=mnt[/data]:/srv/data" in restore and "--external=mnt[/proc/kcore]:/dev/null" in restore
+    assert "--restore-sibling" in restore and restore[6:8] == ["--root", "/w/criu-root"]
+
+
+def test_restore_needs_a_checkpoint(runtimes: dict[str, Runtime], workdir: Path) -> None:
+    empty = workdir / f"not-images-{secrets.token_hex(3)}"
+    empty.mkdir()
+    proc = runtimes["mesobox"]("restore", "--image-path", str(empty), "--bundle", str(workdir), "never")
+    assert proc.returncode != 0 and "is not a checkpoint of mesobox-oci" in proc.stderr, proc.stderr
+    assert "never" not in runtimes["mesobox"]("list", "-q").stdout
+
+
 def cgroup_dir(pid: int, controller: str) -> Path:
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
@@ -680,3 +766,35 @@ def test_rootless_configs_as_runc_runs_them(user: User, test_python: str, mesobo
                  env={"PYTHONPATH": str(mesobox_src), "MESOBOX_SITE_CONFIG": "/nonexistent"})
     assert seen["mesobox"] == seen["runc"], seen
     assert "rootless-conformance\n1\n0\nsys-ro\n321\n654\n1\n" in seen["mesobox"], seen
+
+
+@pytest.mark.userns
+def test_a_rootless_checkpoint_is_refused_and_loses_nothing(user: User, test_python: str, mesobox_src: Path,
+                                                            shared_tmp: Path) -> None:
+    """As runc: an ordinary user's container cannot be checkpointed (CRIU would need
+    CAP_CHECKPOINT_RESTORE); one line says so and the container runs on."""
+    need_tool("runc", "busybox")
+    top = shared_tmp / f"rootless-ckpt-{secrets.token_hex(4)}"
+    top.mkdir()
+    make_busybox_rootfs(top / "rootfs")
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(top)], check=True)
+    assert user.run(["runc", "spec", "--rootless", "--bundle", str(top)]).returncode == 0
+    config = json.loads((top / "config.json").read_text())
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["sleep", "600"]
+    (top / "config.json").write_text(json.dumps(config))
+    oci = [test_python, str(ROOT / "bin" / "mesobox-oci"), "--root", str(top / "state")]
+    env = {"PYTHONPATH": str(mesobox_src), "MESOBOX_SITE_CONFIG": "/nonexistent"}
+    user.run(["mkdir", "-m", "700", str(top / "state")], check=True)
+    started = user.run(["sh", "-c", '"$@" </dev/null >/dev/null 2>&1', "sh", *oci, "run", "-d", "--bundle",
+                        str(top), "rl-ckpt"], env=env)
+    assert started.returncode == 0
+    try:
+        pid = json.loads(user.run([*oci, "state", "rl-ckpt"], env=env).stdout)["pid"]
+        proc = user.run([*oci, "checkpoint", "--image-path", str(top / "images"), "rl-ckpt"], env=env)
+        assert proc.returncode != 0 and b"checkpoint needs real root" in proc.stderr, proc.stderr
+        assert proc.stderr.count(b"\n") <= 2 and not (top / "images").exists()
+        after = json.loads(user.run([*oci, "state", "rl-ckpt"], env=env).stdout)
+        assert (after["status"], after["pid"]) == ("running", pid), after
+    finally:
+        user.run([*oci, "delete", "--force", "rl-ckpt"], env=env)

@@ -6,7 +6,7 @@ single dash (``-name``); a flag takes ``=true``/``=false``.  Global options: ``-
 (the state directory: oci/state.py ``default_root``), ``--log`` and ``--log-format``
 (oci/log.py), ``--debug``, ``--systemd-cgroup`` (cgroupsPath read as systemd's
 "slice:prefix:name", made on the cgroup filesystem: docs/oci.md), ``--rootless``
-(accepted: mesobox is rootless by construction), ``--criu`` (accepted, unused),
+(accepted: mesobox is rootless by construction), ``--criu`` (accepted; CRIU is found on PATH),
 ``--version``, ``--help``.
 
 The lifecycle itself is oci/runtime.py; this module only parses and prints.  Every
@@ -38,6 +38,9 @@ _GLOBAL: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 _CREATE = {"bundle": (VALUE, ("b",)), "pid-file": (VALUE, ()), "console-socket": (VALUE, ()),
            "no-pivot": (FLAG, ()), "no-new-keyring": (FLAG, ()), "preserve-fds": (VALUE, ())}
+_CRIU = {"image-path": (VALUE, ()), "work-path": (VALUE, ()), "manage-cgroups-mode": (VALUE, ()),
+         "tcp-established": (FLAG, ()), "ext-unix-sk": (FLAG, ()), "shell-job": (FLAG, ()),
+         "file-locks": (FLAG, ())}
 _VERBS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "create": _CREATE,
     "run": {**_CREATE, "detach": (FLAG, ("d",)), "keep": (FLAG, ()), "no-subreaper": (FLAG, ())},
@@ -56,9 +59,9 @@ _VERBS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "resume": {},
     "features": {},
     "spec": {"bundle": (VALUE, ("b",)), "rootless": (FLAG, ())},
-    "checkpoint": {"image-path": (VALUE, ()), "work-path": (VALUE, ()), "leave-running": (FLAG, ())},
-    "restore": {"image-path": (VALUE, ()), "work-path": (VALUE, ()), "bundle": (VALUE, ("b",)),
-                "detach": (FLAG, ("d",)), "pid-file": (VALUE, ()), "console-socket": (VALUE, ())},
+    "checkpoint": {**_CRIU, "leave-running": (FLAG, ())},
+    "restore": {**_CRIU, "bundle": (VALUE, ("b",)), "detach": (FLAG, ("d",)), "pid-file": (VALUE, ()),
+                "console-socket": (VALUE, ()), "no-subreaper": (FLAG, ()), "no-pivot": (FLAG, ())},
     "events": {"stats": (FLAG, ()), "interval": (VALUE, ())},
     "update": {"resources": (VALUE, ("r",)), "memory": (VALUE, ()), "memory-reservation": (VALUE, ()),
                "memory-swap": (VALUE, ()), "cpu-shares": (VALUE, ()), "cpu-quota": (VALUE, ()),
@@ -86,8 +89,8 @@ _USAGE: dict[str, tuple[str, int, int, str]] = {
     "resume": ("ID", 1, 1, "resume a paused container"),
     "features": ("", 0, 0, "print what this runtime supports, as JSON"),
     "spec": ("", 0, 0, "write a default config.json"),
-    "checkpoint": ("ID", 1, 1, "checkpoint a container (needs CRIU: not supported)"),
-    "restore": ("ID", 1, 1, "restore a container (needs CRIU: not supported)"),
+    "checkpoint": ("ID", 1, 1, "checkpoint a running container with CRIU (real root)"),
+    "restore": ("ID", 1, 1, "restore a container from a checkpoint with CRIU (real root)"),
     "events": ("ID", 1, 1, "container events (not supported)"),
     "update": ("ID", 1, 1, "update a container's cgroup limits (--resources FILE|-, or runc's flags)"),
 }
@@ -455,12 +458,28 @@ def _spec(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
     return 0
 
 
-def _criu(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
-    import shutil
+def _criu_options(values: dict[str, Any]) -> tuple[str, ...]:
+    from mesobox.oci.checkpoint import criu_options
 
-    why = "CRIU is not installed" if shutil.which("criu") is None else "mesobox-oci does not drive CRIU yet"
-    raise LaunchError(f"checkpoint/restore is not supported: {why}",
-                      hint="mesobox's own `mesobox checkpoint` works on instances (docs/oci.md)")
+    return criu_options({name for name, on in values.items() if on is True}, values.get("manage-cgroups-mode"))
+
+
+def _checkpoint(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
+    from mesobox.oci.checkpoint import checkpoint
+
+    checkpoint(rt, args[0], values.get("image-path"), values.get("work-path"), bool(values.get("leave-running")),
+               _criu_options(values))
+    return 0
+
+
+def _restore(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
+    from mesobox.oci.checkpoint import restore
+
+    if values.get("console-socket"):
+        raise UsageError("restore --console-socket is not supported: CRIU restores the terminal it dumped",
+                         hint="checkpoint with --shell-job to keep a terminal job")
+    return restore(rt, args[0], _bundle("restore", values), values.get("image-path"), values.get("work-path"),
+                   bool(values.get("detach")), values.get("pid-file"), _criu_options(values))
 
 
 def _update(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
@@ -506,5 +525,5 @@ def _unsupported(rt: Runtime, values: dict[str, Any], args: list[str]) -> int:
 
 _HANDLERS = {"create": _create, "run": _run, "start": _start, "state": _state, "kill": _kill,
              "delete": _delete, "exec": _exec, "ps": _ps, "list": _list, "pause": _pause, "resume": _resume,
-             "features": _features, "spec": _spec, "checkpoint": _criu, "restore": _criu,
+             "features": _features, "spec": _spec, "checkpoint": _checkpoint, "restore": _restore,
              "events": _unsupported, "update": _update}

@@ -400,6 +400,16 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
     console = Option("--console-socket", VALUE, "send a terminal's master fd to this socket", "PATH")
     preserve = Option("--preserve-fds", VALUE, "pass N more fds, from 3 on", "N")
     oci_format = Option("-f --format", VALUE, "output format", "table|json", choices=("table", "json"))
+    criu_options = (
+        Option("--image-path", VALUE, "the checkpoint's directory (default: ./checkpoint)", "DIR"),
+        Option("--work-path", VALUE, "CRIU's work and log directory (default: the image path)", "DIR"),
+        Option("--manage-cgroups-mode", VALUE, "CRIU's cgroup mode", "MODE",
+               choices=("soft", "full", "strict", "ignore")),
+        Option("--tcp-established", FLAG, "established TCP connections (CRIU)"),
+        Option("--ext-unix-sk", FLAG, "external unix sockets (CRIU)"),
+        Option("--shell-job", FLAG, "a job of a shell, with its terminal (CRIU)"),
+        Option("--file-locks", FLAG, "file locks (CRIU)"),
+    )
     create_options = (bundle_dir, pid_file, console, preserve, Option("--no-pivot", FLAG, "accepted (no effect)"),
                       Option("--no-new-keyring", FLAG, "accepted (no effect)"))
     oci = Verb("oci", "the OCI runtime mesobox-oci (runc's command line)", subverbs=(
@@ -431,8 +441,13 @@ def _verbs() -> tuple[tuple[Verb, ...], Verb]:
         Verb("spec", "write a default config.json", "", (
             bundle_dir, Option("--rootless", FLAG, "map the caller's ids (a rootless container)"),
         )),
-        Verb("checkpoint", "not supported (needs CRIU)", "ID"),
-        Verb("restore", "not supported (needs CRIU)", "ID"),
+        Verb("checkpoint", "checkpoint a running container with CRIU (real root)", "ID", (
+            *criu_options, Option("--leave-running", FLAG, "keep the container running after the dump"),
+        )),
+        Verb("restore", "restore a container from a checkpoint with CRIU (real root)", "ID", (
+            *criu_options, bundle_dir, Option("-d --detach", FLAG, "return once restored"),
+            Option("--pid-file", VALUE, "write the restored process's pid to FILE", "FILE"),
+        )),
     ), about="`mesobox oci` is `mesobox-oci`: global options --root DIR, --log FILE, --log-format text|json, "
              "--debug, --systemd-cgroup go before the verb.  docs/oci.md tells the lifecycle and what of "
              "config.json is honoured.")

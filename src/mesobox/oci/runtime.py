@@ -141,7 +141,7 @@ def create(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = N
     """Fork the container's process, wait until it is created, record it; returns its pid."""
     bundle = os.path.abspath(bundle)
     container = rt.container(container_id)
-    _claim(container)
+    claim(container)
     loaded = None
     try:
         loaded = load(bundle, container.id, rt.systemd_cgroup)
@@ -151,7 +151,7 @@ def create(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = N
             """The container is set up, before pivot_root: record it, run the hooks of
             the runtime's namespace that come before (the state says "created", as
             runtime-tools expects), then let it go on."""
-            record = _record(bundle, pid, loaded)
+            record = container_record(bundle, pid, loaded)
             container.write(record)
             for kind in ("prestart", "createRuntime"):
                 run_hooks(kind, loaded.hooks.get(kind, ()), container.state(record) | {"status": "created"})
@@ -162,21 +162,23 @@ def create(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = N
                 os.close(fd)
 
         pid = _fork_container(rt.config, container, loaded, console_socket, preserve_fds, runtime_hooks)
-        container.write(_record(bundle, pid, loaded))
+        container.write(container_record(bundle, pid, loaded))
     except BaseException:
         _kill_tree(container, 9)
         if loaded is not None:
-            _empty_cgroup(loaded.record())
+            empty_cgroup(loaded.record())
             loaded.drop_cgroup()
         container.remove()
         raise
     if pid_file:
-        _write_pid_file(pid_file, pid)
+        write_pid_file(pid_file, pid)
     return pid
 
 
-def _record(bundle: str, pid: int, loaded: Loaded) -> dict[str, Any]:
+def container_record(bundle: str, pid: int, loaded: Loaded) -> dict[str, Any]:
     """state.json, with the process defaults ``exec`` starts from (runc's: config.json's)."""
+    from mesobox.oci.spec import bind_sources
+
     spec = loaded.spec
     process = spec.process
     user = process.user
@@ -186,7 +188,10 @@ def _record(bundle: str, pid: int, loaded: Loaded) -> dict[str, Any]:
             "process": {"env": list(process.env), "cwd": process.cwd,
                         "user": {"uid": user.uid, "gid": user.gid, "additionalGids": list(user.additional_gids)},
                         "capabilities": caps, "noNewPrivileges": process.no_new_privileges},
-            "seccomp": spec.linux.seccomp}
+            "seccomp": spec.linux.seccomp,
+            # what checkpoint tells CRIU is outside the container (oci/checkpoint.py)
+            "binds": bind_sources(spec),
+            "maskedPaths": list(spec.linux.masked_paths)}
 
 
 def _cgroup_of(record: dict[str, Any]) -> Any:
@@ -199,7 +204,7 @@ def _cgroup_of(record: dict[str, Any]) -> Any:
     return OciCgroup.from_dirs(found.get("dirs") or {}, found.get("created") or [])
 
 
-def _empty_cgroup(record: dict[str, Any]) -> None:
+def empty_cgroup(record: dict[str, Any]) -> None:
     """SIGKILL whatever is left in the container's cgroup (frozen meanwhile, so nothing
     forks past it), as runc's delete does."""
     cgroup = _cgroup_of(record)
@@ -220,7 +225,7 @@ def _empty_cgroup(record: dict[str, Any]) -> None:
         pass
 
 
-def _claim(container: Container) -> None:
+def claim(container: Container) -> None:
     """Claim the id; a stopped container of that id is replaced (Slurm reuses none,
     but a user retrying after a crash should not need a delete first)."""
     if container.exists() and container.status(container.record()) == "stopped":
@@ -392,7 +397,7 @@ def _create_failed(message: bytes, status: int) -> LaunchError:
                        hint="its own error is on the container's stderr")
 
 
-def _write_pid_file(path: str, pid: int, dir_fd: int | None = None) -> None:
+def write_pid_file(path: str, pid: int, dir_fd: int | None = None) -> None:
     """runc's --pid-file: the pid, no newline; relative to ``dir_fd`` (exec: opened
     before it joined the container's mount namespace) or the current directory."""
     from mesobox.files import write_atomic
@@ -448,17 +453,17 @@ def run(rt: Runtime, container_id: str, bundle: str, pid_file: str | None = None
 
     bundle = os.path.abspath(bundle)
     container = rt.container(container_id)
-    _claim(container)
+    claim(container)
     try:
         loaded = load(bundle, container.id, rt.systemd_cgroup)
         if loaded.cgroup is not None:
             loaded.cgroup.join(0)
-        container.write(_record(bundle, os.getpid(), loaded))
+        container.write(container_record(bundle, os.getpid(), loaded))
     except BaseException:
         container.remove()
         raise
     if pid_file:
-        _write_pid_file(pid_file, os.getpid())
+        write_pid_file(pid_file, os.getpid())
     spec = loaded.spec
     return launch(spec.replace(mesobox=spec.mesobox.replace(container_id=container.id)), rt.config)
 
@@ -565,7 +570,7 @@ def delete(rt: Runtime, container_id: str, force: bool = False) -> None:
             time.sleep(0.01)
     cgroup = _cgroup_of(record)
     if cgroup is not None:
-        _empty_cgroup(record)
+        empty_cgroup(record)
         try:
             cgroup.remove()
         except MesoboxError as err:
@@ -651,14 +656,14 @@ def exec_process(rt: Runtime, container_id: str, process: dict[str, Any], detach
             if console is not None:
                 os.close(console)
             if pid_file:
-                _write_pid_file(pid_file, child, pid_dir)
+                write_pid_file(pid_file, child, pid_dir)
             if detach:
                 return 0
             _, wait_status = os.waitpid(child, 0)
             code = os.waitstatus_to_exitcode(wait_status)
             return code if code >= 0 else 128 - code
     elif pid_file:
-        _write_pid_file(pid_file, os.getpid(), pid_dir)
+        write_pid_file(pid_file, os.getpid(), pid_dir)
     if pid_dir is not None:
         os.close(pid_dir)
     in_child(lambda: _exec_in(args, env, str(process.get("cwd") or "/"), user, console, detach, limits))

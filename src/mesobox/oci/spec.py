@@ -471,6 +471,11 @@ def to_oci_json(spec: Spec) -> dict[str, Any]:
     return doc
 
 
+def bind_sources(spec: Spec) -> dict[str, str]:
+    """destination → source of the spec's bind mounts: what lies outside the container."""
+    return {m.destination: m.source for m in spec.mounts if m.type == "bind" or {"bind", "rbind"} & set(m.options)}
+
+
 def hooks_json(hooks: Hooks) -> dict[str, list[dict[str, Any]]]:
     """config.json's "hooks": only the kinds that have some."""
     out: dict[str, list[dict[str, Any]]] = {}
