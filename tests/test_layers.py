@@ -606,6 +606,7 @@ ENTRY = hs.one_of(
 @example(layers=[[reg("a"), fifo(".wh.a/b")], [reg("a"), hard("a", ".wh.a/b"), reg(".wh.a/.wh.b")]])
 @example(layers=[[reg("a"), fifo(".wh.a/a")], [reg("a"), hard("a", ".wh.a/a"), reg(".wh.a/a")]])
 @example(layers=[[reg("a"), reg(".wh.b/a")], [hard("a", ".wh.b/a"), fifo(".wh..wh..opq")]])
+@example(layers=[[reg("a"), reg("b")], [reg("a"), hard("a", "b"), reg("b/a")]])
 def test_random_layers_stay_inside_and_are_idempotent(world_tmp: Path, layers: list[list[Entry]]) -> None:
     box = Box(Path(tempfile_dir(world_tmp)))
     blobs = [box.layer(e, "plain") for e in layers]
@@ -648,8 +649,9 @@ def _hardlink_target_changed_later(entries: list[Entry]) -> bool:
             hidden |= {f"{above}/.wh.{name}".lstrip("/"), f"{above}/.wh..wh..opq".lstrip("/")}
         if any(e.info.name.strip("/") in hidden for e in entries):
             return True
-        if any(e.info.name.strip("/") == target or target.startswith(e.info.name.strip("/") + "/")
-               for e in entries[i + 1:]):
+        later = [e.info.name.strip("/") for e in entries[i + 1:]]
+        # the target itself, a directory above it, or (a path below it) the target made a directory
+        if any(name == target or target.startswith(name + "/") or name.startswith(target + "/") for name in later):
             return True
     return False
 
