@@ -266,6 +266,36 @@ def test_the_state_root_is_checked(oci: Path, user: User, attacker: User, world_
     assert not (world_tmp / "elsewhere").exists()
 
 
+@pytest.mark.root
+def test_checkpoint_directories_another_user_planted_are_refused(oci: Path, attacker: User,
+                                                                 world_tmp: Path) -> None:
+    """Root restores the process state a checkpoint holds: an image or work directory
+    another user made (where they could put images of their own), or a symlink they
+    planted in its place, is refused before CRIU is asked, and nothing is followed."""
+    from mesobox.errors import UsageError
+    from mesobox.oci.checkpoint import _image_dirs
+
+    planted = world_tmp / "planted-images"
+    assert attacker.run(["mkdir", "-m", "0777", str(planted)]).returncode == 0
+    assert attacker.run(["sh", "-c", f"echo '{{\"external\": []}}' > {planted}/mesobox-oci.json"]).returncode == 0
+    link = world_tmp / "planted-link"
+    assert attacker.run(["ln", "-s", str(world_tmp / "elsewhere"), str(link)]).returncode == 0
+    for args, why in ((["--image-path", str(planted)], "belongs to uid"),
+                      (["--image-path", str(link)], "symlink"),
+                      (["--image-path", str(world_tmp / "never-made")], "does not exist")):
+        proc = subprocess.run([str(oci), "--root", str(world_tmp / "state"), "restore", *args,
+                               "--bundle", str(world_tmp), "r1"], capture_output=True, check=False)
+        assert proc.returncode != 0 and why.encode() in proc.stderr, proc.stderr
+        assert proc.stderr.count(b"\n") <= 2
+    for where in (planted, link):  # checkpoint's own directories: the same rule, when it makes them
+        with pytest.raises(UsageError, match=r"belongs to uid|symlink"):
+            _image_dirs(str(where), None, create=True)
+        with pytest.raises(UsageError, match="--work-path"):
+            _image_dirs(str(world_tmp / "mine"), str(where), create=True)
+    assert not (world_tmp / "elsewhere").exists() and not (world_tmp / "never-made").exists()
+    assert os.stat(planted).st_uid == attacker.uid and os.stat(planted).st_mode & 0o777 == 0o777
+
+
 def test_the_command_and_its_queries(oci: Path, world_tmp: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([str(oci), *args], capture_output=True, check=False, cwd=world_tmp)

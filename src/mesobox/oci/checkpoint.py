@@ -135,13 +135,27 @@ def _freezer(record: dict[str, Any]) -> str | None:
 
 
 def _image_dirs(image_path: str | None, work_path: str | None, create: bool) -> tuple[Path, Path]:
-    """--image-path (runc's default: ./checkpoint) and --work-path (default: the image path)."""
-    images = Path(os.path.abspath(image_path or "checkpoint"))
-    work = Path(os.path.abspath(work_path)) if work_path else images
-    if create:
-        for path in (images, work):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return images, work
+    """--image-path (runc's default: ./checkpoint) and --work-path (default: the image
+    path), each the caller's own private directory (made 0700 if missing; ``create``
+    False: the image directory must exist).  Root restores the process state the
+    images hold, so a directory another user could write to, or a symlink planted in
+    its place, is refused: paths.runtime_dir's rules."""
+    from mesobox import paths
+    from mesobox.errors import UnsafeDirectory
+
+    images = os.path.abspath(image_path or "checkpoint")
+    work = os.path.abspath(work_path) if work_path else images
+    if not create and not os.path.lexists(images):
+        raise UsageError(f"{images} is not a checkpoint of mesobox-oci: it does not exist",
+                         hint="make one with: mesobox-oci checkpoint --image-path DIR ID")
+    for option, path in (("--image-path", images), ("--work-path", work)):
+        try:
+            paths.runtime_dir(path)
+        except UnsafeDirectory as err:
+            raise UsageError(f"{option}: {err.message}",
+                             hint="give a directory of your own (mode 0700), in directories only you "
+                                  "and root may write to") from None
+    return Path(images), Path(work)
 
 
 def checkpoint(rt: Runtime, container_id: str, image_path: str | None, work_path: str | None,
@@ -184,7 +198,6 @@ def restore(rt: Runtime, container_id: str, bundle: str, image_path: str | None,
     images, work = _image_dirs(image_path, work_path, create=False)
     saved = _saved(images)
     criu = _criu("restore", container_id)
-    work.mkdir(mode=0o700, parents=True, exist_ok=True)
     bundle = os.path.abspath(bundle)
     container = rt.container(container_id)
     runtime.claim(container)
@@ -248,8 +261,9 @@ def _criu_restore(criu: str, spec: Spec, bundle: str, images: Path, work: Path, 
         raise UsageError(f"the bundle's config.json has no bind mount for {', '.join(missing)}, "
                          "which the checkpoint has", hint="restore with the bundle the container was created from")
     rootfs = spec.root.path if os.path.isabs(spec.root.path) else os.path.join(bundle, spec.root.path)
-    root = work / "criu-root"
-    root.mkdir(mode=0o700, exist_ok=True)
+    from mesobox import paths
+
+    root = Path(paths.private_subdir(str(work), "criu-root"))  # never a symlink planted there
     pid_path = work / "restored.pid"
     pid_path.unlink(missing_ok=True)
     sc.mount(rootfs, str(root), None, sc.MS_BIND | sc.MS_REC)
